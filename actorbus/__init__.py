@@ -1,0 +1,15 @@
+"""actorbus: NATS JetStream events processed on a supervised pool of Thespian actors.
+
+Per-key order, ack only after processing, envelope failures redelivered,
+plain failures not.
+"""
+from actorbus.bridge.envelope import Envelope, InvalidEnvelope
+from actorbus.bridge.extraction import extract_aggregate_id
+from actorbus.bus import BusError, EventBus
+from actorbus.config import ConfigurationError
+from actorbus.message import Message
+from actorbus.publisher import PublishError
+
+__all__ = ["EventBus", "Envelope", "Message", "InvalidEnvelope", "extract_aggregate_id",
+           "BusError", "ConfigurationError", "PublishError"]
+__version__ = "0.1.0"

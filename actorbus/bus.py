@@ -1,0 +1,159 @@
+"""``EventBus``: the facade over the Supervisor actor and a publisher."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Callable, Mapping
+
+from actorbus.actors.handlers import handler_reference
+from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, StartBus, Stats,
+                                      StatsRequest, StopBus, Subscribe, Subscribed)
+from actorbus.bridge.envelope import Envelope
+from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.publisher import Publisher
+from actorbus.runtime import make_runtime
+from actorbus.supervision.supervisor import Supervisor
+
+log = logging.getLogger("actorbus.bus")
+
+#: The counters ``stats()`` always has.
+STAT_KEYS = ("received", "processed", "failed", "acked", "naked", "dead_lettered", "restarts",
+             "in_flight")
+
+
+class BusError(RuntimeError):
+    """The bus could not do what was asked; the message says why."""
+
+
+class EventBus:
+    """Consume JetStream subscriptions on a supervised actor pool, and publish.
+
+    Starts at construction (connects, builds the pool) and stops at
+    :meth:`stop` or the end of a ``with`` block::
+
+        with EventBus(servers=url, pool_size=8) as bus:
+            bus.subscribe("orders.>", handle, envelope=True, durable="orders")
+    """
+
+    def __init__(self, servers: str | list[str] | tuple[str, ...] = "nats://127.0.0.1:4222",
+                 pool_size: int = 8, runtime: str = "processes", supervision: Any = None, *,
+                 window: int = 512, connect_timeout: float = 5.0, name: str = "actorbus",
+                 admin_port: int | None = None, log_config: dict | None = None,
+                 request_timeout: float = 30.0) -> None:
+        self.config = BusConfig(servers=tuple(servers) if isinstance(servers, list) else servers,
+                                pool_size=pool_size, runtime=runtime, window=window,
+                                connect_timeout=connect_timeout, name=name, supervision=supervision)
+        self._request_timeout = request_timeout
+        self._request_ids = itertools.count(1)
+        self._subscriptions: dict[str, SubscriptionConfig] = {}
+        self._pids: dict[str, int] = {}
+        self._stopped = False
+        self._publisher: Publisher | None = None
+        self._runtime = make_runtime(runtime, admin_port, log_config)
+        try:
+            self._supervisor = self._runtime.create(Supervisor)
+            started = self._request(lambda rid: StartBus(rid, self.config), BusStarted,
+                                    what="starting the bus")
+            self._pids = dict(started.pids)
+            self._publisher = Publisher(self.config.servers, name=name, timeout=connect_timeout)
+        except BaseException:
+            self._runtime.shutdown(self._pids.values())
+            self._stopped = True
+            raise
+
+    # ------------------------------------------------------------ consuming
+    def subscribe(self, subject: str, handler: Callable[..., Any] | str, *, envelope: bool = True,
+                  durable: str | None = None, stream: str | None = None, **options: Any) -> SubscriptionConfig:
+        """Consume ``subject`` through a durable pull consumer, ``handler`` on the pool.
+
+        ``handler`` is a module-level function (or ``"module:function"``),
+        sync or ``async def``; it raises to fail. ``envelope=True`` decodes
+        envelopes and redelivers failures; ``envelope=False`` passes raw
+        bytes and does not. ``options`` are the other fields of
+        :class:`~actorbus.config.SubscriptionConfig` (``ack_wait``,
+        ``max_deliver``, ``max_ack_pending``, ``storage``, ``retries``, ...).
+        Returns the subscription's configuration.
+        """
+        self._check_running()
+        ref = handler_reference(handler)
+        sub = SubscriptionConfig(subject=subject, handler=ref, envelope=envelope, durable=durable,
+                                 stream=stream, **options)
+        if sub.name in self._subscriptions:
+            raise BusError(f"durable {sub.name!r} is already subscribed on this bus")
+        self._request(lambda rid: Subscribe(rid, sub), Subscribed, what=f"subscribing {subject!r}")
+        self._subscriptions[sub.name] = sub
+        return sub
+
+    # ------------------------------------------------------------ publishing
+    def publish(self, subject: str, data: bytes, headers: Mapping[str, str] | None = None) -> int:
+        """Publish raw bytes to JetStream; return the stream sequence."""
+        self._check_running()
+        return self._publisher.publish(subject, data, headers)
+
+    def publish_envelope(self, subject: str, envelope: Envelope) -> int:
+        """Publish an envelope (with ``Nats-Msg-Id`` set to its event id); return the sequence."""
+        self._check_running()
+        return self._publisher.publish_envelope(subject, envelope)
+
+    # ------------------------------------------------------------ watching, stopping
+    def stats(self) -> dict[str, int]:
+        """Counters: received, processed, failed, acked, naked, dead_lettered, restarts,
+        in_flight, and more (redelivered, retried, undelivered, invalid, termed)."""
+        self._check_running()
+        reply = self._request(lambda rid: StatsRequest(rid), Stats, what="reading stats")
+        counts = {key: 0 for key in STAT_KEYS}
+        counts.update(reply.counts)
+        return counts
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The process id of each actor (``supervisor``, ``bridge``, ``router``, ``aggregate-<i>``)."""
+        return dict(self._pids)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop fetching, settle what has completed, disconnect, shut the actors down.
+
+        Messages still in flight are neither acked nor naked: JetStream
+        redelivers them after their AckWait.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._request(lambda rid: StopBus(rid, timeout), BusStopped, what="stopping the bus",
+                          timeout=timeout + 5.0)
+        except Exception as exc:
+            log.warning("the Bridge did not stop cleanly: %s", exc)
+        finally:
+            if self._publisher is not None:
+                self._publisher.close()
+            self._runtime.shutdown(self._pids.values())
+
+    def __enter__(self) -> "EventBus":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ internals
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise BusError("the bus is stopped")
+
+    def _request(self, make: Callable[[int], Any], expected: type, *, what: str,
+                 timeout: float | None = None) -> Any:
+        request_id = next(self._request_ids)
+        timeout = self._request_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        reply = self._runtime.ask(self._supervisor, make(request_id), timeout)
+        while True:
+            if isinstance(reply, RequestFailed) and reply.request_id == request_id:
+                raise BusError(f"{what} failed: {reply.error}")
+            if isinstance(reply, expected) and reply.request_id == request_id:
+                return reply
+            remaining = deadline - time.monotonic()
+            if reply is None or remaining <= 0:
+                raise BusError(f"{what}: no answer from the Supervisor within {timeout}s")
+            # A late answer to an earlier request that timed out: skip it.
+            reply = self._runtime.listen(remaining)

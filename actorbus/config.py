@@ -1,0 +1,144 @@
+"""The bus's configuration values, validated where they are made."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from actorbus.actors.messages import HandlerSpec
+from actorbus.bridge.envelope import DEFAULT_MAX_ENVELOPE_BYTES
+
+RUNTIMES = ("processes", "simple")
+STORAGE_TYPES = ("file", "memory")
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SUBJECT_TOKEN = re.compile(r"[^\s.*>]+|\*|>")
+
+
+class ConfigurationError(ValueError):
+    """A configuration value that cannot work; the message names it."""
+
+
+@dataclass(frozen=True)
+class SubscriptionConfig:
+    """One durable JetStream consumer and the handler for its messages."""
+
+    subject: str
+    handler: str
+    envelope: bool = True
+    durable: str | None = None
+    stream: str | None = None
+    storage: str | None = None
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1000
+    retries: int = 3
+    retry_backoff: float = 0.05
+    retry_backoff_max: float = 1.0
+    nak_delay: float = 0.5
+    nak_delay_max: float = 30.0
+    batch_size: int = 256
+    fetch_timeout: float = 1.0
+    max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
+    key_from_subject: bool = False
+
+    def __post_init__(self) -> None:
+        _check_subject(self.subject)
+        if self.stream is None:
+            object.__setattr__(self, "stream", _default_stream(self.subject))
+        if self.durable is None:
+            object.__setattr__(self, "durable", self.stream.lower())
+        _check_name("stream", self.stream)
+        _check_name("durable", self.durable)
+        if self.storage is not None and self.storage not in STORAGE_TYPES:
+            raise ConfigurationError(f"storage must be one of {STORAGE_TYPES}, got {self.storage!r}")
+        for name in ("ack_wait", "retry_backoff", "retry_backoff_max", "nak_delay",
+                     "nak_delay_max", "fetch_timeout"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_ack_pending", "batch_size", "max_envelope_bytes"):
+            _check_count(name, getattr(self, name), minimum=1)
+        _check_count("retries", self.retries, minimum=0)
+        if isinstance(self.max_deliver, bool) or not isinstance(self.max_deliver, int) or \
+                not (self.max_deliver == -1 or self.max_deliver >= 1):
+            raise ConfigurationError(
+                f"max_deliver must be -1 (unlimited) or an int >= 1, got {self.max_deliver!r}")
+
+    @property
+    def name(self) -> str:
+        """The subscription's name within a bus: its durable consumer's name."""
+        return self.durable  # type: ignore[return-value]
+
+    @property
+    def storage_type(self) -> str:
+        """The stream storage to create: file for envelopes, memory for plain, unless set."""
+        return self.storage or ("file" if self.envelope else "memory")
+
+    def nak_delay_for(self, delivery_count: int) -> float:
+        """Redelivery delay after a failed delivery: exponential in the delivery count."""
+        return min(self.nak_delay * (2 ** max(delivery_count - 1, 0)), self.nak_delay_max)
+
+    def handler_spec(self) -> HandlerSpec:
+        """What a pool member needs to run this subscription's handler."""
+        return HandlerSpec(self.name, self.handler, self.envelope, self.retries,
+                           self.retry_backoff, self.retry_backoff_max, self.max_envelope_bytes)
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """The bus as a whole: where NATS is, how big the pool is, what runs it."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    pool_size: int = 8
+    runtime: str = "processes"
+    window: int = 512
+    connect_timeout: float = 5.0
+    name: str = "actorbus"
+    supervision: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.servers, str):
+            object.__setattr__(self, "servers", tuple(s.strip() for s in self.servers.split(",")))
+        if not self.servers or not all(isinstance(s, str) and s for s in self.servers):
+            raise ConfigurationError(f"servers must name at least one NATS URL, got {self.servers!r}")
+        if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 0:
+            raise ConfigurationError(
+                f"pool_size must be an int >= 0 (0 processes in the Bridge), got {self.pool_size!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigurationError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        # Thespian silently drops sends past ~1,000 queued per target; the
+        # window bounds how many messages (hence dispatches) can be queued.
+        _check_count("window", self.window, minimum=1)
+        if self.window > 900:
+            raise ConfigurationError(f"window must be <= 900 (Thespian's queue limit), got {self.window}")
+        _check_positive("connect_timeout", self.connect_timeout)
+
+
+def _check_subject(subject: object) -> None:
+    if not isinstance(subject, str) or not subject:
+        raise ConfigurationError(f"subject must be a non-empty str, got {subject!r}")
+    tokens = subject.split(".")
+    if not all(_SUBJECT_TOKEN.fullmatch(t) for t in tokens) or ">" in tokens[:-1]:
+        raise ConfigurationError(f"subject {subject!r} is not a valid NATS subject")
+
+
+def _default_stream(subject: str) -> str:
+    first = subject.split(".", 1)[0]
+    if first in ("*", ">"):
+        raise ConfigurationError(f"subject {subject!r} starts with a wildcard: name its stream")
+    return re.sub(r"[^A-Za-z0-9_-]", "_", first).upper()
+
+
+def _check_name(what: str, value: object) -> None:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigurationError(f"{what} must be 1-64 characters of [A-Za-z0-9_-], got {value!r}")
+
+
+def _check_positive(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{what} must be a number > 0, got {value!r}")
+
+
+def _check_count(what: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{what} must be an int >= {minimum}, got {value!r}")

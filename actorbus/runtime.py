@@ -1,0 +1,155 @@
+"""The actor system under the bus: Thespian's multiprocTCPBase, or one thread.
+
+``processes`` runs every actor in its own process (real parallelism; the
+only base with ``ThespianWatch``). ``simple`` runs them all on one
+thread of this process: Thespian's simpleSystemBase only runs while
+someone calls into it, so a pump thread owns it and every call goes
+through that thread.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import signal
+import threading
+from typing import Any, Callable, Iterable
+
+from thespian.actors import ActorSystem
+
+from actorbus.ports import free_port
+
+log = logging.getLogger("actorbus.runtime")
+
+
+class ProcessRuntime:
+    """A multiprocTCPBase actor system on its own admin port."""
+
+    def __init__(self, admin_port: int | None = None, log_config: dict | None = None) -> None:
+        self.admin_port = admin_port or free_port()
+        self._system = ActorSystem("multiprocTCPBase", {"Admin Port": self.admin_port},
+                                   logDefs=log_config, transientUnique=True)
+
+    def create(self, actor_class: type) -> Any:
+        """Create a top-level actor."""
+        return self._system.createActor(actor_class)
+
+    def ask(self, address: Any, message: Any, timeout: float) -> Any:
+        """Send ``message`` and wait up to ``timeout`` for the next reply."""
+        return self._system.ask(address, message, timeout)
+
+    def listen(self, timeout: float) -> Any:
+        """Wait up to ``timeout`` for a reply to an earlier request."""
+        return self._system.listen(timeout)
+
+    def shutdown(self, pids: Iterable[int] = ()) -> None:
+        """Shut the actor system down, then SIGKILL any of ``pids`` still alive."""
+        try:
+            self._system.shutdown()
+        finally:
+            kill_leftovers(pids)
+
+
+class SimpleRuntime:
+    """A simpleSystemBase actor system, pumped by a thread of its own."""
+
+    _PUMP_INTERVAL = 0.002
+
+    def __init__(self, log_config: dict | None = None) -> None:
+        self._calls: queue.Queue = queue.Queue()
+        self._running = True
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._pump, args=(log_config, ready),
+                                        name="actorbus-simple-runtime", daemon=True)
+        self._thread.start()
+        ready.result(30)
+
+    def create(self, actor_class: type) -> Any:
+        """Create a top-level actor."""
+        return self._call(lambda system: system.createActor(actor_class))
+
+    def ask(self, address: Any, message: Any, timeout: float) -> Any:
+        """Send ``message`` and wait up to ``timeout`` for the next reply."""
+        return self._call(lambda system: system.ask(address, message, timeout))
+
+    def listen(self, timeout: float) -> Any:
+        """Wait up to ``timeout`` for a reply to an earlier request."""
+        return self._call(lambda system: system.listen(timeout))
+
+    def shutdown(self, pids: Iterable[int] = ()) -> None:
+        """Shut the actor system down and stop the pump thread."""
+        if not self._thread.is_alive():
+            return
+        def _shutdown(system: ActorSystem) -> None:
+            self._running = False  # the pump stops after this call
+            system.shutdown()
+
+        try:
+            self._call(_shutdown)
+        finally:
+            self._running = False
+            self._thread.join(10)
+
+    def _call(self, fn: Callable[[ActorSystem], Any]) -> Any:
+        if not self._running:
+            raise RuntimeError("the actor system is shut down")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        return future.result()
+
+    def _pump(self, log_config: dict | None, ready: concurrent.futures.Future) -> None:
+        try:
+            # logDefs=False: leave the host program's logging configuration alone.
+            system = ActorSystem("simpleSystemBase", logDefs=log_config or False,
+                                 transientUnique=True)
+        except Exception as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        while self._running:
+            try:
+                fn, future = self._calls.get(timeout=self._PUMP_INTERVAL)
+            except queue.Empty:
+                system.listen(self._PUMP_INTERVAL)  # run what is due: wakeups and their sends
+                continue
+            try:
+                future.set_result(fn(system))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+def make_runtime(name: str, admin_port: int | None = None,
+                 log_config: dict | None = None) -> ProcessRuntime | SimpleRuntime:
+    """The runtime called ``name``: ``"processes"`` or ``"simple"``."""
+    if name == "processes":
+        return ProcessRuntime(admin_port, log_config)
+    if name == "simple":
+        return SimpleRuntime(log_config)
+    raise ValueError(f"unknown runtime {name!r}: use 'processes' or 'simple'")
+
+
+def kill_leftovers(pids: Iterable[int]) -> list[int]:
+    """SIGKILL each of ``pids`` that is still alive; return those killed."""
+    killed = []
+    for pid in pids:
+        if pid == os.getpid() or _is_zombie(pid):
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            continue
+        killed.append(pid)
+    if killed:
+        log.warning("actor processes %s outlived the actor system; killed", killed)
+    return killed
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,210 @@
+"""Every message the actors exchange: small frozen values, named for what they mean.
+
+The hot path carries batches (a :class:`Dispatch` holds many deliveries, a
+:class:`Completion` many outcomes), because a Thespian send costs about as
+much as handling a few hundred trivial messages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+# ---------------------------------------------------------------- hot path
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One JetStream message as the pool sees it; ``token`` is the Bridge's key for it."""
+
+    token: int
+    subscription: str
+    subject: str
+    data: bytes
+    headers: Mapping[str, str] | None
+    routing_key: str
+    aggregate_id: str | None
+    keyless_slot: int | None
+    delivery_count: int
+    stream_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Bridge → Router → aggregate actor: deliveries to handle, in order."""
+
+    deliveries: tuple[Delivery, ...]
+
+
+#: Outcome kinds.
+SUCCEEDED = "succeeded"      #: the handler returned
+FAILED = "failed"            #: the handler raised on every attempt
+UNDELIVERED = "undelivered"  #: it never reached a handler (hand-off failed)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one delivery."""
+
+    token: int
+    kind: str
+    error: str | None = None
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Aggregate actor → Router → Bridge: the outcomes of one dispatch.
+
+    ``member`` is the pool index of the actor that produced them.
+    """
+
+    outcomes: tuple[Outcome, ...]
+    member: int = -1
+
+
+# ---------------------------------------------------------------- set-up
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """Which handler runs for a subscription, and how to build its messages."""
+
+    subscription: str
+    handler: str
+    envelope: bool
+    retries: int
+    retry_backoff: float
+    retry_backoff_max: float
+    max_envelope_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartBus:
+    """Facade → Supervisor: build the Bridge and the pool for this configuration."""
+
+    request_id: int
+    config: Any  # actorbus.config.BusConfig
+
+
+@dataclass(frozen=True, slots=True)
+class BusStarted:
+    """Supervisor → facade: everything is up; ``pids`` names each actor's process."""
+
+    request_id: int
+    pids: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StartPool:
+    """Supervisor → Router: create ``size`` aggregate actors; completions go to ``bridge``."""
+
+    size: int
+    bridge: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PoolReady:
+    """Router → Supervisor: every aggregate actor answered."""
+
+    pids: tuple[int, ...]
+    router_pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartAggregate:
+    """Router → aggregate actor: your index and the handlers known so far."""
+
+    index: int
+    handlers: tuple[HandlerSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateReady:
+    """Aggregate actor → Router: started, in process ``pid``."""
+
+    index: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartBridge:
+    """Supervisor → Bridge: connect and be ready; dispatch to ``router`` (None: no pool)."""
+
+    request_id: int
+    config: Any  # actorbus.config.BusConfig
+    router: Any
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeReady:
+    """Bridge → Supervisor: connected to NATS."""
+
+    request_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Facade → Supervisor → Bridge: consume a subscription."""
+
+    request_id: int
+    subscription: Any  # actorbus.config.SubscriptionConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterHandler:
+    """Supervisor → Router → aggregate actors: a subscription's handler."""
+
+    request_id: int
+    spec: HandlerSpec
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerRegistered:
+    """Router → Supervisor: every aggregate actor has the handler."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """→ facade: the stream and the durable consumer exist and fetching has begun."""
+
+    request_id: int
+    stream: str
+    durable: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """Facade → Supervisor → Bridge: the counters, please."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """→ facade: the counters of ``bus.stats()``."""
+
+    request_id: int
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StopBus:
+    """Facade → Supervisor → Bridge: stop fetching and disconnect, settling only what completed."""
+
+    request_id: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class BusStopped:
+    """→ facade: the Bridge has disconnected."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """→ facade: a request could not be carried out; ``error`` says why."""
+
+    request_id: int
+    error: str

@@ -1,0 +1,111 @@
+"""Running deliveries through their handlers, in order: the work of a pool member.
+
+The aggregate actors and the Bridge without a pool (pool size 0) share
+this, so both keep the same rules: in-place retries with backoff before a
+failure is reported, so that a transient error does not reorder a key.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+from actorbus.actors.handlers import HandlerError, is_async, resolve_handler
+from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, Delivery, HandlerSpec,
+                                      Outcome)
+from actorbus.bridge.envelope import InvalidEnvelope, decode_envelope
+from actorbus.message import Message
+
+log = logging.getLogger("actorbus.actors")
+
+
+class HandlerTable:
+    """The handlers of one pool member, by subscription, and the loop for async ones."""
+
+    def __init__(self, specs: Iterable[HandlerSpec] = (), sleep: Callable[[float], Any] = time.sleep):
+        self._specs: dict[str, HandlerSpec] = {}
+        self._handlers: dict[str, Callable[..., Any]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sleep = sleep
+        for spec in specs:
+            self.register(spec)
+
+    def register(self, spec: HandlerSpec) -> None:
+        """Add or replace the handler of ``spec.subscription``."""
+        self._specs[spec.subscription] = spec
+        self._handlers.pop(spec.subscription, None)
+
+    @property
+    def specs(self) -> tuple[HandlerSpec, ...]:
+        """The registered handler specs."""
+        return tuple(self._specs.values())
+
+    def process(self, deliveries: Iterable[Delivery]) -> tuple[Outcome, ...]:
+        """Handle ``deliveries`` strictly in order; one outcome each."""
+        return tuple(self.process_one(delivery) for delivery in deliveries)
+
+    def process_one(self, delivery: Delivery) -> Outcome:
+        """Handle one delivery with in-place retries; never raises."""
+        spec = self._specs.get(delivery.subscription)
+        if spec is None:
+            return Outcome(delivery.token, UNDELIVERED,
+                           f"no handler registered for subscription {delivery.subscription!r}", 0)
+        try:
+            handler = self._handler(spec)
+            message = self._message(spec, delivery)
+        except (HandlerError, InvalidEnvelope) as exc:
+            return Outcome(delivery.token, FAILED, str(exc), 1)
+        attempt = 1
+        while True:
+            try:
+                self._call(handler, message)
+                return Outcome(delivery.token, SUCCEEDED, None, attempt)
+            except Exception as exc:
+                if attempt > spec.retries:
+                    return Outcome(delivery.token, FAILED, f"{type(exc).__name__}: {exc}", attempt)
+                delay = min(spec.retry_backoff * (2 ** (attempt - 1)), spec.retry_backoff_max)
+                log.debug("handler failed on %s (attempt %d), retrying in %.3fs: %r",
+                          delivery.subject, attempt, delay, exc)
+                self._sleep(delay)
+                attempt += 1
+                message = dataclasses.replace(message, attempt=attempt)
+
+    def close(self) -> None:
+        """Close the event loop used for async handlers, if one was made."""
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def _handler(self, spec: HandlerSpec) -> Callable[..., Any]:
+        handler = self._handlers.get(spec.subscription)
+        if handler is None:
+            handler = self._handlers[spec.subscription] = resolve_handler(spec.handler)
+        return handler
+
+    @staticmethod
+    def _message(spec: HandlerSpec, delivery: Delivery) -> Message:
+        envelope = None
+        data = delivery.data
+        if spec.envelope:
+            envelope = decode_envelope(delivery.data, max_bytes=spec.max_envelope_bytes)
+            data = envelope.payload
+        return Message(
+            subject=delivery.subject,
+            data=data,
+            headers=delivery.headers,
+            envelope=envelope,
+            aggregate_id=delivery.aggregate_id,
+            routing_key=delivery.routing_key,
+            delivery_count=delivery.delivery_count,
+            stream_sequence=delivery.stream_sequence,
+        )
+
+    def _call(self, handler: Callable[..., Any], message: Message) -> None:
+        if is_async(handler):
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(handler(message))
+        else:
+            handler(message)

@@ -1,0 +1,222 @@
+"""The Bridge actor: JetStream in, dispatches out, completions back, ack or nak.
+
+It owns the NATS connection (on a background thread, see
+:mod:`actorbus.bridge.nats_link`) and the in-flight table. It never acks
+a message whose completion has not arrived, and it never creates actors:
+a process holding a network thread must not fork.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+from thespian.actors import (Actor, ActorExitRequest, PoisonMessage, ThespianWatch, WakeupMessage,
+                             WatchMessage)
+
+from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeReady, BusStopped,
+                                      Completion, Delivery, Dispatch, Outcome, RequestFailed,
+                                      StartBridge, Stats, StatsRequest, StopBus, Subscribe,
+                                      Subscribed)
+from actorbus.actors.processing import HandlerTable
+from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
+from actorbus.bridge.envelope import InvalidEnvelope, decode_envelope
+from actorbus.bridge.extraction import extract_aggregate_id
+from actorbus.bridge.inflight import InFlight, InFlightTable
+from actorbus.bridge.mailbox import Mailbox
+from actorbus.bridge.nats_link import NatsLink
+from actorbus.bridge.settlement import TERM, settle
+from actorbus.config import BusConfig, SubscriptionConfig
+
+log = logging.getLogger("actorbus.bridge")
+
+#: How often the Bridge looks at its mailbox where ThespianWatch is missing (simpleSystemBase).
+POLL_INTERVAL = 0.005
+
+
+class Bridge(Actor):
+    """Consumes durable JetStream consumers and settles each message by its outcome."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._config: BusConfig | None = None
+        self._router = None
+        self._mailbox = Mailbox()
+        self._link: NatsLink | None = None
+        self._inflight = InFlightTable()
+        self._subscriptions: dict[str, SubscriptionConfig] = {}
+        self._direct: HandlerTable | None = None   # pool size 0
+        self._counts: Counter[str] = Counter()
+        self._polling = False
+        self._watch: ThespianWatch | None = None
+
+    def receiveMessage(self, message, sender):
+        # Every return must carry the watch: Thespian forgets it otherwise.
+        try:
+            self._handle(message, sender)
+        except Exception:
+            log.exception("Bridge failed on %s", type(message).__name__)
+        return self._watch
+
+    def _handle(self, message, sender) -> None:
+        if isinstance(message, WatchMessage):
+            self._take_fetched()
+        elif isinstance(message, WakeupMessage):
+            self._take_fetched()
+            if self._polling:
+                self.wakeupAfter(POLL_INTERVAL)
+        elif isinstance(message, Completion):
+            self._complete(message.outcomes)
+        elif isinstance(message, StartBridge):
+            self._start(message, sender)
+        elif isinstance(message, Subscribe):
+            self._subscribe(message, sender)
+        elif isinstance(message, StatsRequest):
+            self.send(sender, Stats(message.request_id, self._stats()))
+        elif isinstance(message, StopBus):
+            self._stop(message.timeout)
+            self.send(sender, BusStopped(message.request_id))
+        elif isinstance(message, PoisonMessage):
+            self._returned(message)
+        elif isinstance(message, ActorExitRequest):
+            self._stop(timeout=2.0)
+
+    # ------------------------------------------------------------ set-up
+    def _start(self, message: StartBridge, sender) -> None:
+        self._config = message.config
+        self._router = message.router
+        if self._router is None:
+            self._direct = HandlerTable()
+        self._link = NatsLink(self._config.servers, self._mailbox, window=self._config.window,
+                              name=self._config.name)
+        try:
+            self._link.connect(self._config.connect_timeout)
+        except ConnectionError as exc:
+            log.error("%s", exc)
+            self._link.close(1.0)
+            self._link = None
+            self.send(sender, RequestFailed(message.request_id, str(exc)))
+            return
+        if self._config.runtime == "processes":
+            self._watch = ThespianWatch([self._mailbox.fileno()])
+        else:
+            self._polling = True
+            self.wakeupAfter(POLL_INTERVAL)
+        self.send(sender, BridgeReady(message.request_id, os.getpid()))
+
+    def _subscribe(self, message: Subscribe, sender) -> None:
+        sub: SubscriptionConfig = message.subscription
+        if self._link is None:
+            self.send(sender, RequestFailed(message.request_id, "the Bridge is not connected"))
+            return
+        if self._direct is not None:
+            self._direct.register(sub.handler_spec())
+        self._subscriptions[sub.name] = sub
+        try:
+            self._link.subscribe(sub)
+        except Exception as exc:
+            del self._subscriptions[sub.name]
+            log.error("subscribing %s failed: %s", sub.subject, exc)
+            self.send(sender, RequestFailed(message.request_id, f"subscribing {sub.subject!r}: {exc}"))
+            return
+        self.send(sender, Subscribed(message.request_id, sub.stream, sub.durable))
+
+    # ------------------------------------------------------------ hot path
+    def _take_fetched(self) -> None:
+        deliveries: list[Delivery] = []
+        terms: list = []
+        for name, msgs in self._mailbox.drain():
+            sub = self._subscriptions.get(name)
+            if sub is None:
+                continue
+            for msg in msgs:
+                delivery = self._delivery(sub, msg, terms)
+                if delivery is not None:
+                    deliveries.append(delivery)
+        if terms and self._link is not None:
+            self._link.settle(terms)
+        if not deliveries:
+            return
+        if self._direct is not None:
+            self._complete(self._direct.process(deliveries))
+        else:
+            self.send(self._router, Dispatch(tuple(deliveries)))
+
+    def _delivery(self, sub: SubscriptionConfig, msg, terms: list) -> Delivery | None:
+        self._counts["received"] += 1
+        meta = msg.metadata
+        delivery_count = meta.num_delivered
+        if delivery_count > 1:
+            self._counts["redelivered"] += 1
+        if sub.envelope:
+            try:
+                aggregate_id = decode_envelope(msg.data, max_bytes=sub.max_envelope_bytes).aggregate_id
+            except InvalidEnvelope as exc:
+                # It can never succeed: redelivering it would only loop.
+                log.error("rejected message on %s (stream %s seq %d): %s; terminated",
+                          msg.subject, sub.stream, meta.sequence.stream, exc)
+                self._counts["invalid"] += 1
+                terms.append((msg, TERM, None))
+                return None
+        else:
+            aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
+                                                use_subject=sub.key_from_subject)
+        keyless_slot = None
+        routing_key = aggregate_id
+        if aggregate_id is None:
+            keyless_slot = next_keyless_slot()
+            routing_key = keyless_routing_key(keyless_slot)
+        token = self._inflight.add(InFlight(msg, sub, delivery_count))
+        return Delivery(token, sub.name, msg.subject, msg.data, msg.headers, routing_key,
+                        aggregate_id, keyless_slot, delivery_count, meta.sequence.stream)
+
+    def _complete(self, outcomes: tuple[Outcome, ...]) -> None:
+        actions = []
+        for outcome in outcomes:
+            entry = self._inflight.pop(outcome.token)
+            if entry is None:
+                continue
+            sub = entry.subscription
+            if outcome.kind == SUCCEEDED:
+                self._counts["processed"] += 1
+            elif outcome.kind == FAILED:
+                self._counts["failed"] += 1
+            elif outcome.kind == UNDELIVERED:
+                self._counts["undelivered"] += 1
+            if outcome.attempts > 1:
+                self._counts["retried"] += outcome.attempts - 1
+            decision = settle(outcome.kind, envelope=sub.envelope,
+                              nak_delay=sub.nak_delay_for(entry.delivery_count))
+            if decision.warning:
+                log.warning("%s: subject=%s error=%s", decision.warning, entry.msg.subject,
+                            outcome.error)
+            actions.append((entry.msg, decision.action, decision.delay))
+        if actions and self._link is not None:
+            self._link.settle(actions)
+
+    def _returned(self, message: PoisonMessage) -> None:
+        returned = message.poisonMessage
+        if isinstance(returned, Dispatch):
+            self._complete(tuple(Outcome(d.token, UNDELIVERED, f"the Router failed: {message.details}", 0)
+                                 for d in returned.deliveries))
+
+    # ------------------------------------------------------------ stats, stop
+    def _stats(self) -> dict[str, int]:
+        counts = dict(self._counts)
+        if self._link is not None:
+            counts.update(self._link.counts())
+        counts["in_flight"] = len(self._inflight)
+        return counts
+
+    def _stop(self, timeout: float) -> None:
+        # Whatever is still in flight is neither acked nor naked: JetStream
+        # redelivers it after AckWait.
+        self._polling = False
+        self._watch = None
+        if self._link is not None:
+            self._link.close(timeout)
+            self._counts.update(self._link.counts())
+            self._link = None
+        if len(self._inflight):
+            log.info("stopped with %d message(s) in flight; JetStream will redeliver them",
+                     len(self._inflight))

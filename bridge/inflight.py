@@ -1,0 +1,36 @@
+"""The Bridge's in-flight table: every delivered message until its completion arrives."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class InFlight:
+    """One delivered, unsettled message."""
+
+    msg: Any  # nats.aio.msg.Msg
+    subscription: Any  # actorbus.config.SubscriptionConfig
+    delivery_count: int
+
+
+class InFlightTable:
+    """Tokens → in-flight messages. Only the Bridge actor's thread touches it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, InFlight] = {}
+        self._tokens = itertools.count(1)
+
+    def add(self, entry: InFlight) -> int:
+        """Record ``entry``; return its token."""
+        token = next(self._tokens)
+        self._entries[token] = entry
+        return token
+
+    def pop(self, token: int) -> InFlight | None:
+        """Remove and return the entry, or None if it was already settled."""
+        return self._entries.pop(token, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)

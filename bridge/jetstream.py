@@ -1,0 +1,71 @@
+"""Streams and durable consumers: created when missing, checked when present."""
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
+from nats.js.errors import NotFoundError
+
+from actorbus.config import ConfigurationError, SubscriptionConfig
+
+log = logging.getLogger("actorbus.bridge")
+
+_STORAGE = {"file": StorageType.FILE, "memory": StorageType.MEMORY}
+
+
+def subject_covers(pattern: str, subject: str) -> bool:
+    """True when every subject matching ``subject`` also matches ``pattern``."""
+    wanted = subject.split(".")
+    for i, token in enumerate(pattern.split(".")):
+        if token == ">":
+            return len(wanted) > i
+        if i >= len(wanted):
+            return False
+        if token == "*":
+            if wanted[i] == ">":
+                return False
+            continue
+        if token != wanted[i]:
+            return False
+    return len(pattern.split(".")) == len(wanted)
+
+
+async def ensure_stream(js: JetStreamContext, sub: SubscriptionConfig) -> None:
+    """Create ``sub.stream`` for ``sub.subject`` if missing; refuse one that cannot serve it."""
+    try:
+        info = await js.stream_info(sub.stream)
+    except NotFoundError:
+        await js.add_stream(name=sub.stream, subjects=[sub.subject],
+                            storage=_STORAGE[sub.storage_type])
+        log.info("created stream %s for %s on %s storage", sub.stream, sub.subject, sub.storage_type)
+        return
+    subjects = info.config.subjects or []
+    if not any(subject_covers(s, sub.subject) for s in subjects):
+        raise ConfigurationError(
+            f"stream {sub.stream} exists with subjects {subjects}, which do not cover {sub.subject!r}")
+    actual = info.config.storage.value if info.config.storage else "file"
+    if actual != sub.storage_type:
+        if sub.storage is not None:
+            raise ConfigurationError(
+                f"stream {sub.stream} exists with {actual} storage, but storage={sub.storage!r} was asked for")
+        log.warning("stream %s exists with %s storage; using it for %s", sub.stream, actual, sub.subject)
+
+
+async def ensure_consumer(js: JetStreamContext, sub: SubscriptionConfig) -> None:
+    """Create the durable pull consumer, or bring an existing one to these settings."""
+    config = ConsumerConfig(
+        durable_name=sub.durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=sub.ack_wait,
+        max_deliver=sub.max_deliver,
+        max_ack_pending=sub.max_ack_pending,
+        filter_subject=sub.subject,
+    )
+    try:
+        await js.add_consumer(sub.stream, config)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"consumer {sub.durable} on stream {sub.stream} could not be created or updated: {exc}"
+        ) from exc

@@ -1,0 +1,171 @@
+"""The Bridge's NATS side: one connection, a fetch loop per subscription, settling.
+
+It all runs on a :class:`LoopThread`. Fetched batches go to the actor
+thread through a :class:`Mailbox`; settlements come back through
+:meth:`NatsLink.settle`. The window bounds how many messages may be
+delivered and unsettled at once, so a slow pool holds fetching back
+instead of growing queues.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter
+from typing import Any, Iterable
+
+import nats
+import nats.errors
+
+from actorbus.bridge.jetstream import ensure_consumer, ensure_stream
+from actorbus.bridge.loop_thread import LoopThread
+from actorbus.bridge.mailbox import Mailbox
+from actorbus.bridge.settlement import ACK, NAK, TERM
+from actorbus.config import SubscriptionConfig
+
+log = logging.getLogger("actorbus.bridge")
+
+_RETRY_AFTER_FETCH_ERROR = 0.5
+
+
+class NatsLink:
+    """Connection, fetching and ack/nak/term for the Bridge, on its own thread."""
+
+    def __init__(self, servers: Iterable[str], mailbox: Mailbox, *, window: int,
+                 name: str = "actorbus") -> None:
+        self._servers = list(servers)
+        self._mailbox = mailbox
+        self._window = window
+        self._name = name
+        self._thread = LoopThread(f"{name}-nats")
+        self._nc: Any = None
+        self._js: Any = None
+        self._fetchers: dict[str, asyncio.Task] = {}
+        self._settling: set[asyncio.Task] = set()
+        self._closing = False
+        self._outstanding = 0
+        self._space: asyncio.Condition | None = None
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+
+    # ------------------------------------------------------------ any thread
+    def connect(self, timeout: float) -> None:
+        """Connect; raise ``ConnectionError`` naming the servers if it cannot."""
+        try:
+            self._thread.run(self._connect(timeout), timeout + 1.0)
+        except Exception as exc:
+            raise ConnectionError(
+                f"could not connect to NATS at {', '.join(self._servers)}: "
+                f"{type(exc).__name__}: {exc}") from exc
+
+    def subscribe(self, sub: SubscriptionConfig, timeout: float = 10.0) -> None:
+        """Ensure the stream and durable consumer, then start fetching for ``sub``."""
+        self._thread.run(self._subscribe(sub), timeout)
+
+    def settle(self, actions: list[tuple[Any, str, float | None]]) -> None:
+        """Ack, nak (with delay) or term these messages; returns at once."""
+        self._thread.call_soon(self._start_settling, actions)
+
+    def counts(self) -> dict[str, int]:
+        """Settlements done so far: acked, naked, termed, settle_errors."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop fetching, flush the settlements already made, disconnect."""
+        try:
+            self._thread.run(self._close(), timeout)
+        except Exception as exc:
+            log.warning("closing the NATS connection did not finish cleanly: %s", exc)
+        self._thread.stop(timeout)
+
+    # ------------------------------------------------------------ loop thread
+    async def _connect(self, timeout: float) -> None:
+        self._space = asyncio.Condition()
+        self._nc = await nats.connect(
+            servers=self._servers, name=self._name, connect_timeout=timeout,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected)
+        self._js = self._nc.jetstream()
+
+    async def _subscribe(self, sub: SubscriptionConfig) -> None:
+        await ensure_stream(self._js, sub)
+        await ensure_consumer(self._js, sub)
+        psub = await self._js.pull_subscribe_bind(durable=sub.durable, stream=sub.stream)
+        self._fetchers[sub.name] = asyncio.create_task(self._fetch_loop(sub, psub),
+                                                       name=f"fetch-{sub.name}")
+
+    async def _fetch_loop(self, sub: SubscriptionConfig, psub: Any) -> None:
+        assert self._space is not None
+        while True:
+            async with self._space:
+                await self._space.wait_for(lambda: self._outstanding < self._window)
+                room = self._window - self._outstanding
+            try:
+                msgs = await psub.fetch(min(sub.batch_size, room), timeout=sub.fetch_timeout)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("fetch for %s failed, retrying: %s: %s", sub.name, type(exc).__name__, exc)
+                await asyncio.sleep(_RETRY_AFTER_FETCH_ERROR)
+                continue
+            if msgs:
+                self._outstanding += len(msgs)
+                self._mailbox.put((sub.name, msgs))
+
+    def _start_settling(self, actions: list[tuple[Any, str, float | None]]) -> None:
+        task = asyncio.ensure_future(self._settle(actions))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, actions: list[tuple[Any, str, float | None]]) -> None:
+        done: Counter[str] = Counter()
+        for msg, action, delay in actions:
+            try:
+                if action == ACK:
+                    await msg.ack()
+                    done["acked"] += 1
+                elif action == NAK:
+                    await msg.nak(delay=delay)
+                    done["naked"] += 1
+                elif action == TERM:
+                    await msg.term()
+                    done["termed"] += 1
+            except Exception as exc:
+                # Not counted as done: JetStream redelivers it after AckWait.
+                done["settle_errors"] += 1
+                log.warning("could not %s message on %s: %s: %s", action, msg.subject,
+                            type(exc).__name__, exc)
+        with self._counts_lock:
+            self._counts.update(done)
+        assert self._space is not None
+        async with self._space:
+            self._outstanding -= len(actions)
+            self._space.notify_all()
+
+    async def _close(self) -> None:
+        self._closing = True
+        for task in self._fetchers.values():
+            task.cancel()
+        await asyncio.gather(*self._fetchers.values(), return_exceptions=True)
+        # Let settlements already scheduled reach the socket before closing it.
+        await asyncio.gather(*self._settling, return_exceptions=True)
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.flush(timeout=2)
+            except Exception as exc:
+                log.warning("flushing before close failed: %s", exc)
+            await self._nc.close()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error: %s: %s", type(exc).__name__, exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("disconnected from NATS")
+
+    async def _on_reconnected(self) -> None:
+        log.warning("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc else "?")

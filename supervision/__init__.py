@@ -1,0 +1,4 @@
+"""Supervision: the root Supervisor actor and the restart policies it applies."""
+from actorbus.supervision.policies import ESCALATE, STOP, AllForOne, Backoff, OneForOne
+
+__all__ = ["OneForOne", "AllForOne", "Backoff", "ESCALATE", "STOP"]
