@@ -3,6 +3,11 @@
 Per-key order, ack only after processing, envelope failures redelivered,
 plain failures not.
 """
+import logging
+
+# A library adds no handlers of its own; the application decides where logs go.
+logging.getLogger("actorbus").addHandler(logging.NullHandler())
+
 from actorbus.bridge.envelope import Envelope, InvalidEnvelope
 from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bus import BusError, EventBus

@@ -19,7 +19,8 @@ log = logging.getLogger("actorbus.bus")
 
 #: The counters ``stats()`` always has.
 STAT_KEYS = ("received", "processed", "failed", "acked", "naked", "dead_lettered", "restarts",
-             "in_flight")
+             "in_flight", "redelivered", "retried", "undelivered", "invalid", "termed",
+             "settle_errors")
 
 
 class BusError(RuntimeError):
@@ -99,7 +100,9 @@ class EventBus:
     # ------------------------------------------------------------ watching, stopping
     def stats(self) -> dict[str, int]:
         """Counters: received, processed, failed, acked, naked, dead_lettered, restarts,
-        in_flight, and more (redelivered, retried, undelivered, invalid, termed)."""
+        in_flight; also redelivered (delivery count > 1), retried (in-place retries),
+        undelivered (never reached a handler), invalid (rejected envelopes), termed,
+        settle_errors (acks/naks that did not reach the server)."""
         self._check_running()
         reply = self._request(lambda rid: StatsRequest(rid), Stats, what="reading stats")
         counts = {key: 0 for key in STAT_KEYS}

@@ -133,7 +133,7 @@ def kill_leftovers(pids: Iterable[int]) -> list[int]:
     """SIGKILL each of ``pids`` that is still alive; return those killed."""
     killed = []
     for pid in pids:
-        if pid == os.getpid() or _is_zombie(pid):
+        if pid == os.getpid() or not process_alive(pid):
             continue
         try:
             os.kill(pid, signal.SIGKILL)
@@ -147,9 +147,10 @@ def kill_leftovers(pids: Iterable[int]) -> list[int]:
     return killed
 
 
-def _is_zombie(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False

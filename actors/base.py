@@ -5,6 +5,8 @@ import logging
 
 from thespian.actors import ActorTypeDispatcher
 
+from actorbus.actors.logs import adopt_actor_process_root
+
 log = logging.getLogger("actorbus.actors")
 
 
@@ -16,6 +18,10 @@ class BusActor(ActorTypeDispatcher):
     would run them twice. Our actors treat their own bugs as logged
     failures instead, and report outcomes explicitly.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        adopt_actor_process_root()
 
     def receiveMessage(self, message, sender):
         try:

@@ -29,9 +29,16 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Bridge → Router → aggregate actor: deliveries to handle, in order."""
+    """Bridge → Router → aggregate actor: deliveries to handle, in order.
+
+    ``sequence`` numbers the Bridge's dispatches (1, 2, ...) so the Router
+    routes them in the order they were fetched even if the transport
+    hands them over in another; 0 means unnumbered (Router → member,
+    where at most one dispatch is outstanding per member anyway).
+    """
 
     deliveries: tuple[Delivery, ...]
+    sequence: int = 0
 
 
 #: Outcome kinds.

@@ -14,6 +14,7 @@ from collections import Counter
 from thespian.actors import (Actor, ActorExitRequest, PoisonMessage, ThespianWatch, WakeupMessage,
                              WatchMessage)
 
+from actorbus.actors.logs import adopt_actor_process_root
 from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeReady, BusStopped,
                                       Completion, Delivery, Dispatch, Outcome, RequestFailed,
                                       StartBridge, Stats, StatsRequest, StopBus, Subscribe,
@@ -39,6 +40,7 @@ class Bridge(Actor):
 
     def __init__(self) -> None:
         super().__init__()
+        adopt_actor_process_root()
         self._config: BusConfig | None = None
         self._router = None
         self._mailbox = Mailbox()
@@ -49,6 +51,7 @@ class Bridge(Actor):
         self._counts: Counter[str] = Counter()
         self._polling = False
         self._watch: ThespianWatch | None = None
+        self._dispatches = 0
 
     def receiveMessage(self, message, sender):
         # Every return must carry the watch: Thespian forgets it otherwise.
@@ -140,7 +143,8 @@ class Bridge(Actor):
         if self._direct is not None:
             self._complete(self._direct.process(deliveries))
         else:
-            self.send(self._router, Dispatch(tuple(deliveries)))
+            self._dispatches += 1
+            self.send(self._router, Dispatch(tuple(deliveries), self._dispatches))
 
     def _delivery(self, sub: SubscriptionConfig, msg, terms: list) -> Delivery | None:
         self._counts["received"] += 1

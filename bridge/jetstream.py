@@ -44,7 +44,8 @@ async def ensure_stream(js: JetStreamContext, sub: SubscriptionConfig) -> None:
     if not any(subject_covers(s, sub.subject) for s in subjects):
         raise ConfigurationError(
             f"stream {sub.stream} exists with subjects {subjects}, which do not cover {sub.subject!r}")
-    actual = info.config.storage.value if info.config.storage else "file"
+    # nats-py gives the enum or, for some servers' answers, its plain value.
+    actual = getattr(info.config.storage, "value", info.config.storage) or "file"
     if actual != sub.storage_type:
         if sub.storage is not None:
             raise ConfigurationError(

@@ -104,8 +104,8 @@ class NatsLink:
                 room = self._window - self._outstanding
             try:
                 msgs = await psub.fetch(min(sub.batch_size, room), timeout=sub.fetch_timeout)
-            except nats.errors.TimeoutError:
-                continue
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue  # nothing to fetch (nats-py raises either kind)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -1,0 +1,60 @@
+"""Fixtures: a real nats-server per test, and buses that are always stopped."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from actorbus import EventBus
+from actorbus.runtime import process_alive
+from actorbus.server import NatsServer
+from tests.support import file_log_config
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path):
+    """A nats-server with JetStream on a free port and a temp store; stopped by pid."""
+    server = NatsServer(store_dir=tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def records(tmp_path: Path, monkeypatch) -> Path:
+    """Where the test handlers write what they saw (set before actors fork)."""
+    directory = tmp_path / "records"
+    directory.mkdir()
+    monkeypatch.setenv("ACTORBUS_TEST_RECORDS", str(directory))
+    return directory
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Path:
+    """The file actor logs go to for buses made by ``make_bus``."""
+    return tmp_path / "actorbus.log"
+
+
+@pytest.fixture
+def make_bus(nats_server: NatsServer, records: Path, log_file: Path) -> Callable[..., EventBus]:
+    """Build EventBus instances on the test's server; every one is stopped in teardown."""
+    buses: list[EventBus] = []
+
+    def make(**kwargs) -> EventBus:
+        kwargs.setdefault("servers", nats_server.url)
+        kwargs.setdefault("runtime", "processes")
+        kwargs.setdefault("log_config", file_log_config(log_file))
+        bus = EventBus(**kwargs)
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        bus.stop()
+        for name, pid in bus.pids.items():
+            if pid != os.getpid():  # the simple runtime's actors live in this process
+                assert not process_alive(pid), f"{name} (pid {pid}) outlived its bus"

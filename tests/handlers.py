@@ -1,0 +1,69 @@
+"""Handlers the integration tests subscribe; they run in actor processes.
+
+Each writes what it saw to a file of its own process under
+$ACTORBUS_TEST_RECORDS, which the test reads back.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from actorbus import Message
+
+RELEASE_MARKER = "release"
+
+
+def _records_dir() -> Path:
+    return Path(os.environ["ACTORBUS_TEST_RECORDS"])
+
+
+def _write(kind: str, msg: Message) -> None:
+    line = " ".join(str(v) for v in (
+        kind, msg.subject, msg.aggregate_id or "-", msg.data.decode(errors="replace"), os.getpid(),
+        msg.delivery_count, msg.attempt, msg.routing_key))
+    with open(_records_dir() / f"records-{os.getpid()}.txt", "a") as out:
+        out.write(line + "\n")
+
+
+def record(msg: Message) -> None:
+    """Succeed, recording the message."""
+    _write("ok", msg)
+
+
+def fail_first_two_deliveries(msg: Message) -> None:
+    """Fail while JetStream's delivery count is below 3."""
+    if msg.delivery_count < 3:
+        _write("fail", msg)
+        raise RuntimeError(f"deliberate failure on delivery {msg.delivery_count}")
+    _write("ok", msg)
+
+
+def always_fail(msg: Message) -> None:
+    """Fail every time."""
+    _write("fail", msg)
+    raise RuntimeError("deliberate failure")
+
+
+def fail_first_attempt(msg: Message) -> None:
+    """Fail the first in-place attempt of each delivery, then succeed."""
+    if msg.attempt == 1:
+        _write("fail", msg)
+        raise RuntimeError("deliberate transient failure")
+    _write("ok", msg)
+
+
+def hold_until_released(msg: Message) -> None:
+    """Record the start, then wait (bounded) for the test's release marker."""
+    _write("started", msg)
+    deadline = time.monotonic() + 60
+    while not (_records_dir() / RELEASE_MARKER).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.01)
+    _write("ok", msg)
+
+
+async def record_async(msg: Message) -> None:
+    """An async handler that succeeds, recording the message."""
+    _write("ok", msg)

@@ -1,0 +1,83 @@
+"""Helpers for the integration tests: polling with a deadline, records, NATS look-ups."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import nats
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+             interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def wait_for_stats(bus, key: str, at_least: int, timeout: float = 60.0) -> dict:
+    """Poll ``bus.stats()`` until ``stats[key] >= at_least``; return those stats."""
+    return wait_for(lambda: (lambda s: s if s[key] >= at_least else None)(bus.stats()),
+                    timeout, f"stats[{key!r}] >= {at_least}")
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: str
+    subject: str
+    aggregate_id: str
+    data: str
+    pid: int
+    delivery_count: int
+    attempt: int
+    routing_key: str
+
+
+def read_records(directory: Path) -> list[Record]:
+    """Every line the test handlers wrote, across processes."""
+    records = []
+    for path in sorted(directory.glob("records-*.txt")):
+        for line in path.read_text().splitlines():
+            kind, subject, agg, data, pid, dc, attempt, key = line.split(" ")
+            records.append(Record(kind, subject, agg, data, int(pid), int(dc), int(attempt), key))
+    return records
+
+
+def _run(url: str, fn: Callable[[Any], Any]) -> Any:
+    async def main() -> Any:
+        nc = await nats.connect(url)
+        try:
+            return await fn(nc.jetstream())
+        finally:
+            await nc.close()
+    return asyncio.run(main())
+
+
+def consumer_info(url: str, stream: str, durable: str):
+    """JetStream's view of a durable consumer."""
+    return _run(url, lambda js: js.consumer_info(stream, durable))
+
+
+def stream_info(url: str, stream: str):
+    """JetStream's view of a stream."""
+    return _run(url, lambda js: js.stream_info(stream))
+
+
+def file_log_config(path: Path) -> dict:
+    """A Thespian logDefs dict writing actorbus logs (INFO and up) to ``path``."""
+    return {
+        "version": 1,
+        "formatters": {"plain": {"format": "%(levelname)s %(name)s %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path),
+                              "formatter": "plain", "level": "INFO"}},
+        "loggers": {"actorbus": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+        "root": {"level": "WARNING", "handlers": []},
+    }
