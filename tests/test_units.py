@@ -1,0 +1,144 @@
+"""Configuration, settlement, handler references and in-order processing (no server)."""
+from __future__ import annotations
+
+import pytest
+
+from actorbus.actors.handlers import HandlerError, handler_reference
+from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, Delivery
+from actorbus.actors.processing import HandlerTable
+from actorbus.bridge.jetstream import subject_covers
+from actorbus.bridge.settlement import (ACK, ENVELOPE_FAILED, NAK, REGULAR_FAILED, settle)
+from actorbus.config import BusConfig, ConfigurationError, SubscriptionConfig
+from actorbus.supervision import Backoff, OneForOne
+from tests import handlers
+
+
+def sub(**changes) -> SubscriptionConfig:
+    return SubscriptionConfig(**{"subject": "orders.>", "handler": "tests.handlers:record", **changes})
+
+
+def test_settlement_follows_the_contract():
+    assert settle(SUCCEEDED, envelope=True, nak_delay=1.0).action == ACK
+    assert settle(SUCCEEDED, envelope=False, nak_delay=1.0).action == ACK
+    failed_envelope = settle(FAILED, envelope=True, nak_delay=1.5)
+    assert (failed_envelope.action, failed_envelope.delay, failed_envelope.warning) == \
+        (NAK, 1.5, ENVELOPE_FAILED)
+    failed_plain = settle(FAILED, envelope=False, nak_delay=1.5)
+    assert (failed_plain.action, failed_plain.warning) == (ACK, REGULAR_FAILED)
+    assert settle(UNDELIVERED, envelope=True, nak_delay=1.0).action == NAK
+    assert settle(UNDELIVERED, envelope=False, nak_delay=1.0).action == ACK
+
+
+def test_nak_delay_grows_exponentially_to_its_cap():
+    config = sub(nak_delay=0.5, nak_delay_max=3.0)
+    assert [config.nak_delay_for(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_subscription_defaults_derive_stream_durable_and_storage():
+    envelope, plain = sub(), sub(subject="metrics.cpu", envelope=False)
+    assert (envelope.stream, envelope.durable, envelope.storage_type) == ("ORDERS", "orders", "file")
+    assert (plain.stream, plain.storage_type) == ("METRICS", "memory")
+    assert sub(envelope=False, storage="file").storage_type == "file"
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"subject": "orders..x"}, "subject"),
+    ({"subject": "orders.>.x"}, "subject"),
+    ({"subject": ">"}, "starts with a wildcard"),
+    ({"storage": "disk"}, "storage"),
+    ({"ack_wait": 0}, "ack_wait"),
+    ({"max_deliver": 0}, "max_deliver"),
+    ({"max_ack_pending": 0}, "max_ack_pending"),
+    ({"retries": -1}, "retries"),
+    ({"durable": "has space"}, "durable"),
+])
+def test_bad_subscription_values_are_named(changes, named):
+    with pytest.raises(ConfigurationError, match=named):
+        sub(**changes)
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"pool_size": -1}, "pool_size"),
+    ({"pool_size": 2.5}, "pool_size"),
+    ({"runtime": "threads"}, "runtime"),
+    ({"window": 5000}, "window"),
+    ({"servers": ""}, "servers"),
+])
+def test_bad_bus_values_are_named(changes, named):
+    with pytest.raises(ConfigurationError, match=named):
+        BusConfig(**changes)
+
+
+def test_servers_may_be_a_comma_separated_string():
+    assert BusConfig(servers="nats://a:1, nats://b:2").servers == ("nats://a:1", "nats://b:2")
+
+
+def test_subject_coverage():
+    assert subject_covers("orders.>", "orders.created")
+    assert subject_covers("orders.>", "orders.*.x")
+    assert subject_covers("orders.*", "orders.created")
+    assert not subject_covers("orders.*", "orders.>")
+    assert not subject_covers("orders.>", "orders")
+    assert not subject_covers("orders.created", "orders.>")
+
+
+def test_handler_references():
+    assert handler_reference(handlers.record) == "tests.handlers:record"
+    assert handler_reference("tests.handlers:record") == "tests.handlers:record"
+    with pytest.raises(HandlerError, match="lambda or closure"):
+        handler_reference(lambda m: None)
+    with pytest.raises(HandlerError, match="has no 'missing'"):
+        handler_reference("tests.handlers:missing")
+    with pytest.raises(HandlerError, match="form 'module:function'"):
+        handler_reference("tests.handlers.record")
+
+
+def test_policies_validate_their_values():
+    assert OneForOne().max_restarts == 3
+    with pytest.raises(ValueError, match="max_restarts"):
+        OneForOne(max_restarts=-1)
+    with pytest.raises(ValueError, match="maximum"):
+        Backoff(initial=2.0, maximum=1.0)
+    backoff = Backoff(initial=0.1, maximum=1.0, multiplier=2.0, jitter=0.0)
+    assert [backoff.delay(n) for n in range(5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+
+
+# ---------------------------------------------------------------- processing in order
+calls: list[tuple[str, int]] = []
+
+
+def flaky(msg) -> None:
+    calls.append((msg.data.decode(), msg.attempt))
+    if msg.data == b"bad" or (msg.data == b"flaky" and msg.attempt < 3):
+        raise ValueError(f"no {msg.data.decode()}")
+
+
+def delivery(token: int, data: bytes, subscription: str = "s") -> Delivery:
+    return Delivery(token, subscription, "a.b", data, None, "k", "k", None, 1, token)
+
+
+def test_handler_table_retries_in_place_and_keeps_order():
+    calls.clear()
+    spec = sub(durable="s", envelope=False, handler="tests.test_units:flaky", retries=2,
+               retry_backoff=0.01).handler_spec()
+    slept: list[float] = []
+    table = HandlerTable([spec], sleep=slept.append)
+
+    outcomes = table.process([delivery(1, b"ok"), delivery(2, b"flaky"), delivery(3, b"bad"),
+                              delivery(4, b"ok"), delivery(5, b"x", subscription="unknown")])
+
+    assert [(o.kind, o.attempts) for o in outcomes] == [
+        (SUCCEEDED, 1), (SUCCEEDED, 3), (FAILED, 3), (SUCCEEDED, 1), (UNDELIVERED, 0)]
+    assert outcomes[2].error == "ValueError: no bad"
+    assert [c[0] for c in calls] == ["ok", "flaky", "flaky", "flaky", "bad", "bad", "bad", "ok"]
+    assert slept == [0.01, 0.02, 0.01, 0.02]
+
+
+def test_handler_table_decodes_envelopes_and_fails_bad_ones():
+    from actorbus import Envelope
+    spec = sub(durable="s", handler="tests.test_units:flaky", retries=0).handler_spec()
+    table = HandlerTable([spec])
+    good = Envelope.create("k", "T", b"ok").encode()
+    outcomes = table.process([delivery(1, good), delivery(2, b"\xc1")])
+    assert [o.kind for o in outcomes] == [SUCCEEDED, FAILED]
+    assert "invalid envelope" in outcomes[1].error
