@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from actorbus.actors.messages import HandlerSpec
@@ -94,7 +94,6 @@ class BusConfig:
     connect_timeout: float = 5.0
     name: str = "actorbus"
     supervision: Any = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.servers, str):

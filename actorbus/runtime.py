@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import multiprocessing
 import os
 import queue
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 from thespian.actors import ActorSystem
@@ -28,8 +30,12 @@ class ProcessRuntime:
 
     def __init__(self, admin_port: int | None = None, log_config: dict | None = None) -> None:
         self.admin_port = admin_port or free_port()
+        before = set(descendants(os.getpid()))
         self._system = ActorSystem("multiprocTCPBase", {"Admin Port": self.admin_port},
                                    logDefs=log_config, transientUnique=True)
+        # The admin (and its logger) are forked from this process: every
+        # process of this actor system descends from them.
+        self._roots = [pid for pid in descendants(os.getpid()) if pid not in before]
 
     def create(self, actor_class: type) -> Any:
         """Create a top-level actor."""
@@ -44,11 +50,17 @@ class ProcessRuntime:
         return self._system.listen(timeout)
 
     def shutdown(self, pids: Iterable[int] = ()) -> None:
-        """Shut the actor system down, then SIGKILL any of ``pids`` still alive."""
+        """Shut the actor system down, then SIGKILL any of its processes (and of
+        ``pids``) still alive."""
+        # Collected first: once their parents exit, orphans no longer show as descendants.
+        processes = set(pids) | set(self._roots)
+        for root in self._roots:
+            processes.update(descendants(root))
         try:
             self._system.shutdown()
         finally:
-            kill_leftovers(pids)
+            kill_leftovers(sorted(processes))
+            multiprocessing.active_children()  # reap the admin
 
 
 class SimpleRuntime:
@@ -129,22 +141,55 @@ def make_runtime(name: str, admin_port: int | None = None,
     raise ValueError(f"unknown runtime {name!r}: use 'processes' or 'simple'")
 
 
-def kill_leftovers(pids: Iterable[int]) -> list[int]:
-    """SIGKILL each of ``pids`` that is still alive; return those killed."""
+def kill_leftovers(pids: Iterable[int], grace: float = 3.0) -> list[int]:
+    """Give each of ``pids`` ``grace`` seconds to exit, then SIGKILL the rest and wait
+    for them to die; return those killed."""
+    others = [pid for pid in pids if pid != os.getpid()]
+    # Thespian's shutdown can return while actor processes are still exiting.
+    alive = _wait_for_exit(others, grace)
     killed = []
-    for pid in pids:
-        if pid == os.getpid() or not process_alive(pid):
-            continue
+    for pid in alive:
         try:
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        except PermissionError:
+        except (ProcessLookupError, PermissionError):
             continue
         killed.append(pid)
     if killed:
         log.warning("actor processes %s outlived the actor system; killed", killed)
+        still = _wait_for_exit(killed, 5.0)
+        if still:
+            log.error("actor processes %s survived SIGKILL", still)
     return killed
+
+
+def _wait_for_exit(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = [pid for pid in pids if process_alive(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [pid for pid in alive if process_alive(pid)]
+    return alive
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree (Linux ``/proc``)."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as children:
+                    kids = [int(c) for c in children.read().split()]
+            except OSError:
+                continue
+            found.extend(kids)
+            stack.extend(kids)
+    return found
 
 
 def process_alive(pid: int) -> bool:

@@ -1,12 +1,15 @@
 """A pool member: runs the user's handlers for its keys, strictly in arrival order."""
 from __future__ import annotations
 
+import logging
 import os
 
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (AggregateReady, Completion, Dispatch, RegisterHandler,
                                       StartAggregate)
 from actorbus.actors.processing import HandlerTable
+
+log = logging.getLogger("actorbus.actors")
 
 
 class AggregateActor(BusActor):
@@ -16,6 +19,9 @@ class AggregateActor(BusActor):
         super().__init__()
         self._index = -1
         self._table = HandlerTable()
+        # Tokens reach a member in increasing order (the Router keeps the
+        # Bridge's order), so anything at or below the last one is a copy.
+        self._last_token = 0
 
     def receiveMsg_StartAggregate(self, message: StartAggregate, sender) -> None:
         self._index = message.index
@@ -27,7 +33,14 @@ class AggregateActor(BusActor):
         self._table.register(message.spec)
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
-        self.send(sender, Completion(self._table.process(message.deliveries), self._index))
+        fresh = [d for d in message.deliveries if d.token > self._last_token]
+        if len(fresh) < len(message.deliveries):
+            log.warning("pool member %d dropped %d delivery(ies) it had already handled",
+                        self._index, len(message.deliveries) - len(fresh))
+        if not fresh:
+            return
+        self._last_token = fresh[-1].token
+        self.send(sender, Completion(self._table.process(fresh), self._index))
 
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:
         self._table.close()
