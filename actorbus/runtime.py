@@ -36,6 +36,16 @@ class ProcessRuntime:
         # The admin (and its logger) are forked from this process: every
         # process of this actor system descends from them.
         self._roots = [pid for pid in descendants(os.getpid()) if pid not in before]
+        # Thespian's admin starts a session of its own; its logger and the
+        # actors stay in that process group, which lets shutdown end them all.
+        self._groups = set()
+        for root in self._roots:
+            try:
+                group = os.getpgid(root)
+            except ProcessLookupError:
+                continue
+            if group != os.getpgrp():
+                self._groups.add(group)
 
     def create(self, actor_class: type) -> Any:
         """Create a top-level actor."""
@@ -60,6 +70,11 @@ class ProcessRuntime:
             self._system.shutdown()
         finally:
             kill_leftovers(sorted(processes))
+            for group in self._groups:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # the group is empty: everything exited
             multiprocessing.active_children()  # reap the admin
 
 
