@@ -13,8 +13,8 @@ from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bus import BusError, EventBus
 from actorbus.config import ConfigurationError
 from actorbus.message import Message
-from actorbus.publisher import PublishError
+from actorbus.publisher import PublishError, PublishResult
 
 __all__ = ["EventBus", "Envelope", "Message", "InvalidEnvelope", "extract_aggregate_id",
-           "BusError", "ConfigurationError", "PublishError"]
+           "BusError", "ConfigurationError", "PublishError", "PublishResult"]
 __version__ = "0.1.0"

@@ -4,14 +4,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from actorbus.actors.handlers import handler_reference
 from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, StartBus, Stats,
                                       StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.bridge.envelope import Envelope
 from actorbus.config import BusConfig, SubscriptionConfig
-from actorbus.publisher import Publisher
+from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
 from actorbus.runtime import make_runtime
 from actorbus.supervision.supervisor import Supervisor
 
@@ -97,6 +97,13 @@ class EventBus:
         self._check_running()
         return self._publisher.publish_envelope(subject, envelope)
 
+    def publish_many(self, messages: Iterable[OutgoingMessage], *,
+                     in_flight: int = 500) -> list[PublishResult]:
+        """Publish ``(subject, data[, headers])`` items (``data`` bytes or an
+        :class:`Envelope`), awaiting every acknowledgement; one result each, in order."""
+        self._check_running()
+        return self._publisher.publish_many(messages, in_flight=in_flight)
+
     # ------------------------------------------------------------ watching, stopping
     def stats(self) -> dict[str, int]:
         """Counters: received, processed, failed, acked, naked, dead_lettered, restarts,
@@ -115,10 +122,11 @@ class EventBus:
         return dict(self._pids)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop fetching, settle what has completed, disconnect, shut the actors down.
+        """Drain and shut down: stop fetching, wait up to ``timeout`` seconds for the
+        messages in flight to complete and settle them, disconnect, stop the actors.
 
-        Messages still in flight are neither acked nor naked: JetStream
-        redelivers them after their AckWait.
+        Messages still in flight after ``timeout`` are neither acked nor
+        naked: JetStream redelivers them after their AckWait.
         """
         if self._stopped:
             return

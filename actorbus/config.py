@@ -41,6 +41,8 @@ class SubscriptionConfig:
     fetch_timeout: float = 1.0
     max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
     key_from_subject: bool = False
+    dead_letter_subject: str | None = None
+    dead_letter_stream: str | None = None
 
     def __post_init__(self) -> None:
         _check_subject(self.subject)
@@ -48,8 +50,17 @@ class SubscriptionConfig:
             object.__setattr__(self, "stream", _default_stream(self.subject))
         if self.durable is None:
             object.__setattr__(self, "durable", self.stream.lower())
+        if self.dead_letter_subject is None:
+            object.__setattr__(self, "dead_letter_subject", f"deadletter.{self.stream}")
+        if self.dead_letter_stream is None:
+            object.__setattr__(self, "dead_letter_stream", f"{self.stream}_DLQ")
         _check_name("stream", self.stream)
         _check_name("durable", self.durable)
+        _check_name("dead_letter_stream", self.dead_letter_stream)
+        _check_subject(self.dead_letter_subject, what="dead_letter_subject")
+        if "*" in self.dead_letter_subject.split(".") or ">" in self.dead_letter_subject.split("."):
+            raise ConfigurationError(
+                f"dead_letter_subject must not contain wildcards, got {self.dead_letter_subject!r}")
         if self.storage is not None and self.storage not in STORAGE_TYPES:
             raise ConfigurationError(f"storage must be one of {STORAGE_TYPES}, got {self.storage!r}")
         for name in ("ack_wait", "retry_backoff", "retry_backoff_max", "nak_delay",
@@ -72,6 +83,10 @@ class SubscriptionConfig:
     def storage_type(self) -> str:
         """The stream storage to create: file for envelopes, memory for plain, unless set."""
         return self.storage or ("file" if self.envelope else "memory")
+
+    def is_last_delivery(self, delivery_count: int) -> bool:
+        """True when JetStream will not deliver this message again (``max_deliver`` reached)."""
+        return self.max_deliver != -1 and delivery_count >= self.max_deliver
 
     def nak_delay_for(self, delivery_count: int) -> float:
         """Redelivery delay after a failed delivery: exponential in the delivery count."""
@@ -113,12 +128,12 @@ class BusConfig:
         _check_positive("connect_timeout", self.connect_timeout)
 
 
-def _check_subject(subject: object) -> None:
+def _check_subject(subject: object, what: str = "subject") -> None:
     if not isinstance(subject, str) or not subject:
-        raise ConfigurationError(f"subject must be a non-empty str, got {subject!r}")
+        raise ConfigurationError(f"{what} must be a non-empty str, got {subject!r}")
     tokens = subject.split(".")
     if not all(_SUBJECT_TOKEN.fullmatch(t) for t in tokens) or ">" in tokens[:-1]:
-        raise ConfigurationError(f"subject {subject!r} is not a valid NATS subject")
+        raise ConfigurationError(f"{what} {subject!r} is not a valid NATS subject")
 
 
 def _default_stream(subject: str) -> str:

@@ -1,7 +1,9 @@
 """Publishing from the facade: a JetStream client on a background loop."""
 from __future__ import annotations
 
-from typing import Mapping
+import asyncio
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
 
 import nats
 
@@ -11,6 +13,26 @@ from actorbus.bridge.loop_thread import LoopThread
 
 class PublishError(RuntimeError):
     """A publish that JetStream did not acknowledge; the message names subject and cause."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What became of one message of :meth:`Publisher.publish_many`."""
+
+    subject: str
+    sequence: int | None
+    error: str | None = None
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when JetStream stored (or, for a duplicate id, already had) the message."""
+        return self.error is None
+
+
+#: One message for :meth:`Publisher.publish_many`: ``(subject, data)`` or
+#: ``(subject, data, headers)``; ``data`` may be an :class:`Envelope`.
+OutgoingMessage = Sequence
 
 
 class Publisher:
@@ -46,6 +68,44 @@ class Publisher:
         if not isinstance(envelope, Envelope):
             raise TypeError(f"envelope must be an Envelope, got {type(envelope).__name__}")
         return self.publish(subject, envelope.encode(), {"Nats-Msg-Id": envelope.event_id})
+
+    def publish_many(self, messages: Iterable[OutgoingMessage], *, in_flight: int = 500,
+                     timeout: float | None = None) -> list[PublishResult]:
+        """Publish many messages with up to ``in_flight`` acknowledgements awaited at once.
+
+        Waits for every acknowledgement and reports each message's fate, in
+        order, instead of raising: a failure of one does not stop the rest.
+        """
+        prepared = [self._prepare(item) for item in messages]
+        budget = timeout if timeout is not None else self._timeout * (1 + len(prepared) / in_flight)
+        return self._thread.run(self._publish_all(prepared, in_flight), budget)
+
+    async def _publish_all(self, prepared: list, in_flight: int) -> list[PublishResult]:
+        results: list[PublishResult] = []
+        for start in range(0, len(prepared), in_flight):
+            chunk = prepared[start:start + in_flight]
+            acks = await asyncio.gather(
+                *(self._js.publish(subject, data, headers=headers, timeout=self._timeout)
+                  for subject, data, headers in chunk), return_exceptions=True)
+            for (subject, _, _), ack in zip(chunk, acks):
+                if isinstance(ack, BaseException):
+                    results.append(PublishResult(subject, None, f"{type(ack).__name__}: {ack}"))
+                else:
+                    results.append(PublishResult(subject, ack.seq, None, bool(ack.duplicate)))
+        return results
+
+    @staticmethod
+    def _prepare(item: OutgoingMessage) -> tuple[str, bytes, dict | None]:
+        if len(item) not in (2, 3):
+            raise TypeError(f"expected (subject, data[, headers]), got {item!r}")
+        subject, data = item[0], item[1]
+        headers = dict(item[2]) if len(item) == 3 and item[2] else None
+        if isinstance(data, Envelope):
+            headers = {**(headers or {}), "Nats-Msg-Id": data.event_id}
+            data = data.encode()
+        elif not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"data for {subject!r} must be bytes or an Envelope, got {type(data).__name__}")
+        return subject, bytes(data), headers
 
     def close(self) -> None:
         """Flush and disconnect."""

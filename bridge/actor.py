@@ -26,13 +26,15 @@ from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.mailbox import Mailbox
 from actorbus.bridge.nats_link import NatsLink
-from actorbus.bridge.settlement import TERM, settle
+from actorbus.bridge.settlement import DEAD_LETTER, Order, dead_letter_headers, settle
 from actorbus.config import BusConfig, SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
 
 #: How often the Bridge looks at its mailbox where ThespianWatch is missing (simpleSystemBase).
 POLL_INTERVAL = 0.005
+
+_DRAIN_DEADLINE = "actorbus-drain-deadline"
 
 
 class Bridge(Actor):
@@ -52,6 +54,8 @@ class Bridge(Actor):
         self._polling = False
         self._watch: ThespianWatch | None = None
         self._dispatches = 0
+        self._accepting = True
+        self._drain: tuple[int, object] | None = None   # (request id, who asked) while draining
 
     def receiveMessage(self, message, sender):
         # Every return must carry the watch: Thespian forgets it otherwise.
@@ -65,11 +69,16 @@ class Bridge(Actor):
         if isinstance(message, WatchMessage):
             self._take_fetched()
         elif isinstance(message, WakeupMessage):
+            if message.payload == _DRAIN_DEADLINE:
+                self._finish_drain()
+                return
             self._take_fetched()
             if self._polling:
                 self.wakeupAfter(POLL_INTERVAL)
         elif isinstance(message, Completion):
             self._complete(message.outcomes)
+            if self._drain is not None and not len(self._inflight):
+                self._finish_drain()
         elif isinstance(message, StartBridge):
             self._start(message, sender)
         elif isinstance(message, Subscribe):
@@ -77,8 +86,7 @@ class Bridge(Actor):
         elif isinstance(message, StatsRequest):
             self.send(sender, Stats(message.request_id, self._stats()))
         elif isinstance(message, StopBus):
-            self._stop(message.timeout)
-            self.send(sender, BusStopped(message.request_id))
+            self._start_drain(message, sender)
         elif isinstance(message, PoisonMessage):
             self._returned(message)
         elif isinstance(message, ActorExitRequest):
@@ -126,18 +134,23 @@ class Bridge(Actor):
 
     # ------------------------------------------------------------ hot path
     def _take_fetched(self) -> None:
+        if not self._accepting:
+            # Stopping: what was fetched but not dispatched stays un-acked,
+            # so JetStream redelivers it after AckWait.
+            self._mailbox.drain()
+            return
         deliveries: list[Delivery] = []
-        terms: list = []
+        rejected: list[Order] = []
         for name, msgs in self._mailbox.drain():
             sub = self._subscriptions.get(name)
             if sub is None:
                 continue
             for msg in msgs:
-                delivery = self._delivery(sub, msg, terms)
+                delivery = self._delivery(sub, msg, rejected)
                 if delivery is not None:
                     deliveries.append(delivery)
-        if terms and self._link is not None:
-            self._link.settle(terms)
+        if rejected and self._link is not None:
+            self._link.settle(rejected)
         if not deliveries:
             return
         if self._direct is not None:
@@ -146,7 +159,7 @@ class Bridge(Actor):
             self._dispatches += 1
             self.send(self._router, Dispatch(tuple(deliveries), self._dispatches))
 
-    def _delivery(self, sub: SubscriptionConfig, msg, terms: list) -> Delivery | None:
+    def _delivery(self, sub: SubscriptionConfig, msg, rejected: list[Order]) -> Delivery | None:
         self._counts["received"] += 1
         meta = msg.metadata
         delivery_count = meta.num_delivered
@@ -157,10 +170,13 @@ class Bridge(Actor):
                 aggregate_id = decode_envelope(msg.data, max_bytes=sub.max_envelope_bytes).aggregate_id
             except InvalidEnvelope as exc:
                 # It can never succeed: redelivering it would only loop.
-                log.error("rejected message on %s (stream %s seq %d): %s; terminated",
-                          msg.subject, sub.stream, meta.sequence.stream, exc)
+                log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
+                          msg.subject, sub.stream, meta.sequence.stream, exc,
+                          sub.dead_letter_subject)
                 self._counts["invalid"] += 1
-                terms.append((msg, TERM, None))
+                rejected.append(Order(msg, DEAD_LETTER, None, sub.dead_letter_subject,
+                                      dead_letter_headers(msg, sub.stream, meta.sequence.stream,
+                                                          delivery_count, str(exc))))
                 return None
         else:
             aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
@@ -170,7 +186,7 @@ class Bridge(Actor):
         if aggregate_id is None:
             keyless_slot = next_keyless_slot()
             routing_key = keyless_routing_key(keyless_slot)
-        token = self._inflight.add(InFlight(msg, sub, delivery_count))
+        token = self._inflight.add(InFlight(msg, sub, delivery_count, meta.sequence.stream))
         return Delivery(token, sub.name, msg.subject, msg.data, msg.headers, routing_key,
                         aggregate_id, keyless_slot, delivery_count, meta.sequence.stream)
 
@@ -190,11 +206,17 @@ class Bridge(Actor):
             if outcome.attempts > 1:
                 self._counts["retried"] += outcome.attempts - 1
             decision = settle(outcome.kind, envelope=sub.envelope,
-                              nak_delay=sub.nak_delay_for(entry.delivery_count))
+                              nak_delay=sub.nak_delay_for(entry.delivery_count),
+                              last_delivery=sub.is_last_delivery(entry.delivery_count))
             if decision.warning:
                 log.warning("%s: subject=%s error=%s", decision.warning, entry.msg.subject,
                             outcome.error)
-            actions.append((entry.msg, decision.action, decision.delay))
+            if decision.action == DEAD_LETTER:
+                actions.append(Order(entry.msg, DEAD_LETTER, None, sub.dead_letter_subject,
+                                     dead_letter_headers(entry.msg, sub.stream, entry.stream_sequence,
+                                                         entry.delivery_count, outcome.error)))
+            else:
+                actions.append(Order(entry.msg, decision.action, decision.delay))
         if actions and self._link is not None:
             self._link.settle(actions)
 
@@ -211,6 +233,27 @@ class Bridge(Actor):
             counts.update(self._link.counts())
         counts["in_flight"] = len(self._inflight)
         return counts
+
+    def _start_drain(self, message: StopBus, sender) -> None:
+        # Fetch nothing more; let what is in flight complete, up to the timeout.
+        self._accepting = False
+        self._drain = (message.request_id, sender)
+        if self._link is not None:
+            self._link.stop_fetching()
+        if len(self._inflight):
+            log.info("draining %d message(s) in flight, for up to %.1fs",
+                     len(self._inflight), message.timeout)
+            self.wakeupAfter(message.timeout, payload=_DRAIN_DEADLINE)
+        else:
+            self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        if self._drain is None:
+            return
+        request_id, asker = self._drain
+        self._drain = None
+        self._stop(timeout=5.0)
+        self.send(asker, BusStopped(request_id))
 
     def _stop(self, timeout: float) -> None:
         # Whatever is still in flight is neither acked nor naked: JetStream

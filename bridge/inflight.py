@@ -13,6 +13,7 @@ class InFlight:
     msg: Any  # nats.aio.msg.Msg
     subscription: Any  # actorbus.config.SubscriptionConfig
     delivery_count: int
+    stream_sequence: int
 
 
 class InFlightTable:

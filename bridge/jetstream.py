@@ -53,6 +53,27 @@ async def ensure_stream(js: JetStreamContext, sub: SubscriptionConfig) -> None:
         log.warning("stream %s exists with %s storage; using it for %s", sub.stream, actual, sub.subject)
 
 
+async def ensure_dead_letter_stream(js: JetStreamContext, sub: SubscriptionConfig) -> None:
+    """Create the file-storage stream that keeps ``sub``'s dead letters, if missing."""
+    if subject_covers(sub.subject, sub.dead_letter_subject):
+        raise ConfigurationError(
+            f"dead_letter_subject {sub.dead_letter_subject!r} falls under the subscription's "
+            f"own subject {sub.subject!r}: dead letters would be consumed again")
+    try:
+        info = await js.stream_info(sub.dead_letter_stream)
+    except NotFoundError:
+        await js.add_stream(name=sub.dead_letter_stream, subjects=[sub.dead_letter_subject],
+                            storage=StorageType.FILE)
+        log.info("created dead-letter stream %s for %s", sub.dead_letter_stream,
+                 sub.dead_letter_subject)
+        return
+    subjects = info.config.subjects or []
+    if not any(subject_covers(s, sub.dead_letter_subject) for s in subjects):
+        raise ConfigurationError(
+            f"dead-letter stream {sub.dead_letter_stream} exists with subjects {subjects}, "
+            f"which do not cover {sub.dead_letter_subject!r}")
+
+
 async def ensure_consumer(js: JetStreamContext, sub: SubscriptionConfig) -> None:
     """Create the durable pull consumer, or bring an existing one to these settings."""
     config = ConsumerConfig(

@@ -17,10 +17,10 @@ from typing import Any, Iterable
 import nats
 import nats.errors
 
-from actorbus.bridge.jetstream import ensure_consumer, ensure_stream
+from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.bridge.mailbox import Mailbox
-from actorbus.bridge.settlement import ACK, NAK, TERM
+from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK, TERM, Order
 from actorbus.config import SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
@@ -62,14 +62,18 @@ class NatsLink:
         """Ensure the stream and durable consumer, then start fetching for ``sub``."""
         self._thread.run(self._subscribe(sub), timeout)
 
-    def settle(self, actions: list[tuple[Any, str, float | None]]) -> None:
-        """Ack, nak (with delay) or term these messages; returns at once."""
+    def settle(self, actions: list[Order]) -> None:
+        """Ack, nak (with delay), term or dead-letter these messages; returns at once."""
         self._thread.call_soon(self._start_settling, actions)
 
     def counts(self) -> dict[str, int]:
         """Settlements done so far: acked, naked, termed, settle_errors."""
         with self._counts_lock:
             return dict(self._counts)
+
+    def stop_fetching(self, timeout: float = 5.0) -> None:
+        """Fetch nothing more; settling goes on."""
+        self._thread.run(self._stop_fetching(), timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop fetching, flush the settlements already made, disconnect."""
@@ -91,6 +95,8 @@ class NatsLink:
 
     async def _subscribe(self, sub: SubscriptionConfig) -> None:
         await ensure_stream(self._js, sub)
+        if sub.envelope:
+            await ensure_dead_letter_stream(self._js, sub)
         await ensure_consumer(self._js, sub)
         psub = await self._js.pull_subscribe_bind(durable=sub.durable, stream=sub.stream)
         self._fetchers[sub.name] = asyncio.create_task(self._fetch_loop(sub, psub),
@@ -116,28 +122,36 @@ class NatsLink:
                 self._outstanding += len(msgs)
                 self._mailbox.put((sub.name, msgs))
 
-    def _start_settling(self, actions: list[tuple[Any, str, float | None]]) -> None:
+    def _start_settling(self, actions: list[Order]) -> None:
         task = asyncio.ensure_future(self._settle(actions))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, actions: list[tuple[Any, str, float | None]]) -> None:
+    async def _settle(self, actions: list[Order]) -> None:
         done: Counter[str] = Counter()
-        for msg, action, delay in actions:
+        for order in actions:
+            msg = order.msg
             try:
-                if action == ACK:
+                if order.action == ACK:
                     await msg.ack()
                     done["acked"] += 1
-                elif action == NAK:
-                    await msg.nak(delay=delay)
+                elif order.action == NAK:
+                    await msg.nak(delay=order.delay)
                     done["naked"] += 1
-                elif action == TERM:
+                elif order.action == TERM:
                     await msg.term()
+                    done["termed"] += 1
+                elif order.action == DEAD_LETTER:
+                    # Termed only once the dead letter is stored: never lost in between.
+                    await self._js.publish(order.dead_letter_subject, msg.data,
+                                           headers=order.dead_letter_headers)
+                    await msg.term()
+                    done["dead_lettered"] += 1
                     done["termed"] += 1
             except Exception as exc:
                 # Not counted as done: JetStream redelivers it after AckWait.
                 done["settle_errors"] += 1
-                log.warning("could not %s message on %s: %s: %s", action, msg.subject,
+                log.warning("could not %s message on %s: %s: %s", order.action, msg.subject,
                             type(exc).__name__, exc)
         with self._counts_lock:
             self._counts.update(done)
@@ -146,11 +160,15 @@ class NatsLink:
             self._outstanding -= len(actions)
             self._space.notify_all()
 
-    async def _close(self) -> None:
-        self._closing = True
+    async def _stop_fetching(self) -> None:
         for task in self._fetchers.values():
             task.cancel()
         await asyncio.gather(*self._fetchers.values(), return_exceptions=True)
+        self._fetchers.clear()
+
+    async def _close(self) -> None:
+        self._closing = True
+        await self._stop_fetching()
         # Let settlements already scheduled reach the socket before closing it.
         await asyncio.gather(*self._settling, return_exceptions=True)
         if self._nc is not None and not self._nc.is_closed:
