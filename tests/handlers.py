@@ -67,3 +67,22 @@ def hold_until_released(msg: Message) -> None:
 async def record_async(msg: Message) -> None:
     """An async handler that succeeds, recording the message."""
     _write("ok", msg)
+
+
+def fail_poison(msg: Message) -> None:
+    """Fail the message whose data is ``poison``; record the rest."""
+    if msg.data == b"poison":
+        _write("fail", msg)
+        raise RuntimeError("poison message")
+    _write("ok", msg)
+
+
+def slow_record(msg: Message) -> None:
+    """Take a couple of milliseconds, then record."""
+    time.sleep(0.002)
+    _write("ok", msg)
+
+
+def slow_count(msg: Message) -> None:
+    """Take a fraction of a millisecond, record nothing: the bus's counters are the record."""
+    time.sleep(0.0002)

@@ -81,3 +81,32 @@ def file_log_config(path: Path) -> dict:
         "loggers": {"actorbus": {"handlers": ["file"], "level": "INFO", "propagate": False}},
         "root": {"level": "WARNING", "handlers": []},
     }
+
+
+def stream_messages(url: str, stream: str) -> list:
+    """Every message stored in ``stream``, oldest first (with headers)."""
+    async def read(js):
+        info = await js.stream_info(stream)
+        return [await js.get_msg(stream, seq)
+                for seq in range(info.state.first_seq, info.state.last_seq + 1)
+                if info.state.messages]
+    return _run(url, read)
+
+
+def tree_rss_bytes(pids) -> int:
+    """Resident memory of these processes, summed (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as statm:
+                total += int(statm.read().split()[1]) * 4096
+        except OSError:
+            pass
+    return total
+
+
+def create_stream(url: str, name: str, subjects: list[str], storage: str = "memory") -> None:
+    """Create a stream directly, as another service would."""
+    from nats.js.api import StorageType
+    kind = StorageType.FILE if storage == "file" else StorageType.MEMORY
+    _run(url, lambda js: js.add_stream(name=name, subjects=subjects, storage=kind))

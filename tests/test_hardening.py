@@ -1,0 +1,184 @@
+"""Delivery hardening on a real nats-server: dead letters, bad input, drain, publishing, memory."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import msgpack
+import pytest
+
+from actorbus import BusError, Envelope, PublishError
+from tests import handlers
+from tests.support import (consumer_info, create_stream, read_records, stream_info,
+                           stream_messages, tree_rss_bytes, wait_for, wait_for_stats)
+
+pytestmark = pytest.mark.integration
+
+
+def test_poison_envelope_is_dead_lettered_after_max_deliver(make_bus, records, nats_server):
+    bus = make_bus(pool_size=2)
+    bus.subscribe("orders.>", handlers.fail_poison, durable="orders", max_deliver=3, retries=0,
+                  nak_delay=0.01)
+    for n in range(5):
+        bus.publish_envelope("orders.a", Envelope.create(f"good-{n}", "Happened", str(n).encode()))
+    poison = Envelope.create("bad-1", "Happened", b"poison")
+    poison_seq = bus.publish_envelope("orders.bad", poison)
+    for n in range(5, 10):
+        bus.publish_envelope("orders.a", Envelope.create(f"good-{n}", "Happened", str(n).encode()))
+
+    stats = wait_for_stats(bus, "dead_lettered", 1)
+    stats = wait_for_stats(bus, "acked", 10)
+
+    assert stats["processed"] == 10 and stats["naked"] == 2 and stats["dead_lettered"] == 1
+    found = read_records(records)
+    assert [r.delivery_count for r in found if r.kind == "fail"] == [1, 2, 3]
+    assert sorted(int(r.data) for r in found if r.kind == "ok") == list(range(10))
+    letters = stream_messages(nats_server.url, "ORDERS_DLQ")
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter.subject == "deadletter.ORDERS" and letter.data == poison.encode()
+    assert letter.headers["Actorbus-Original-Subject"] == "orders.bad"
+    assert letter.headers["Actorbus-Stream-Sequence"] == str(poison_seq)
+    assert letter.headers["Actorbus-Delivery-Count"] == "3"
+    assert letter.headers["Actorbus-Error"] == "RuntimeError: poison message"
+    wait_for(lambda: consumer_info(nats_server.url, "ORDERS", "orders").num_ack_pending == 0,
+             what="every message settled")
+
+
+BAD_INPUTS = {
+    "garbage": b"\xc1\x00garbage",
+    "wrong shape": msgpack.packb([1, 2, 3]),
+    "blank event id": msgpack.packb({"event_id": " ", "aggregate_id": "a", "event_type": "T",
+                                     "event_version": 1, "timestamp": 0, "payload": b"x"}),
+    "bad aggregate id": msgpack.packb({"event_id": "e", "aggregate_id": "no spaces!",
+                                       "event_type": "T", "event_version": 1, "timestamp": 0,
+                                       "payload": b"x"}),
+    "oversize": Envelope.create("a", "T", b"x" * 2000).encode(),
+}
+
+
+def test_bad_input_is_dead_lettered_at_once_with_its_reason(make_bus, records, nats_server, log_file):
+    bus = make_bus(pool_size=2)
+    bus.subscribe("orders.>", handlers.record, durable="orders", max_envelope_bytes=1000)
+    bus.publish_envelope("orders.a", Envelope.create("a", "Happened", b"0"))
+    for data in BAD_INPUTS.values():
+        bus.publish("orders.a", data)
+    bus.publish_envelope("orders.a", Envelope.create("a", "Happened", b"1"))
+
+    stats = wait_for_stats(bus, "dead_lettered", len(BAD_INPUTS))
+    stats = wait_for_stats(bus, "acked", 2)
+
+    assert stats["invalid"] == len(BAD_INPUTS) and stats["processed"] == 2 and stats["failed"] == 0
+    assert [r.data for r in read_records(records)] == ["0", "1"]
+    reasons = [m.headers["Actorbus-Error"] for m in stream_messages(nats_server.url, "ORDERS_DLQ")]
+    assert len(reasons) == len(BAD_INPUTS)
+    assert "not valid msgpack" in reasons[0]
+    assert "expected a msgpack map" in reasons[1]
+    assert "event_id: blank" in reasons[2]
+    assert "aggregate_id" in reasons[3]
+    assert "over the 1000-byte limit" in reasons[4]
+    assert all(m.headers["Actorbus-Delivery-Count"] == "1"
+               for m in stream_messages(nats_server.url, "ORDERS_DLQ"))
+    log = wait_for(lambda: log_file.exists() and log_file.read_text().count("rejected message")
+                   == len(BAD_INPUTS) and log_file.read_text(), what="one error line each")
+    assert "dead-lettered to deadletter.ORDERS" in log
+
+
+def test_forbidden_characters_in_an_id_header_make_the_message_keyless(make_bus, records):
+    bus = make_bus(pool_size=2)
+    bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
+    bus.publish("metrics.cpu", b"1", headers={"X-Aggregate-ID": "host 1; drop"})
+    bus.publish("metrics.cpu", b"2", headers={"x-AGGREGATE-id": "host-2"})
+    wait_for_stats(bus, "acked", 2)
+    keys = {r.data: (r.aggregate_id, r.routing_key) for r in read_records(records)}
+    assert keys["1"][0] == "-" and keys["1"][1].startswith("rr-")
+    assert keys["2"] == ("host-2", "host-2")
+
+
+def test_existing_stream_with_conflicting_settings_is_refused(make_bus, nats_server):
+    bus = make_bus(pool_size=1)
+    bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")  # memory
+    with pytest.raises(BusError, match="stream METRICS exists with memory storage.*'file'"):
+        bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics-2",
+                      storage="file")
+    with pytest.raises(BusError, match=r"stream METRICS exists with subjects \['metrics.>'\].*'other.x'"):
+        bus.subscribe("other.x", handlers.record, envelope=False, durable="other", stream="METRICS")
+    with pytest.raises(BusError, match="already subscribed"):
+        bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
+
+
+def test_publishing_an_envelope_twice_stores_it_once(make_bus, nats_server):
+    bus = make_bus(pool_size=1)
+    bus.subscribe("orders.>", handlers.record, durable="orders")
+    envelope = Envelope.create("a", "Happened", b"0")
+    first = bus.publish_envelope("orders.a", envelope)
+    again = bus.publish_envelope("orders.a", envelope)
+    results = bus.publish_many([("orders.a", envelope), ("orders.a", Envelope.create("a", "T", b"1"))])
+
+    assert first == again
+    assert [r.duplicate for r in results] == [True, False] and all(r.ok for r in results)
+    assert stream_info(nats_server.url, "ORDERS").state.messages == 2
+
+
+def test_publish_failures_are_clear(make_bus):
+    bus = make_bus(pool_size=1)
+    with pytest.raises(PublishError, match="publishing to 'nowhere.x' failed"):
+        bus.publish("nowhere.x", b"1")
+    results = bus.publish_many([("nowhere.y", b"1")])
+    assert not results[0].ok and results[0].subject == "nowhere.y" and results[0].error
+    with pytest.raises(TypeError, match="bytes or an Envelope"):
+        bus.publish_many([("orders.a", "text")])
+
+
+def test_stop_drains_in_flight_work_and_the_next_bus_gets_the_rest(make_bus, records, nats_server):
+    total = 2000
+    first = make_bus(pool_size=4)
+    first.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=2.0)
+    results = first.publish_many([(f"orders.{n % 20}", Envelope.create(f"a-{n % 20}", "T", str(n).encode()))
+                                  for n in range(total)])
+    assert all(r.ok for r in results)
+    wait_for_stats(first, "processed", 300)
+
+    first.stop(timeout=20)
+
+    handled_by_first = Counter(r.data for r in read_records(records))
+    assert 300 <= len(handled_by_first) < total
+    # Everything the first bus handled was acked while draining, so the
+    # second bus handles only the rest: no duplicates below.
+    second = make_bus(pool_size=4)
+    second.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=2.0)
+    wait_for(lambda: len({r.data for r in read_records(records)}) == total, timeout=120,
+             what="every message handled once")
+    handled = Counter(r.data for r in read_records(records))
+    assert set(handled) == {str(n) for n in range(total)}
+    assert [d for d, n in handled.items() if n > 1] == [], "a drained message was handled again"
+
+
+def test_slow_handler_backpressure_keeps_memory_flat_and_loses_nothing(make_bus, nats_server):
+    total = 100_000
+    create_stream(nats_server.url, "METRICS", ["metrics.>"])
+    bus = make_bus(pool_size=2)
+    for start in range(0, total, 10_000):   # the whole backlog is there before consuming starts
+        results = bus.publish_many([(f"metrics.h{n % 100}", str(n).encode(),
+                                     {"X-Aggregate-ID": f"h{n % 100}"})
+                                    for n in range(start, start + 10_000)])
+        assert all(r.ok for r in results)
+    pids = [pid for pid in bus.pids.values() if pid != os.getpid()]
+    samples = []
+
+    def done():
+        stats = bus.stats()
+        samples.append((stats["processed"], tree_rss_bytes(pids)))
+        assert stats["in_flight"] <= 512, stats  # the Bridge's window bounds what is in flight
+        return stats["acked"] >= total and stats
+
+    bus.subscribe("metrics.>", handlers.slow_count, envelope=False, durable="metrics",
+                  max_ack_pending=2000)
+    stats = wait_for(done, timeout=300, interval=0.25, what=f"{total} messages processed")
+
+    assert stats["received"] == stats["processed"] == stats["acked"] == total  # count in == count out
+    early = max(rss for processed, rss in samples if processed <= total // 4)
+    late = max(rss for processed, rss in samples if processed >= total * 3 // 4)
+    print(f"process-tree RSS over {total} messages: {early / 2**20:.1f} MiB at most in the first "
+          f"quarter, {late / 2**20:.1f} MiB at most in the last ({len(samples)} samples)")
+    assert late <= early * 1.15, (early, late)
