@@ -1,10 +1,26 @@
 """The ``actorbus`` command line."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+from typing import Iterator
 
 import click
 from rich.console import Console
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so the bus drains and stops on either."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group()
@@ -45,8 +61,9 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
     try:
         from actorbus.demo import run_demo
 
-        code = run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
-                        keyless=keyless, console=Console())
+        with sigterm_as_interrupt():
+            code = run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
+                            keyless=keyless, console=Console())
     except KeyboardInterrupt:
         raise click.Abort() from None
     except click.ClickException:

@@ -33,19 +33,13 @@ class ProcessRuntime:
         before = set(descendants(os.getpid()))
         self._system = ActorSystem("multiprocTCPBase", {"Admin Port": self.admin_port},
                                    logDefs=log_config, transientUnique=True)
-        # The admin (and its logger) are forked from this process: every
-        # process of this actor system descends from them.
+        # Thespian starts its admin from a child of this process that begins a
+        # session of its own (so the group id is that child's pid) and forks
+        # again; the admin, its logger and every actor stay in that process
+        # group, which lets shutdown end them all even once they are no
+        # longer our descendants.
         self._roots = [pid for pid in descendants(os.getpid()) if pid not in before]
-        # Thespian's admin starts a session of its own; its logger and the
-        # actors stay in that process group, which lets shutdown end them all.
-        self._groups = set()
-        for root in self._roots:
-            try:
-                group = os.getpgid(root)
-            except ProcessLookupError:
-                continue
-            if group != os.getpgrp():
-                self._groups.add(group)
+        self._groups = {pid for pid in self._roots if _session_of(pid) == pid}
 
     def create(self, actor_class: type) -> Any:
         """Create a top-level actor."""
@@ -205,6 +199,13 @@ def descendants(pid: int) -> list[int]:
             found.extend(kids)
             stack.extend(kids)
     return found
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def process_alive(pid: int) -> bool:
