@@ -109,16 +109,24 @@ class EventBus:
         """Counters: received, processed, failed, acked, naked, dead_lettered, restarts,
         in_flight; also redelivered (delivery count > 1), retried (in-place retries),
         undelivered (never reached a handler), invalid (rejected envelopes), termed,
-        settle_errors (acks/naks that did not reach the server)."""
+        settle_errors (acks/naks that did not reach the server).
+
+        Raises :class:`BusError` once the bus has stopped processing because
+        actors died faster than its supervision policy allows.
+        """
         self._check_running()
         reply = self._request(lambda rid: StatsRequest(rid), Stats, what="reading stats")
+        self._pids.update(reply.pids)
+        if reply.failure:
+            raise BusError(f"the bus has stopped processing: {reply.failure}")
         counts = {key: 0 for key in STAT_KEYS}
         counts.update(reply.counts)
         return counts
 
     @property
     def pids(self) -> dict[str, int]:
-        """The process id of each actor (``supervisor``, ``bridge``, ``router``, ``aggregate-<i>``)."""
+        """The process id of each actor (``supervisor``, ``bridge``, ``router``, ``aggregate-<i>``),
+        as of the last ``stats()`` call."""
         return dict(self._pids)
 
     def stop(self, timeout: float = 10.0) -> None:

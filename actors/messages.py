@@ -100,10 +100,39 @@ class BusStarted:
 
 @dataclass(frozen=True, slots=True)
 class StartPool:
-    """Supervisor → Router: create ``size`` aggregate actors; completions go to ``bridge``."""
+    """Supervisor → Router: create ``size`` aggregate actors; completions go to ``bridge``.
+
+    ``policy`` restarts members that die; a delivery re-sent to a restarted
+    member more than ``max_resends`` times fails by its kind instead.
+    """
 
     size: int
     bridge: Any
+    policy: Any = None  # actorbus.supervision.policies policy, None: OneForOne()
+    max_resends: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRestarted:
+    """Router → Supervisor: pool member ``index`` runs again, in process ``pid``."""
+
+    index: int
+    pid: int
+    resent: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolFailed:
+    """Router → Supervisor: members died faster than the policy allows."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """Supervisor → Bridge: fetch nothing and settle nothing more (the bus is broken)."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +221,8 @@ class Stats:
 
     request_id: int
     counts: Mapping[str, int] = field(default_factory=dict)
+    pids: Mapping[str, int] = field(default_factory=dict)
+    failure: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,30 +14,38 @@ import logging
 import os
 from collections import defaultdict
 
+from thespian.actors import ActorExitRequest
+
 from actorbus.actors.aggregate import AggregateActor
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (UNDELIVERED, AggregateReady, Completion, Delivery, Dispatch,
-                                      HandlerRegistered, HandlerSpec, Outcome, PoolReady,
-                                      RegisterHandler, StartAggregate, StartPool)
+                                      HandlerRegistered, HandlerSpec, MemberRestarted, Outcome,
+                                      PoolFailed, PoolReady, RegisterHandler, StartAggregate,
+                                      StartPool)
 from actorbus.actors.routing import pool_index
+from actorbus.supervision.policies import AllForOne
+from actorbus.supervision.restarts import RestartBudget
 
 log = logging.getLogger("actorbus.actors")
 
 #: Most deliveries in one dispatch to a member.
 MAX_MEMBER_BATCH = 256
 
+_RESTART = "actorbus-restart-member"
+
 
 class _Member:
     """The Router's view of one pool member."""
 
-    __slots__ = ("address", "pid", "busy", "waiting", "held")
+    __slots__ = ("address", "pid", "busy", "restarting", "waiting", "held")
 
     def __init__(self, address) -> None:
         self.address = address
         self.pid: int | None = None
         self.busy = False                        # a dispatch is outstanding
+        self.restarting = False                  # dead; a new incarnation is on its way
         self.waiting: list[Delivery] = []        # routed here, not yet sent
-        self.held: dict[int, Delivery] = {}      # sent or waiting, not completed
+        self.held: dict[int, Delivery] = {}      # sent or waiting, not completed, in order
 
 
 class Router(BusActor):
@@ -47,8 +55,13 @@ class Router(BusActor):
         super().__init__()
         self._supervisor = None
         self._bridge = None
-        self._members: list[_Member | None] = []   # None once dead
+        self._members: list[_Member] = []
         self._specs: list[HandlerSpec] = []
+        self._budget = RestartBudget()
+        self._all_for_one = False
+        self._max_resends = 3
+        self._resends: dict[int, int] = {}      # token → times re-sent
+        self._failed: str | None = None
         self._next_sequence = 1
         self._early: dict[int, Dispatch] = {}
         self._shutting_down = False
@@ -57,21 +70,27 @@ class Router(BusActor):
     def receiveMsg_StartPool(self, message: StartPool, sender) -> None:
         self._supervisor = sender
         self._bridge = message.bridge
+        self._budget = RestartBudget(message.policy)
+        self._all_for_one = isinstance(message.policy, AllForOne)
+        self._max_resends = message.max_resends
         for index in range(message.size):
             member = _Member(self.createActor(AggregateActor))
             self._members.append(member)
             self.send(member.address, StartAggregate(index, tuple(self._specs)))
 
     def receiveMsg_AggregateReady(self, message: AggregateReady, sender) -> None:
-        self._members[message.index].pid = message.pid
-        if all(m is not None and m.pid is not None for m in self._members):
+        member = self._members[message.index]
+        member.pid = message.pid
+        if member.restarting:
+            self._resume(message.index, member)
+        elif all(m.pid is not None for m in self._members):
             self.send(self._supervisor, PoolReady(tuple(m.pid for m in self._members), os.getpid()))
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
         self._specs.append(message.spec)
         # Sent before any later dispatch to the same member, so it arrives first.
         for member in self._members:
-            if member is not None:
+            if member.address is not None:
                 self.send(member.address, message)
         self.send(sender, HandlerRegistered(message.request_id))
 
@@ -91,22 +110,15 @@ class Router(BusActor):
         groups: dict[int, list[Delivery]] = defaultdict(list)
         for delivery in message.deliveries:
             groups[pool_index(delivery.routing_key, delivery.keyless_slot, size)].append(delivery)
-        lost: list[Outcome] = []
         for index, deliveries in groups.items():
             member = self._members[index]
-            if member is None:
-                lost.extend(Outcome(d.token, UNDELIVERED, f"pool member {index} is not running", 0)
-                            for d in deliveries)
-                continue
             member.waiting.extend(deliveries)
             for delivery in deliveries:
                 member.held[delivery.token] = delivery
             self._send_next(member)
-        if lost:
-            self.send(self._bridge, Completion(tuple(lost)))
 
     def _send_next(self, member: _Member) -> None:
-        if member.busy or not member.waiting:
+        if member.busy or member.restarting or not member.waiting or self._failed:
             return
         batch = member.waiting[:MAX_MEMBER_BATCH]
         del member.waiting[:MAX_MEMBER_BATCH]
@@ -115,9 +127,11 @@ class Router(BusActor):
 
     def receiveMsg_Completion(self, message: Completion, sender) -> None:
         member = self._members[message.member] if 0 <= message.member < len(self._members) else None
-        if member is not None:
+        if member is not None and member.address == sender:
             for outcome in message.outcomes:
                 member.held.pop(outcome.token, None)
+                if self._resends:
+                    self._resends.pop(outcome.token, None)
             member.busy = False
             self._send_next(member)
         self.send(self._bridge, message)
@@ -132,12 +146,72 @@ class Router(BusActor):
         index = self._member_index(message.childAddress)
         if index is None:
             return
-        member, self._members[index] = self._members[index], None
-        log.error("pool member %d exited holding %d message(s); they are failed back to the Bridge",
-                  index, len(member.held))
-        if member.held:
-            self.send(self._bridge, Completion(tuple(
-                Outcome(token, UNDELIVERED, f"pool member {index} exited", 0) for token in member.held)))
+        member = self._members[index]
+        log.warning("pool member %d (pid %s) exited holding %d message(s)", index, member.pid,
+                    len(member.held))
+        self._bury(member)
+        if self._failed:
+            return
+        decision = self._budget.record()
+        if not decision.allowed:
+            self._fail(f"pool member {index} died {decision.recent} times within "
+                       f"{self._budget.policy.within}s (max_restarts="
+                       f"{self._budget.policy.max_restarts})")
+            return
+        if self._all_for_one:
+            for other in self._members:
+                if other is not member and other.address is not None:
+                    # Its exit is part of this restart, not a failure of its own.
+                    address = other.address
+                    self._bury(other)
+                    self.send(address, ActorExitRequest())
+        for i, m in enumerate(self._members):
+            if m.restarting and m.address is None:
+                self.wakeupAfter(decision.delay, payload=(_RESTART, i))
+
+    def receiveMsg_WakeupMessage(self, message, sender) -> None:
+        if not (isinstance(message.payload, tuple) and message.payload[0] == _RESTART):
+            return
+        index = message.payload[1]
+        member = self._members[index]
+        if self._failed or self._shutting_down or not member.restarting or member.address is not None:
+            return
+        member.address = self.createActor(AggregateActor)
+        self.send(member.address, StartAggregate(index, tuple(self._specs)))
+
+    def _bury(self, member: _Member) -> None:
+        member.address = None
+        member.pid = None
+        member.busy = False
+        member.restarting = True
+
+    def _resume(self, index: int, member: _Member) -> None:
+        """A member is back: re-send what its predecessor held, in the original order."""
+        member.restarting = False
+        exhausted: list[Outcome] = []
+        resend: list[Delivery] = []
+        for token, delivery in list(member.held.items()):
+            count = self._resends.get(token, 0) + 1
+            if count > self._max_resends:
+                del member.held[token]
+                self._resends.pop(token, None)
+                exhausted.append(Outcome(token, UNDELIVERED,
+                                         f"pool member {index} died {count} times holding it", 0))
+            else:
+                self._resends[token] = count
+                resend.append(delivery)
+        member.waiting = resend
+        if exhausted:
+            self.send(self._bridge, Completion(tuple(exhausted)))
+        self.send(self._supervisor, MemberRestarted(index, member.pid, len(resend)))
+        self._send_next(member)
+
+    def _fail(self, reason: str) -> None:
+        # Nothing held is failed back: acking while broken would lose plain
+        # messages. It all stays un-acked for JetStream to redeliver.
+        self._failed = reason
+        log.error("the pool gives up: %s", reason)
+        self.send(self._supervisor, PoolFailed(reason))
 
     def receiveMsg_PoisonMessage(self, message, sender) -> None:
         # A member raised twice on a dispatch (a bug in our own code): fail it by kind.
@@ -150,6 +224,7 @@ class Router(BusActor):
             member = self._members[index]
             for delivery in returned.deliveries:
                 member.held.pop(delivery.token, None)
+                self._resends.pop(delivery.token, None)
             member.busy = False
             self._send_next(member)
         self.send(self._bridge, Completion(tuple(
@@ -159,6 +234,6 @@ class Router(BusActor):
     def _member_index(self, address) -> int | None:
         # Thespian addresses are not hashable: a linear search over the pool.
         for index, member in enumerate(self._members):
-            if member is not None and member.address == address:
+            if member.address is not None and member.address == address:
                 return index
         return None

@@ -16,7 +16,7 @@ from thespian.actors import (Actor, ActorExitRequest, PoisonMessage, ThespianWat
 
 from actorbus.actors.logs import adopt_actor_process_root
 from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeReady, BusStopped,
-                                      Completion, Delivery, Dispatch, Outcome, RequestFailed,
+                                      Completion, Delivery, Dispatch, Halt, Outcome, RequestFailed,
                                       StartBridge, Stats, StatsRequest, StopBus, Subscribe,
                                       Subscribed)
 from actorbus.actors.processing import HandlerTable
@@ -55,6 +55,7 @@ class Bridge(Actor):
         self._watch: ThespianWatch | None = None
         self._dispatches = 0
         self._accepting = True
+        self._halted = False
         self._drain: tuple[int, object] | None = None   # (request id, who asked) while draining
 
     def receiveMessage(self, message, sender):
@@ -89,6 +90,8 @@ class Bridge(Actor):
             self._start_drain(message, sender)
         elif isinstance(message, PoisonMessage):
             self._returned(message)
+        elif isinstance(message, Halt):
+            self._halt(message.reason)
         elif isinstance(message, ActorExitRequest):
             self._stop(timeout=2.0)
 
@@ -191,6 +194,8 @@ class Bridge(Actor):
                         aggregate_id, keyless_slot, delivery_count, meta.sequence.stream)
 
     def _complete(self, outcomes: tuple[Outcome, ...]) -> None:
+        if self._halted:
+            return  # broken: everything stays un-acked for JetStream to redeliver
         actions = []
         for outcome in outcomes:
             entry = self._inflight.pop(outcome.token)
@@ -234,13 +239,20 @@ class Bridge(Actor):
         counts["in_flight"] = len(self._inflight)
         return counts
 
+    def _halt(self, reason: str) -> None:
+        log.error("halted: %s; %d message(s) in flight stay un-acked", reason, len(self._inflight))
+        self._halted = True
+        self._accepting = False
+        if self._link is not None:
+            self._link.stop_fetching()
+
     def _start_drain(self, message: StopBus, sender) -> None:
         # Fetch nothing more; let what is in flight complete, up to the timeout.
         self._accepting = False
         self._drain = (message.request_id, sender)
         if self._link is not None:
             self._link.stop_fetching()
-        if len(self._inflight):
+        if len(self._inflight) and not self._halted:
             log.info("draining %d message(s) in flight, for up to %.1fs",
                      len(self._inflight), message.timeout)
             self.wakeupAfter(message.timeout, payload=_DRAIN_DEADLINE)

@@ -11,9 +11,10 @@ import logging
 import os
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (BridgeReady, BusStarted, BusStopped, HandlerRegistered,
-                                      PoolReady, RegisterHandler, RequestFailed, StartBridge,
-                                      StartBus, StartPool, Stats, StatsRequest, StopBus, Subscribe,
+from actorbus.actors.messages import (BridgeReady, BusStarted, BusStopped, Halt,
+                                      HandlerRegistered, MemberRestarted, PoolFailed, PoolReady,
+                                      RegisterHandler, RequestFailed, StartBridge, StartBus,
+                                      StartPool, Stats, StatsRequest, StopBus, Subscribe,
                                       Subscribed)
 from actorbus.actors.router import Router
 from actorbus.bridge.actor import Bridge
@@ -35,6 +36,8 @@ class Supervisor(BusActor):
         self._start_request: int | None = None
         self._exited: list[str] = []
         self._shutting_down = False
+        self._restarts = 0
+        self._failure: str | None = None
 
     # ------------------------------------------------------------ start
     def receiveMsg_StartBus(self, message: StartBus, sender) -> None:
@@ -48,7 +51,8 @@ class Supervisor(BusActor):
         self._bridge = self.createActor(Bridge)
         if self._config.pool_size > 0:
             self._router = self.createActor(Router)
-            self.send(self._router, StartPool(self._config.pool_size, self._bridge))
+            self.send(self._router, StartPool(self._config.pool_size, self._bridge,
+                                              policy=self._config.supervision))
         else:
             self.send(self._bridge, StartBridge(message.request_id, self._config, None))
 
@@ -82,9 +86,22 @@ class Supervisor(BusActor):
 
     def receiveMsg_Stats(self, message: Stats, sender) -> None:
         counts = dict(message.counts)
-        counts.setdefault("restarts", 0)
+        counts["restarts"] = self._restarts
         counts["actors_exited"] = len(self._exited)
-        self._reply(Stats(message.request_id, counts))
+        self._reply(Stats(message.request_id, counts, dict(self._pids), self._failure))
+
+    # ------------------------------------------------------------ the pool's health
+    def receiveMsg_MemberRestarted(self, message: MemberRestarted, sender) -> None:
+        self._restarts += 1
+        self._pids[f"aggregate-{message.index}"] = message.pid
+        log.warning("pool member %d restarted (pid %d); %d message(s) re-sent to it",
+                    message.index, message.pid, message.resent)
+
+    def receiveMsg_PoolFailed(self, message: PoolFailed, sender) -> None:
+        # Past the pool's limit, escalated to the root: stop, never keep acking while broken.
+        self._failure = message.reason
+        log.error("the bus stops: %s; nothing more is fetched or settled", message.reason)
+        self.send(self._bridge, Halt(message.reason))
 
     def receiveMsg_StopBus(self, message: StopBus, sender) -> None:
         self._waiting[message.request_id] = sender

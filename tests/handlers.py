@@ -21,7 +21,7 @@ def _records_dir() -> Path:
 def _write(kind: str, msg: Message) -> None:
     line = " ".join(str(v) for v in (
         kind, msg.subject, msg.aggregate_id or "-", msg.data.decode(errors="replace"), os.getpid(),
-        msg.delivery_count, msg.attempt, msg.routing_key))
+        msg.delivery_count, msg.attempt, msg.routing_key, time.monotonic_ns()))
     with open(_records_dir() / f"records-{os.getpid()}.txt", "a") as out:
         out.write(line + "\n")
 

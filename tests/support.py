@@ -39,16 +39,21 @@ class Record:
     delivery_count: int
     attempt: int
     routing_key: str
+    at_ns: int  # CLOCK_MONOTONIC: comparable across the actor processes
 
 
 def read_records(directory: Path) -> list[Record]:
-    """Every line the test handlers wrote, across processes."""
+    """Every line the test handlers wrote, across processes, in the order they were written."""
     records = []
     for path in sorted(directory.glob("records-*.txt")):
         for line in path.read_text().splitlines():
-            kind, subject, agg, data, pid, dc, attempt, key = line.split(" ")
-            records.append(Record(kind, subject, agg, data, int(pid), int(dc), int(attempt), key))
-    return records
+            fields = line.split(" ")
+            if len(fields) != 9:
+                continue  # a line cut short by a SIGKILLed process
+            kind, subject, agg, data, pid, dc, attempt, key, at_ns = fields
+            records.append(Record(kind, subject, agg, data, int(pid), int(dc), int(attempt), key,
+                                  int(at_ns)))
+    return sorted(records, key=lambda r: r.at_ns)
 
 
 def _run(url: str, fn: Callable[[Any], Any]) -> Any:

@@ -1,0 +1,152 @@
+"""Supervision of the pool: restarts under a policy, re-sends in order, escalation.
+
+Fault tests on multiprocTCPBase with a real nats-server: aggregate actor
+processes are SIGKILLed while envelopes flow.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import defaultdict
+
+import pytest
+
+from actorbus import BusError, Envelope
+from actorbus.supervision import Backoff, OneForOne
+from actorbus.supervision.restarts import RestartBudget
+from tests import handlers
+from tests.support import consumer_info, read_records, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def member_pids(bus) -> dict[str, int]:
+    bus.stats()  # refreshes bus.pids
+    return {name: pid for name, pid in bus.pids.items() if name.startswith("aggregate-")}
+
+
+def wait_for_restart(bus, name: str, old_pid: int, timeout: float = 30.0) -> int:
+    return wait_for(lambda: (lambda pid: pid if pid != old_pid else None)(member_pids(bus)[name]),
+                    timeout, f"{name} to be restarted", interval=0.01)
+
+
+def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records):
+    total, aggregates = 20_000, 200
+    bus = make_bus(pool_size=4, supervision=OneForOne(
+        max_restarts=1000, within=60.0, backoff=Backoff(initial=0.01, maximum=0.1, jitter=0.0)))
+    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0)
+    results = bus.publish_many([(f"orders.{n % aggregates}",
+                                 Envelope.create(f"agg-{n % aggregates}", "T", str(n // aggregates).encode()))
+                                for n in range(total)])
+    assert all(r.ok for r in results)
+
+    rng = random.Random(7)
+    kills = 0
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        stats = bus.stats()
+        if stats["acked"] >= total:
+            break
+        if stats["processed"] < total * 0.9:   # keep killing until the run is nearly done
+            victim = rng.choice(sorted(member_pids(bus).values()))
+            os.kill(victim, signal.SIGKILL)
+            kills += 1
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"not every envelope was acked: {bus.stats()}")
+
+    stats = bus.stats()
+    handled = defaultdict(list)
+    for r in read_records(records):
+        handled[r.aggregate_id].append(int(r.data))
+    seen = {(a, seq) for a, seqs in handled.items() for seq in seqs}
+    assert len(seen) == total, "an envelope was never handled"
+    for aggregate, seqs in handled.items():
+        firsts = list(dict.fromkeys(seqs))   # first successful handling of each, in time order
+        assert firsts == sorted(firsts), f"{aggregate} handled out of order"
+    duplicates = sum(len(seqs) for seqs in handled.values()) - total
+    print(f"{total} envelopes, {kills} kills, {stats['restarts']} restarts, "
+          f"{duplicates} duplicate handlings")
+    assert kills >= 5 and stats["restarts"] >= kills
+
+
+def test_restart_delays_follow_the_backoff(make_bus, records):
+    bus = make_bus(pool_size=1, supervision=OneForOne(
+        max_restarts=10, within=60.0, backoff=Backoff(initial=0.3, maximum=5.0, multiplier=2.0,
+                                                       jitter=0.0)))
+    bus.subscribe("orders.>", handlers.record, durable="orders")
+    delays = []
+    for _ in range(3):
+        pid = member_pids(bus)["aggregate-0"]
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        wait_for_restart(bus, "aggregate-0", pid)
+        delays.append(time.monotonic() - killed_at)
+
+    print("restart delays (s):", [round(d, 3) for d in delays])
+    for measured, configured in zip(delays, (0.3, 0.6, 1.2)):
+        assert configured <= measured <= configured + 1.0, (delays)
+    assert delays[0] < delays[1] < delays[2]
+    bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
+    assert bus.stats()["restarts"] == 3
+
+
+def test_restarted_member_gets_what_its_predecessor_held(make_bus, records, nats_server):
+    bus = make_bus(pool_size=1, supervision=OneForOne(backoff=Backoff(initial=0.01, maximum=0.1)))
+    bus.subscribe("orders.>", handlers.hold_until_released, durable="orders")
+    for seq in range(3):
+        bus.publish_envelope("orders.a", Envelope.create("a", "T", str(seq).encode()))
+    started = wait_for(lambda: [r for r in read_records(records) if r.kind == "started"],
+                       what="the first handler to start")
+    victim = member_pids(bus)["aggregate-0"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for_restart(bus, "aggregate-0", victim)
+    (records / handlers.RELEASE_MARKER).touch()
+
+    stats = wait_for(lambda: (lambda s: s if s["acked"] >= 3 else None)(bus.stats()),
+                     what="all three acked")
+    done = [r for r in read_records(records) if r.kind == "ok"]
+    assert [r.data for r in done] == ["0", "1", "2"]          # re-sent in the original order
+    assert {r.pid for r in done} == {member_pids(bus)["aggregate-0"]}
+    assert started[0].pid == victim and stats["restarts"] == 1 and stats["naked"] == 0
+
+
+def test_past_max_restarts_the_bus_stops_and_acks_nothing_more(make_bus, records, nats_server):
+    bus = make_bus(pool_size=1, supervision=OneForOne(
+        max_restarts=1, within=60.0, backoff=Backoff(initial=0.01, maximum=0.1)))
+    bus.subscribe("orders.>", handlers.record, durable="orders")
+    bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
+    wait_for(lambda: bus.stats()["acked"] == 1, what="the first ack")
+
+    first = member_pids(bus)["aggregate-0"]
+    os.kill(first, signal.SIGKILL)
+    second = wait_for_restart(bus, "aggregate-0", first)
+    os.kill(second, signal.SIGKILL)
+
+    def stopped():
+        try:
+            bus.stats()
+        except BusError as exc:
+            return str(exc)
+        return None
+    error = wait_for(stopped, what="the bus to report that it stopped")
+    assert "pool member 0 died 2 times within 60.0s (max_restarts=1)" in error
+    for seq in range(1, 4):
+        bus.publish_envelope("orders.a", Envelope.create("a", "T", str(seq).encode()))
+    time.sleep(1.0)  # an observation window: nothing may be acked while broken
+    info = consumer_info(nats_server.url, "ORDERS", "orders")
+    assert info.ack_floor.stream_seq == 1 and info.num_pending + info.num_ack_pending == 3
+
+
+def test_restart_budget_counts_within_its_window():
+    now = [0.0]
+    budget = RestartBudget(OneForOne(max_restarts=2, within=10.0,
+                                     backoff=Backoff(initial=1.0, maximum=3.0, jitter=0.0)),
+                           clock=lambda: now[0])
+    assert [budget.record().delay for _ in range(2)] == [1.0, 2.0]
+    refused = budget.record()
+    assert not refused.allowed and refused.recent == 3
+    now[0] = 10.5  # the first two fall out of the window
+    assert budget.record().allowed
