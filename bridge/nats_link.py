@@ -9,6 +9,7 @@ instead of growing queues.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -26,6 +27,8 @@ from actorbus.config import SubscriptionConfig
 log = logging.getLogger("actorbus.bridge")
 
 _RETRY_AFTER_FETCH_ERROR = 0.5
+_SETTLE_FLUSH_TIMEOUT = 5.0
+_REBIND_AFTER_FAILURES = 3
 
 
 class NatsLink:
@@ -104,6 +107,7 @@ class NatsLink:
 
     async def _fetch_loop(self, sub: SubscriptionConfig, psub: Any) -> None:
         assert self._space is not None
+        failures = 0
         while True:
             async with self._space:
                 await self._space.wait_for(lambda: self._outstanding < self._window)
@@ -115,12 +119,30 @@ class NatsLink:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("fetch for %s failed, retrying: %s: %s", sub.name, type(exc).__name__, exc)
+                failures += 1
+                log.warning("fetch for %s failed (%d in a row), retrying: %s: %s", sub.name,
+                            failures, type(exc).__name__, exc)
                 await asyncio.sleep(_RETRY_AFTER_FETCH_ERROR)
+                if failures % _REBIND_AFTER_FAILURES == 0:
+                    # After a server restart nats-py does not always resume a
+                    # pull subscription: bind a fresh one to the durable.
+                    psub = await self._rebind(sub, psub)
                 continue
+            failures = 0
             if msgs:
                 self._outstanding += len(msgs)
                 self._mailbox.put((sub.name, msgs))
+
+    async def _rebind(self, sub: SubscriptionConfig, psub: Any) -> Any:
+        try:
+            fresh = await self._js.pull_subscribe_bind(durable=sub.durable, stream=sub.stream)
+        except Exception as exc:
+            log.warning("re-binding %s failed: %s: %s", sub.name, type(exc).__name__, exc)
+            return psub
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+        log.warning("re-bound the pull subscription of %s", sub.name)
+        return fresh
 
     def _start_settling(self, actions: list[Order]) -> None:
         task = asyncio.ensure_future(self._settle(actions))
@@ -153,6 +175,15 @@ class NatsLink:
                 done["settle_errors"] += 1
                 log.warning("could not %s message on %s: %s: %s", order.action, msg.subject,
                             type(exc).__name__, exc)
+        try:
+            # Counted only once the server has them: during an outage nats-py
+            # buffers acks that may never take effect.
+            await self._nc.flush(timeout=_SETTLE_FLUSH_TIMEOUT)
+        except Exception as exc:
+            unconfirmed = len(actions) - done["settle_errors"]
+            done = Counter(settle_errors=len(actions))
+            log.warning("%d settlement(s) not confirmed by the server (%s: %s); JetStream will "
+                        "redeliver what did not take effect", unconfirmed, type(exc).__name__, exc)
         with self._counts_lock:
             self._counts.update(done)
         assert self._space is not None

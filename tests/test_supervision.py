@@ -150,3 +150,23 @@ def test_restart_budget_counts_within_its_window():
     assert not refused.allowed and refused.recent == 3
     now[0] = 10.5  # the first two fall out of the window
     assert budget.record().allowed
+
+
+def test_nats_server_restart_loses_no_envelope(make_bus, records, nats_server):
+    total = 3000
+    bus = make_bus(pool_size=2)
+    bus.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=3.0)
+    results = bus.publish_many([(f"orders.{n % 30}", Envelope.create(f"agg-{n % 30}", "T", str(n).encode()))
+                                for n in range(total)])
+    assert all(r.ok for r in results)
+    wait_for(lambda: bus.stats()["processed"] >= 300, what="processing under way")
+
+    nats_server.kill()      # a crash: file storage keeps the stream and the consumer
+    nats_server.start()     # same port, same store
+
+    wait_for(lambda: len({r.data for r in read_records(records)}) == total, timeout=120,
+             what="every envelope handled after the restart")
+    handled = [r.data for r in read_records(records)]
+    print(f"{total} envelopes across a nats-server restart: {len(handled) - total} duplicate handlings, "
+          f"stats {bus.stats()}")
+    assert set(handled) == {str(n) for n in range(total)}
