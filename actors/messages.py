@@ -122,6 +122,13 @@ class MemberRestarted:
 
 
 @dataclass(frozen=True, slots=True)
+class BridgeChanged:
+    """Supervisor → Router: the Bridge was restarted; completions go to ``bridge`` now."""
+
+    bridge: Any
+
+
+@dataclass(frozen=True, slots=True)
 class PoolFailed:
     """Router → Supervisor: members died faster than the policy allows."""
 
@@ -166,6 +173,7 @@ class StartBridge:
     request_id: int
     config: Any  # actorbus.config.BusConfig
     router: Any
+    incarnation: int = 0  # restarts so far: keeps tokens of a restarted Bridge distinct
 
 
 @dataclass(frozen=True, slots=True)

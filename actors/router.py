@@ -18,7 +18,8 @@ from thespian.actors import ActorExitRequest
 
 from actorbus.actors.aggregate import AggregateActor
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (UNDELIVERED, AggregateReady, Completion, Delivery, Dispatch,
+from actorbus.actors.messages import (UNDELIVERED, AggregateReady, BridgeChanged, Completion,
+                                      Delivery, Dispatch,
                                       HandlerRegistered, HandlerSpec, MemberRestarted, Outcome,
                                       PoolFailed, PoolReady, RegisterHandler, StartAggregate,
                                       StartPool)
@@ -93,6 +94,14 @@ class Router(BusActor):
             if member.address is not None:
                 self.send(member.address, message)
         self.send(sender, HandlerRegistered(message.request_id))
+
+    def receiveMsg_BridgeChanged(self, message: BridgeChanged, sender) -> None:
+        # A new Bridge numbers its dispatches from 1 again. What the old one
+        # dispatched still runs; its completions are unknown to the new Bridge
+        # and JetStream redelivers those messages after AckWait.
+        self._bridge = message.bridge
+        self._next_sequence = 1
+        self._early.clear()
 
     # ------------------------------------------------------------ hot path
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:

@@ -99,6 +99,8 @@ class Bridge(Actor):
     def _start(self, message: StartBridge, sender) -> None:
         self._config = message.config
         self._router = message.router
+        # Pool members drop tokens they have passed: a restarted Bridge counts on from further up.
+        self._inflight = InFlightTable(first_token=(message.incarnation << 40) + 1)
         if self._router is None:
             self._direct = HandlerTable()
         self._link = NatsLink(self._config.servers, self._mailbox, window=self._config.window,

@@ -19,9 +19,9 @@ class InFlight:
 class InFlightTable:
     """Tokens → in-flight messages. Only the Bridge actor's thread touches it."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_token: int = 1) -> None:
         self._entries: dict[int, InFlight] = {}
-        self._tokens = itertools.count(1)
+        self._tokens = itertools.count(first_token)
 
     def add(self, entry: InFlight) -> int:
         """Record ``entry``; return its token."""

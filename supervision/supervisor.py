@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (BridgeReady, BusStarted, BusStopped, Halt,
+from actorbus.actors.messages import (BridgeChanged, BridgeReady, BusStarted, BusStopped, Halt,
                                       HandlerRegistered, MemberRestarted, PoolFailed, PoolReady,
                                       RegisterHandler, RequestFailed, StartBridge, StartBus,
                                       StartPool, Stats, StatsRequest, StopBus, Subscribe,
                                       Subscribed)
 from actorbus.actors.router import Router
 from actorbus.bridge.actor import Bridge
+from actorbus.supervision.restarts import RestartBudget
 
 log = logging.getLogger("actorbus.supervision")
+
+_RESTART_BRIDGE = "actorbus-restart-bridge"
 
 
 class Supervisor(BusActor):
@@ -33,6 +37,13 @@ class Supervisor(BusActor):
         self._pids: dict[str, int] = {}
         self._waiting: dict[int, object] = {}     # request id → who asked
         self._subscriptions: dict[int, object] = {}  # request id → SubscriptionConfig
+        self._subscribing: dict[int, object] = {}    # request id → SubscriptionConfig
+        self._subscribed: list = []                  # what a restarted Bridge resumes
+        self._budget = RestartBudget()
+        self._bridge_incarnation = 0
+        self._internal_ids = 0                       # negative request ids: our own requests
+        self._last_counts: dict[str, int] = {}       # as of the last Stats relayed
+        self._carried: Counter[str] = Counter()      # counted by Bridges that have died
         self._start_request: int | None = None
         self._exited: list[str] = []
         self._shutting_down = False
@@ -45,6 +56,7 @@ class Supervisor(BusActor):
             self.send(sender, RequestFailed(message.request_id, "this Supervisor is already started"))
             return
         self._config = message.config
+        self._budget = RestartBudget(self._config.supervision)
         self._start_request = message.request_id
         self._waiting[message.request_id] = sender
         self._pids["supervisor"] = os.getpid()
@@ -65,11 +77,19 @@ class Supervisor(BusActor):
 
     def receiveMsg_BridgeReady(self, message: BridgeReady, sender) -> None:
         self._pids["bridge"] = message.pid
+        if message.request_id < 0:   # a restarted Bridge: resume every durable consumer
+            self._restarts += 1
+            log.warning("the Bridge restarted (pid %d); resuming %d subscription(s)",
+                        message.pid, len(self._subscribed))
+            for subscription in self._subscribed:
+                self.send(self._bridge, Subscribe(self._next_internal_id(), subscription))
+            return
         self._reply(BusStarted(message.request_id, dict(self._pids)))
 
     # ------------------------------------------------------------ requests
     def receiveMsg_Subscribe(self, message: Subscribe, sender) -> None:
         self._waiting[message.request_id] = sender
+        self._subscribing[message.request_id] = message.subscription
         if self._router is None:
             self.send(self._bridge, message)
             return
@@ -82,10 +102,17 @@ class Supervisor(BusActor):
 
     def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
         self._waiting[message.request_id] = sender
+        if self._bridge is None:   # between a Bridge's death and its restart
+            self.receiveMsg_Stats(Stats(message.request_id, dict(self._last_counts)), sender)
+            return
         self.send(self._bridge, message)
 
     def receiveMsg_Stats(self, message: Stats, sender) -> None:
-        counts = dict(message.counts)
+        if sender is not None:
+            self._last_counts = dict(message.counts)
+        counts = Counter(message.counts)
+        counts.update(self._carried)
+        counts = dict(counts)
         counts["restarts"] = self._restarts
         counts["actors_exited"] = len(self._exited)
         self._reply(Stats(message.request_id, counts, dict(self._pids), self._failure))
@@ -98,22 +125,29 @@ class Supervisor(BusActor):
                     message.index, message.pid, message.resent)
 
     def receiveMsg_PoolFailed(self, message: PoolFailed, sender) -> None:
-        # Past the pool's limit, escalated to the root: stop, never keep acking while broken.
-        self._failure = message.reason
-        log.error("the bus stops: %s; nothing more is fetched or settled", message.reason)
-        self.send(self._bridge, Halt(message.reason))
+        # Past the pool's limit, escalated to the root.
+        self._give_up(message.reason)
 
     def receiveMsg_StopBus(self, message: StopBus, sender) -> None:
         self._waiting[message.request_id] = sender
+        if self._bridge is None:
+            self._reply(BusStopped(message.request_id))
+            return
         self.send(self._bridge, message)
 
     def receiveMsg_Subscribed(self, message: Subscribed, sender) -> None:
+        subscription = self._subscribing.pop(message.request_id, None)
+        if subscription is not None:
+            self._subscribed.append(subscription)
         self._reply(message)
 
     def receiveMsg_BusStopped(self, message: BusStopped, sender) -> None:
         self._reply(message)
 
     def receiveMsg_RequestFailed(self, message: RequestFailed, sender) -> None:
+        self._subscribing.pop(message.request_id, None)
+        if message.request_id < 0:
+            log.error("a restarted Bridge could not resume: %s", message.error)
         self._reply(message)
 
     # ------------------------------------------------------------ failures
@@ -123,9 +157,45 @@ class Supervisor(BusActor):
     def receiveMsg_ChildActorExited(self, message, sender) -> None:
         if self._shutting_down:
             return
-        which = "Bridge" if message.childAddress == self._bridge else "Router"
-        self._exited.append(which)
-        log.error("the %s exited", which)
+        if message.childAddress != self._bridge:
+            self._exited.append("Router")
+            self._give_up("the Router exited (restarting it is not supported yet)")
+            return
+        self._exited.append("Bridge")
+        # Its counters die with it: keep what it last reported.
+        self._carried.update({k: v for k, v in self._last_counts.items() if k != "in_flight"})
+        self._last_counts = {}
+        log.error("the Bridge (pid %s) exited; JetStream redelivers what it had not acked",
+                  self._pids.get("bridge"))
+        self._bridge = None
+        decision = self._budget.record()
+        if not decision.allowed:
+            self._give_up(f"the Bridge died {decision.recent} times within "
+                          f"{self._budget.policy.within}s (max_restarts="
+                          f"{self._budget.policy.max_restarts})")
+            return
+        self.wakeupAfter(decision.delay, payload=_RESTART_BRIDGE)
+
+    def receiveMsg_WakeupMessage(self, message, sender) -> None:
+        if message.payload != _RESTART_BRIDGE or self._shutting_down or self._failure:
+            return
+        self._bridge_incarnation += 1
+        self._bridge = self.createActor(Bridge)
+        if self._router is not None:
+            self.send(self._router, BridgeChanged(self._bridge))
+        self.send(self._bridge, StartBridge(self._next_internal_id(), self._config, self._router,
+                                            self._bridge_incarnation))
+
+    def _give_up(self, reason: str) -> None:
+        # The root has no parent to escalate to: stop, never keep acking while broken.
+        self._failure = reason
+        log.error("the bus stops: %s; nothing more is fetched or settled", reason)
+        if self._bridge is not None:
+            self.send(self._bridge, Halt(reason))
+
+    def _next_internal_id(self) -> int:
+        self._internal_ids -= 1
+        return self._internal_ids
 
     def _reply(self, message) -> None:
         client = self._waiting.pop(message.request_id, None)

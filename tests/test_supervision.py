@@ -170,3 +170,25 @@ def test_nats_server_restart_loses_no_envelope(make_bus, records, nats_server):
     print(f"{total} envelopes across a nats-server restart: {len(handled) - total} duplicate handlings, "
           f"stats {bus.stats()}")
     assert set(handled) == {str(n) for n in range(total)}
+
+
+def test_killed_bridge_is_restarted_and_no_envelope_is_lost(make_bus, records):
+    total = 3000
+    bus = make_bus(pool_size=2, supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
+    bus.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=2.0)
+    results = bus.publish_many([(f"orders.{n % 30}", Envelope.create(f"agg-{n % 30}", "T", str(n).encode()))
+                                for n in range(total)])
+    assert all(r.ok for r in results)
+    wait_for(lambda: bus.stats()["processed"] >= 300, what="processing under way")
+    old_bridge = bus.pids["bridge"]
+
+    os.kill(old_bridge, signal.SIGKILL)
+
+    wait_for(lambda: len({r.data for r in read_records(records)}) == total, timeout=120,
+             what="every envelope handled after the Bridge restart")
+    stats = bus.stats()
+    handled = [r.data for r in read_records(records)]
+    print(f"{total} envelopes across a Bridge SIGKILL: {len(handled) - total} duplicate handlings, "
+          f"{stats['restarts']} restart(s)")
+    assert set(handled) == {str(n) for n in range(total)}
+    assert stats["restarts"] == 1 and bus.pids["bridge"] != old_bridge
