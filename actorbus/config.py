@@ -43,6 +43,7 @@ class SubscriptionConfig:
     key_from_subject: bool = False
     dead_letter_subject: str | None = None
     dead_letter_stream: str | None = None
+    processing_timeout: float | None = None
 
     def __post_init__(self) -> None:
         _check_subject(self.subject)
@@ -69,6 +70,8 @@ class SubscriptionConfig:
         for name in ("max_ack_pending", "batch_size", "max_envelope_bytes"):
             _check_count(name, getattr(self, name), minimum=1)
         _check_count("retries", self.retries, minimum=0)
+        if self.processing_timeout is not None:
+            _check_positive("processing_timeout", self.processing_timeout)
         if isinstance(self.max_deliver, bool) or not isinstance(self.max_deliver, int) or \
                 not (self.max_deliver == -1 or self.max_deliver >= 1):
             raise ConfigurationError(
@@ -95,7 +98,8 @@ class SubscriptionConfig:
     def handler_spec(self) -> HandlerSpec:
         """What a pool member needs to run this subscription's handler."""
         return HandlerSpec(self.name, self.handler, self.envelope, self.retries,
-                           self.retry_backoff, self.retry_backoff_max, self.max_envelope_bytes)
+                           self.retry_backoff, self.retry_backoff_max, self.max_envelope_bytes,
+                           self.processing_timeout)
 
 
 @dataclass(frozen=True)

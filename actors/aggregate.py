@@ -8,6 +8,7 @@ from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (AggregateReady, Completion, Dispatch, RegisterHandler,
                                       StartAggregate)
 from actorbus.actors.processing import HandlerTable
+from actorbus.actors.watchdog import Watchdog
 
 log = logging.getLogger("actorbus.actors")
 
@@ -18,7 +19,7 @@ class AggregateActor(BusActor):
     def __init__(self) -> None:
         super().__init__()
         self._index = -1
-        self._table = HandlerTable()
+        self._table = HandlerTable(watchdog=Watchdog())
         # Tokens reach a member in increasing order (the Router keeps the
         # Bridge's order), so anything at or below the last one is a copy.
         self._last_token = 0

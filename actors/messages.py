@@ -80,6 +80,7 @@ class HandlerSpec:
     retry_backoff: float
     retry_backoff_max: float
     max_envelope_bytes: int
+    processing_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,17 @@ import time
 from typing import Any, Callable, Iterable
 
 from actorbus.actors.handlers import HandlerError, is_async, resolve_handler
-from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, Delivery, HandlerSpec,
-                                      Outcome)
+from actorbus.actors.messages import (
+    FAILED,
+    SUCCEEDED,
+    UNDELIVERED,
+    Delivery,
+    HandlerSpec,
+    Outcome,
+)
+from actorbus.actors.watchdog import Watchdog
 from actorbus.bridge.envelope import InvalidEnvelope, decode_envelope
+
 from actorbus.message import Message
 
 log = logging.getLogger("actorbus.actors")
@@ -24,7 +32,9 @@ log = logging.getLogger("actorbus.actors")
 class HandlerTable:
     """The handlers of one pool member, by subscription, and the loop for async ones."""
 
-    def __init__(self, specs: Iterable[HandlerSpec] = (), sleep: Callable[[float], Any] = time.sleep):
+    def __init__(self, specs: Iterable[HandlerSpec] = (), sleep: Callable[[float], Any] = time.sleep,
+                 watchdog: Watchdog | None = None):
+        self._watchdog = watchdog
         self._specs: dict[str, HandlerSpec] = {}
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -60,7 +70,13 @@ class HandlerTable:
         attempt = 1
         while True:
             try:
-                self._call(handler, message)
+                if self._watchdog is not None:
+                    self._watchdog.arm(spec.processing_timeout, f"the handler of {delivery.subject}")
+                try:
+                    self._call(handler, message)
+                finally:
+                    if self._watchdog is not None:
+                        self._watchdog.disarm()
                 return Outcome(delivery.token, SUCCEEDED, None, attempt)
             except Exception as exc:
                 if attempt > spec.retries:

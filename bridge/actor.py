@@ -20,6 +20,7 @@ from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeRead
                                       StartBridge, Stats, StatsRequest, StopBus, Subscribe,
                                       Subscribed)
 from actorbus.actors.processing import HandlerTable
+from actorbus.actors.watchdog import Watchdog
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.bridge.envelope import InvalidEnvelope, decode_envelope
 from actorbus.bridge.extraction import extract_aggregate_id
@@ -102,7 +103,7 @@ class Bridge(Actor):
         # Pool members drop tokens they have passed: a restarted Bridge counts on from further up.
         self._inflight = InFlightTable(first_token=(message.incarnation << 40) + 1)
         if self._router is None:
-            self._direct = HandlerTable()
+            self._direct = HandlerTable(watchdog=Watchdog())
         self._link = NatsLink(self._config.servers, self._mailbox, window=self._config.window,
                               name=self._config.name)
         try:

@@ -86,3 +86,13 @@ def slow_record(msg: Message) -> None:
 def slow_count(msg: Message) -> None:
     """Take a fraction of a millisecond, record nothing: the bus's counters are the record."""
     time.sleep(0.0002)
+
+
+def hang_first_delivery(msg: Message) -> None:
+    """Hang (far past any sane timeout) the first time a message is seen; then succeed."""
+    marker = _records_dir() / f"seen-{msg.stream_sequence}"
+    if not marker.exists():
+        marker.touch()
+        _write("hung", msg)
+        time.sleep(120)
+    _write("ok", msg)

@@ -192,3 +192,22 @@ def test_killed_bridge_is_restarted_and_no_envelope_is_lost(make_bus, records):
           f"{stats['restarts']} restart(s)")
     assert set(handled) == {str(n) for n in range(total)}
     assert stats["restarts"] == 1 and bus.pids["bridge"] != old_bridge
+
+
+def test_hung_handler_is_ended_and_its_message_retried(make_bus, records):
+    bus = make_bus(pool_size=1, supervision=OneForOne(backoff=Backoff(initial=0.01, maximum=0.1)))
+    bus.subscribe("orders.>", handlers.hang_first_delivery, durable="orders", processing_timeout=0.5)
+    hung_pid = member_pids(bus)["aggregate-0"]
+    bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
+    bus.publish_envelope("orders.a", Envelope.create("a", "T", b"1"))
+
+    stats = wait_for(lambda: (lambda s: s if s["acked"] >= 2 else None)(bus.stats()),
+                     what="both acked after the restart")
+
+    found = read_records(records)
+    # Each hangs once, its process is ended, the restarted actor gets what it
+    # held again, in order (a message its batch had already handled may run twice).
+    assert [r.data for r in found if r.kind == "hung"] == ["0", "1"]
+    assert list(dict.fromkeys(r.data for r in found if r.kind == "ok")) == ["0", "1"]
+    assert found[0].pid == hung_pid and len({r.pid for r in found}) == 3
+    assert stats["restarts"] == 2 and stats["naked"] == 0
