@@ -20,7 +20,7 @@ log = logging.getLogger("actorbus.bus")
 #: The counters ``stats()`` always has.
 STAT_KEYS = ("received", "processed", "failed", "acked", "naked", "dead_lettered", "restarts",
              "in_flight", "redelivered", "retried", "undelivered", "invalid", "termed",
-             "settle_errors")
+             "settle_errors", "in_progress")
 
 
 class BusError(RuntimeError):
@@ -109,7 +109,8 @@ class EventBus:
         """Counters: received, processed, failed, acked, naked, dead_lettered, restarts,
         in_flight; also redelivered (delivery count > 1), retried (in-place retries),
         undelivered (never reached a handler), invalid (rejected envelopes), termed,
-        settle_errors (acks/naks that did not reach the server).
+        settle_errors (acks/naks that did not reach the server), in_progress
+        (signals sent for long-running handlers).
 
         Raises :class:`BusError` once the bus has stopped processing because
         actors died faster than its supervision policy allows.

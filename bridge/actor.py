@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 
 from thespian.actors import (Actor, ActorExitRequest, PoisonMessage, ThespianWatch, WakeupMessage,
@@ -35,7 +36,11 @@ log = logging.getLogger("actorbus.bridge")
 #: How often the Bridge looks at its mailbox where ThespianWatch is missing (simpleSystemBase).
 POLL_INTERVAL = 0.005
 
+#: How often the Bridge looks for messages that need an ``in_progress``.
+PROGRESS_INTERVAL = 0.25
+
 _DRAIN_DEADLINE = "actorbus-drain-deadline"
+_PROGRESS_TICK = "actorbus-progress-tick"
 
 
 class Bridge(Actor):
@@ -73,6 +78,9 @@ class Bridge(Actor):
         elif isinstance(message, WakeupMessage):
             if message.payload == _DRAIN_DEADLINE:
                 self._finish_drain()
+                return
+            if message.payload == _PROGRESS_TICK:
+                self._signal_progress()
                 return
             self._take_fetched()
             if self._polling:
@@ -119,6 +127,7 @@ class Bridge(Actor):
         else:
             self._polling = True
             self.wakeupAfter(POLL_INTERVAL)
+        self.wakeupAfter(PROGRESS_INTERVAL, payload=_PROGRESS_TICK)
         self.send(sender, BridgeReady(message.request_id, os.getpid()))
 
     def _subscribe(self, message: Subscribe, sender) -> None:
@@ -192,7 +201,8 @@ class Bridge(Actor):
         if aggregate_id is None:
             keyless_slot = next_keyless_slot()
             routing_key = keyless_routing_key(keyless_slot)
-        token = self._inflight.add(InFlight(msg, sub, delivery_count, meta.sequence.stream))
+        token = self._inflight.add(InFlight(msg, sub, delivery_count, meta.sequence.stream,
+                                            time.monotonic()))
         return Delivery(token, sub.name, msg.subject, msg.data, msg.headers, routing_key,
                         aggregate_id, keyless_slot, delivery_count, meta.sequence.stream)
 
@@ -241,6 +251,15 @@ class Bridge(Actor):
             counts.update(self._link.counts())
         counts["in_flight"] = len(self._inflight)
         return counts
+
+    def _signal_progress(self) -> None:
+        # Handlers still running past half their AckWait: keep JetStream from redelivering.
+        if self._link is None:
+            return
+        due = self._inflight.due_for_progress(time.monotonic())
+        if due and not self._halted:
+            self._link.touch([entry.msg for entry in due])
+        self.wakeupAfter(PROGRESS_INTERVAL, payload=_PROGRESS_TICK)
 
     def _halt(self, reason: str) -> None:
         log.error("halted: %s; %d message(s) in flight stay un-acked", reason, len(self._inflight))

@@ -14,6 +14,7 @@ class InFlight:
     subscription: Any  # actorbus.config.SubscriptionConfig
     delivery_count: int
     stream_sequence: int
+    touched_at: float  # monotonic: delivery, or the last in_progress sent for it
 
 
 class InFlightTable:
@@ -35,3 +36,11 @@ class InFlightTable:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def due_for_progress(self, now: float) -> list[InFlight]:
+        """Entries halfway to their AckWait since last touched; marks them touched now."""
+        due = [e for e in self._entries.values()
+               if now - e.touched_at >= e.subscription.ack_wait / 2]
+        for entry in due:
+            entry.touched_at = now
+        return due

@@ -69,6 +69,10 @@ class NatsLink:
         """Ack, nak (with delay), term or dead-letter these messages; returns at once."""
         self._thread.call_soon(self._start_settling, actions)
 
+    def touch(self, msgs: list[Any]) -> None:
+        """Tell JetStream these messages are still being worked on (``in_progress``)."""
+        self._thread.call_soon(self._start_touching, msgs)
+
     def counts(self) -> dict[str, int]:
         """Settlements done so far: acked, naked, termed, settle_errors."""
         with self._counts_lock:
@@ -143,6 +147,23 @@ class NatsLink:
             await psub.unsubscribe()
         log.warning("re-bound the pull subscription of %s", sub.name)
         return fresh
+
+    def _start_touching(self, msgs: list[Any]) -> None:
+        task = asyncio.ensure_future(self._touch(msgs))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _touch(self, msgs: list[Any]) -> None:
+        touched = 0
+        for msg in msgs:
+            try:
+                await msg.in_progress()
+                touched += 1
+            except Exception as exc:
+                log.warning("could not send in_progress on %s: %s: %s", msg.subject,
+                            type(exc).__name__, exc)
+        with self._counts_lock:
+            self._counts["in_progress"] += touched
 
     def _start_settling(self, actions: list[Order]) -> None:
         task = asyncio.ensure_future(self._settle(actions))

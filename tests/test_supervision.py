@@ -211,3 +211,18 @@ def test_hung_handler_is_ended_and_its_message_retried(make_bus, records):
     assert list(dict.fromkeys(r.data for r in found if r.kind == "ok")) == ["0", "1"]
     assert found[0].pid == hung_pid and len({r.pid for r in found}) == 3
     assert stats["restarts"] == 2 and stats["naked"] == 0
+
+
+def test_long_handler_is_kept_alive_with_in_progress(make_bus, records, nats_server):
+    bus = make_bus(pool_size=1)
+    bus.subscribe("orders.>", handlers.hold_until_released, durable="orders", ack_wait=1.0)
+    bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
+
+    # Held three times past half its AckWait: without in_progress it would have been redelivered.
+    wait_for(lambda: bus.stats()["in_progress"] >= 3, what="in_progress signals")
+    (records / handlers.RELEASE_MARKER).touch()
+    stats = wait_for(lambda: (lambda s: s if s["acked"] == 1 else None)(bus.stats()), what="the ack")
+
+    info = consumer_info(nats_server.url, "ORDERS", "orders")
+    assert info.num_redelivered == 0 and stats["received"] == 1 and stats["redelivered"] == 0
+    assert [(r.kind, r.delivery_count) for r in read_records(records)] == [("started", 1), ("ok", 1)]
