@@ -130,6 +130,13 @@ class BridgeChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class RouterChanged:
+    """Supervisor → Bridge: the Router (and its pool) was restarted; re-send what is in flight."""
+
+    router: Any
+
+
+@dataclass(frozen=True, slots=True)
 class PoolFailed:
     """Router → Supervisor: members died faster than the policy allows."""
 

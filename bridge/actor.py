@@ -18,6 +18,7 @@ from thespian.actors import (Actor, ActorExitRequest, PoisonMessage, ThespianWat
 from actorbus.actors.logs import adopt_actor_process_root
 from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeReady, BusStopped,
                                       Completion, Delivery, Dispatch, Halt, Outcome, RequestFailed,
+                                      RouterChanged,
                                       StartBridge, Stats, StatsRequest, StopBus, Subscribe,
                                       Subscribed)
 from actorbus.actors.processing import HandlerTable
@@ -101,6 +102,8 @@ class Bridge(Actor):
             self._returned(message)
         elif isinstance(message, Halt):
             self._halt(message.reason)
+        elif isinstance(message, RouterChanged):
+            self._resend_to(message.router)
         elif isinstance(message, ActorExitRequest):
             self._stop(timeout=2.0)
 
@@ -201,10 +204,11 @@ class Bridge(Actor):
         if aggregate_id is None:
             keyless_slot = next_keyless_slot()
             routing_key = keyless_routing_key(keyless_slot)
-        token = self._inflight.add(InFlight(msg, sub, delivery_count, meta.sequence.stream,
-                                            time.monotonic()))
-        return Delivery(token, sub.name, msg.subject, msg.data, msg.headers, routing_key,
-                        aggregate_id, keyless_slot, delivery_count, meta.sequence.stream)
+        entry = InFlight(msg, sub, delivery_count, meta.sequence.stream, time.monotonic())
+        token = self._inflight.add(entry)
+        entry.delivery = Delivery(token, sub.name, msg.subject, msg.data, msg.headers, routing_key,
+                                  aggregate_id, keyless_slot, delivery_count, meta.sequence.stream)
+        return entry.delivery
 
     def _complete(self, outcomes: tuple[Outcome, ...]) -> None:
         if self._halted:
@@ -251,6 +255,17 @@ class Bridge(Actor):
             counts.update(self._link.counts())
         counts["in_flight"] = len(self._inflight)
         return counts
+
+    def _resend_to(self, router) -> None:
+        # The old pool's work is lost with it: send everything in flight to the
+        # new Router, in the order it was fetched, numbered from 1 again.
+        self._router = router
+        deliveries = tuple(e.delivery for e in self._inflight.entries() if e.delivery is not None)
+        self._dispatches = 0
+        log.warning("the Router was restarted; re-sending %d message(s) in flight", len(deliveries))
+        if deliveries:
+            self._dispatches += 1
+            self.send(self._router, Dispatch(deliveries, self._dispatches))
 
     def _signal_progress(self) -> None:
         # Handlers still running past half their AckWait: keep JetStream from redelivering.

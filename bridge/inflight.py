@@ -15,6 +15,7 @@ class InFlight:
     delivery_count: int
     stream_sequence: int
     touched_at: float  # monotonic: delivery, or the last in_progress sent for it
+    delivery: Any = None  # the Delivery dispatched for it, to re-send after a Router restart
 
 
 class InFlightTable:
@@ -36,6 +37,10 @@ class InFlightTable:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def entries(self) -> list[InFlight]:
+        """Every entry, in the order they were added."""
+        return list(self._entries.values())
 
     def due_for_progress(self, now: float) -> list[InFlight]:
         """Entries halfway to their AckWait since last touched; marks them touched now."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections import Counter
 
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (BridgeChanged, BridgeReady, BusStarted, BusStopped, Halt,
+                                      RouterChanged,
                                       HandlerRegistered, MemberRestarted, PoolFailed, PoolReady,
                                       RegisterHandler, RequestFailed, StartBridge, StartBus,
                                       StartPool, Stats, StatsRequest, StopBus, Subscribe,
@@ -24,6 +26,7 @@ from actorbus.supervision.restarts import RestartBudget
 log = logging.getLogger("actorbus.supervision")
 
 _RESTART_BRIDGE = "actorbus-restart-bridge"
+_RESTART_ROUTER = "actorbus-restart-router"
 
 
 class Supervisor(BusActor):
@@ -41,6 +44,7 @@ class Supervisor(BusActor):
         self._subscribed: list = []                  # what a restarted Bridge resumes
         self._budget = RestartBudget()
         self._bridge_incarnation = 0
+        self._router_restarts_pending = False
         self._internal_ids = 0                       # negative request ids: our own requests
         self._last_counts: dict[str, int] = {}       # as of the last Stats relayed
         self._carried: Counter[str] = Counter()      # counted by Bridges that have died
@@ -72,6 +76,9 @@ class Supervisor(BusActor):
         self._pids["router"] = message.router_pid
         for index, pid in enumerate(message.pids):
             self._pids[f"aggregate-{index}"] = pid
+        if self._router_restarts_pending:
+            self._resume_pool()
+            return
         # Only now may the Bridge fetch: a key is never handled before its actor exists.
         self.send(self._bridge, StartBridge(self._start_request, self._config, self._router))
 
@@ -97,8 +104,9 @@ class Supervisor(BusActor):
         self.send(self._router, RegisterHandler(message.request_id, message.subscription.handler_spec()))
 
     def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender) -> None:
-        subscription = self._subscriptions.pop(message.request_id)
-        self.send(self._bridge, Subscribe(message.request_id, subscription))
+        subscription = self._subscriptions.pop(message.request_id, None)
+        if subscription is not None:
+            self.send(self._bridge, Subscribe(message.request_id, subscription))
 
     def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
         self._waiting[message.request_id] = sender
@@ -157,9 +165,8 @@ class Supervisor(BusActor):
     def receiveMsg_ChildActorExited(self, message, sender) -> None:
         if self._shutting_down:
             return
-        if message.childAddress != self._bridge:
-            self._exited.append("Router")
-            self._give_up("the Router exited (restarting it is not supported yet)")
+        if message.childAddress == self._router:
+            self._router_exited()
             return
         self._exited.append("Bridge")
         # Its counters die with it: keep what it last reported.
@@ -176,7 +183,41 @@ class Supervisor(BusActor):
             return
         self.wakeupAfter(decision.delay, payload=_RESTART_BRIDGE)
 
+    def _router_exited(self) -> None:
+        self._exited.append("Router")
+        # Its pool would linger as orphans: end it; the Bridge re-sends what it held.
+        orphans = [pid for name, pid in self._pids.items() if name.startswith("aggregate-")]
+        log.error("the Router (pid %s) exited; ending its pool %s", self._pids.get("router"), orphans)
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._router = None
+        decision = self._budget.record()
+        if not decision.allowed:
+            self._give_up(f"the Router died {decision.recent} times within "
+                          f"{self._budget.policy.within}s (max_restarts="
+                          f"{self._budget.policy.max_restarts})")
+            return
+        self.wakeupAfter(decision.delay, payload=_RESTART_ROUTER)
+
+    def _resume_pool(self) -> None:
+        # Handlers first (ordered before any dispatch to the members), then the Bridge.
+        self._router_restarts_pending = False
+        for subscription in self._subscribed:
+            self.send(self._router, RegisterHandler(self._next_internal_id(),
+                                                    subscription.handler_spec()))
+        self._restarts += 1
+        self.send(self._bridge, RouterChanged(self._router))
+
     def receiveMsg_WakeupMessage(self, message, sender) -> None:
+        if message.payload == _RESTART_ROUTER and not (self._shutting_down or self._failure):
+            self._router_restarts_pending = True
+            self._router = self.createActor(Router)
+            self.send(self._router, StartPool(self._config.pool_size, self._bridge,
+                                              policy=self._config.supervision))
+            return
         if message.payload != _RESTART_BRIDGE or self._shutting_down or self._failure:
             return
         self._bridge_incarnation += 1

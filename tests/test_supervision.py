@@ -14,6 +14,7 @@ from collections import defaultdict
 import pytest
 
 from actorbus import BusError, Envelope
+from actorbus.runtime import process_alive
 from actorbus.supervision import Backoff, OneForOne
 from actorbus.supervision.restarts import RestartBudget
 from tests import handlers
@@ -226,3 +227,31 @@ def test_long_handler_is_kept_alive_with_in_progress(make_bus, records, nats_ser
     info = consumer_info(nats_server.url, "ORDERS", "orders")
     assert info.num_redelivered == 0 and stats["received"] == 1 and stats["redelivered"] == 0
     assert [(r.kind, r.delivery_count) for r in read_records(records)] == [("started", 1), ("ok", 1)]
+
+
+def test_killed_router_is_restarted_with_a_new_pool_and_no_envelope_is_lost(make_bus, records):
+    total = 3000
+    bus = make_bus(pool_size=2, supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
+    bus.subscribe("orders.>", handlers.slow_record, durable="orders")
+    results = bus.publish_many([(f"orders.{n % 30}", Envelope.create(f"agg-{n % 30}", "T", str(n).encode()))
+                                for n in range(total)])
+    assert all(r.ok for r in results)
+    wait_for(lambda: bus.stats()["processed"] >= 300, what="processing under way")
+    old = dict(bus.pids)
+
+    os.kill(old["router"], signal.SIGKILL)
+
+    wait_for(lambda: len({r.data for r in read_records(records)}) == total, timeout=120,
+             what="every envelope handled after the Router restart")
+    stats = bus.stats()
+    handled = defaultdict(list)
+    for r in read_records(records):
+        handled[r.aggregate_id].append(int(r.data))
+    for aggregate, seqs in handled.items():
+        firsts = list(dict.fromkeys(seqs))
+        assert firsts == sorted(firsts), f"{aggregate} handled out of order"
+    duplicates = sum(len(s) for s in handled.values()) - total
+    print(f"{total} envelopes across a Router SIGKILL: {duplicates} duplicate handlings")
+    assert stats["restarts"] == 1 and bus.pids["router"] != old["router"]
+    for name in ("aggregate-0", "aggregate-1"):
+        assert not process_alive(old[name]), f"the old {name} outlived its Router"
