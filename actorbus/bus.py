@@ -20,7 +20,7 @@ log = logging.getLogger("actorbus.bus")
 #: The counters ``stats()`` always has.
 STAT_KEYS = ("received", "processed", "failed", "acked", "naked", "dead_lettered", "restarts",
              "in_flight", "redelivered", "retried", "undelivered", "invalid", "termed",
-             "settle_errors", "in_progress")
+             "settle_errors", "in_progress", "restarts_bridge", "restarts_router", "restarts_pool")
 
 
 class BusError(RuntimeError):
@@ -105,12 +105,14 @@ class EventBus:
         return self._publisher.publish_many(messages, in_flight=in_flight)
 
     # ------------------------------------------------------------ watching, stopping
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Counters: received, processed, failed, acked, naked, dead_lettered, restarts,
         in_flight; also redelivered (delivery count > 1), retried (in-place retries),
         undelivered (never reached a handler), invalid (rejected envelopes), termed,
         settle_errors (acks/naks that did not reach the server), in_progress
-        (signals sent for long-running handlers).
+        (signals sent for long-running handlers); ``restarts`` split by level as
+        restarts_bridge, restarts_router, restarts_pool; and ``actors``, each
+        supervised actor's state (starting, running, restarting, stopped).
 
         Raises :class:`BusError` once the bus has stopped processing because
         actors died faster than its supervision policy allows.
@@ -120,8 +122,9 @@ class EventBus:
         self._pids.update(reply.pids)
         if reply.failure:
             raise BusError(f"the bus has stopped processing: {reply.failure}")
-        counts = {key: 0 for key in STAT_KEYS}
+        counts: dict[str, Any] = {key: 0 for key in STAT_KEYS}
         counts.update(reply.counts)
+        counts["actors"] = dict(reply.states)
         return counts
 
     @property

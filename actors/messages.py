@@ -114,6 +114,13 @@ class StartPool:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberDied:
+    """Router → Supervisor: pool member ``index`` died; a restart may follow."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class MemberRestarted:
     """Router → Supervisor: pool member ``index`` runs again, in process ``pid``."""
 
@@ -239,6 +246,7 @@ class Stats:
     counts: Mapping[str, int] = field(default_factory=dict)
     pids: Mapping[str, int] = field(default_factory=dict)
     failure: str | None = None
+    states: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

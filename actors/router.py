@@ -20,7 +20,8 @@ from actorbus.actors.aggregate import AggregateActor
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (UNDELIVERED, AggregateReady, BridgeChanged, Completion,
                                       Delivery, Dispatch,
-                                      HandlerRegistered, HandlerSpec, MemberRestarted, Outcome,
+                                      HandlerRegistered, HandlerSpec, MemberDied, MemberRestarted,
+                                      Outcome,
                                       PoolFailed, PoolReady, RegisterHandler, StartAggregate,
                                       StartPool)
 from actorbus.actors.routing import pool_index
@@ -159,6 +160,7 @@ class Router(BusActor):
         log.warning("pool member %d (pid %s) exited holding %d message(s)", index, member.pid,
                     len(member.held))
         self._bury(member)
+        self.send(self._supervisor, MemberDied(index))
         if self._failed:
             return
         decision = self._budget.record()

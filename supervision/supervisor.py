@@ -14,7 +14,7 @@ from collections import Counter
 
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (BridgeChanged, BridgeReady, BusStarted, BusStopped, Halt,
-                                      RouterChanged,
+                                      MemberDied, RouterChanged,
                                       HandlerRegistered, MemberRestarted, PoolFailed, PoolReady,
                                       RegisterHandler, RequestFailed, StartBridge, StartBus,
                                       StartPool, Stats, StatsRequest, StopBus, Subscribe,
@@ -49,9 +49,9 @@ class Supervisor(BusActor):
         self._last_counts: dict[str, int] = {}       # as of the last Stats relayed
         self._carried: Counter[str] = Counter()      # counted by Bridges that have died
         self._start_request: int | None = None
-        self._exited: list[str] = []
         self._shutting_down = False
-        self._restarts = 0
+        self._restarts: Counter[str] = Counter()    # by level: bridge, router, pool
+        self._states: dict[str, str] = {}            # actor → starting, running, restarting, stopped
         self._failure: str | None = None
 
     # ------------------------------------------------------------ start
@@ -65,8 +65,10 @@ class Supervisor(BusActor):
         self._waiting[message.request_id] = sender
         self._pids["supervisor"] = os.getpid()
         self._bridge = self.createActor(Bridge)
+        self._states["bridge"] = "starting"
         if self._config.pool_size > 0:
             self._router = self.createActor(Router)
+            self._states["router"] = "starting"
             self.send(self._router, StartPool(self._config.pool_size, self._bridge,
                                               policy=self._config.supervision))
         else:
@@ -74,8 +76,10 @@ class Supervisor(BusActor):
 
     def receiveMsg_PoolReady(self, message: PoolReady, sender) -> None:
         self._pids["router"] = message.router_pid
+        self._states["router"] = "running"
         for index, pid in enumerate(message.pids):
             self._pids[f"aggregate-{index}"] = pid
+            self._states[f"aggregate-{index}"] = "running"
         if self._router_restarts_pending:
             self._resume_pool()
             return
@@ -84,8 +88,9 @@ class Supervisor(BusActor):
 
     def receiveMsg_BridgeReady(self, message: BridgeReady, sender) -> None:
         self._pids["bridge"] = message.pid
+        self._states["bridge"] = "running"
         if message.request_id < 0:   # a restarted Bridge: resume every durable consumer
-            self._restarts += 1
+            self._restarts["bridge"] += 1
             log.warning("the Bridge restarted (pid %d); resuming %d subscription(s)",
                         message.pid, len(self._subscribed))
             for subscription in self._subscribed:
@@ -121,14 +126,20 @@ class Supervisor(BusActor):
         counts = Counter(message.counts)
         counts.update(self._carried)
         counts = dict(counts)
-        counts["restarts"] = self._restarts
-        counts["actors_exited"] = len(self._exited)
-        self._reply(Stats(message.request_id, counts, dict(self._pids), self._failure))
+        counts["restarts"] = sum(self._restarts.values())
+        for level in ("bridge", "router", "pool"):
+            counts[f"restarts_{level}"] = self._restarts[level]
+        self._reply(Stats(message.request_id, counts, dict(self._pids), self._failure,
+                          dict(self._states)))
 
     # ------------------------------------------------------------ the pool's health
+    def receiveMsg_MemberDied(self, message: MemberDied, sender) -> None:
+        self._states[f"aggregate-{message.index}"] = "restarting"
+
     def receiveMsg_MemberRestarted(self, message: MemberRestarted, sender) -> None:
-        self._restarts += 1
+        self._restarts["pool"] += 1
         self._pids[f"aggregate-{message.index}"] = message.pid
+        self._states[f"aggregate-{message.index}"] = "running"
         log.warning("pool member %d restarted (pid %d); %d message(s) re-sent to it",
                     message.index, message.pid, message.resent)
 
@@ -168,7 +179,7 @@ class Supervisor(BusActor):
         if message.childAddress == self._router:
             self._router_exited()
             return
-        self._exited.append("Bridge")
+        self._states["bridge"] = "restarting"
         # Its counters die with it: keep what it last reported.
         self._carried.update({k: v for k, v in self._last_counts.items() if k != "in_flight"})
         self._last_counts = {}
@@ -184,7 +195,8 @@ class Supervisor(BusActor):
         self.wakeupAfter(decision.delay, payload=_RESTART_BRIDGE)
 
     def _router_exited(self) -> None:
-        self._exited.append("Router")
+        self._states = {name: ("restarting" if name == "router" or name.startswith("aggregate-")
+                               else state) for name, state in self._states.items()}
         # Its pool would linger as orphans: end it; the Bridge re-sends what it held.
         orphans = [pid for name, pid in self._pids.items() if name.startswith("aggregate-")]
         log.error("the Router (pid %s) exited; ending its pool %s", self._pids.get("router"), orphans)
@@ -208,7 +220,7 @@ class Supervisor(BusActor):
         for subscription in self._subscribed:
             self.send(self._router, RegisterHandler(self._next_internal_id(),
                                                     subscription.handler_spec()))
-        self._restarts += 1
+        self._restarts["router"] += 1
         self.send(self._bridge, RouterChanged(self._router))
 
     def receiveMsg_WakeupMessage(self, message, sender) -> None:
@@ -230,6 +242,7 @@ class Supervisor(BusActor):
     def _give_up(self, reason: str) -> None:
         # The root has no parent to escalate to: stop, never keep acking while broken.
         self._failure = reason
+        self._states = {name: "stopped" for name in self._states}
         log.error("the bus stops: %s; nothing more is fetched or settled", reason)
         if self._bridge is not None:
             self.send(self._bridge, Halt(reason))

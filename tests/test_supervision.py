@@ -70,7 +70,8 @@ def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records)
     duplicates = sum(len(seqs) for seqs in handled.values()) - total
     print(f"{total} envelopes, {kills} kills, {stats['restarts']} restarts, "
           f"{duplicates} duplicate handlings")
-    assert kills >= 5 and stats["restarts"] >= kills
+    assert kills >= 5 and stats["restarts"] >= kills and stats["restarts_pool"] == stats["restarts"]
+    assert set(stats["actors"].values()) == {"running"}
 
 
 def test_restart_delays_follow_the_backoff(make_bus, records):
@@ -192,7 +193,8 @@ def test_killed_bridge_is_restarted_and_no_envelope_is_lost(make_bus, records):
     print(f"{total} envelopes across a Bridge SIGKILL: {len(handled) - total} duplicate handlings, "
           f"{stats['restarts']} restart(s)")
     assert set(handled) == {str(n) for n in range(total)}
-    assert stats["restarts"] == 1 and bus.pids["bridge"] != old_bridge
+    assert stats["restarts"] == stats["restarts_bridge"] == 1 and bus.pids["bridge"] != old_bridge
+    assert stats["actors"]["bridge"] == "running"
 
 
 def test_hung_handler_is_ended_and_its_message_retried(make_bus, records):
@@ -252,6 +254,7 @@ def test_killed_router_is_restarted_with_a_new_pool_and_no_envelope_is_lost(make
         assert firsts == sorted(firsts), f"{aggregate} handled out of order"
     duplicates = sum(len(s) for s in handled.values()) - total
     print(f"{total} envelopes across a Router SIGKILL: {duplicates} duplicate handlings")
-    assert stats["restarts"] == 1 and bus.pids["router"] != old["router"]
+    assert stats["restarts"] == stats["restarts_router"] == 1 and bus.pids["router"] != old["router"]
+    assert set(stats["actors"].values()) == {"running"}
     for name in ("aggregate-0", "aggregate-1"):
         assert not process_alive(old[name]), f"the old {name} outlived its Router"
