@@ -15,7 +15,7 @@ import pytest
 
 from actorbus import BusError, Envelope
 from actorbus.runtime import process_alive
-from actorbus.supervision import Backoff, OneForOne
+from actorbus.supervision import AllForOne, Backoff, OneForOne
 from actorbus.supervision.restarts import RestartBudget
 from tests import handlers
 from tests.support import consumer_info, read_records, wait_for
@@ -258,3 +258,20 @@ def test_killed_router_is_restarted_with_a_new_pool_and_no_envelope_is_lost(make
     assert set(stats["actors"].values()) == {"running"}
     for name in ("aggregate-0", "aggregate-1"):
         assert not process_alive(old[name]), f"the old {name} outlived its Router"
+
+
+def test_all_for_one_restarts_every_member(make_bus, records):
+    bus = make_bus(pool_size=2, supervision=AllForOne(backoff=Backoff(initial=0.01, maximum=0.1)))
+    bus.subscribe("orders.>", handlers.record, durable="orders")
+    before = member_pids(bus)
+
+    os.kill(before["aggregate-0"], signal.SIGKILL)
+
+    after = wait_for(lambda: (lambda now: now if all(now[n] != before[n] for n in before)
+                              and set(bus.stats()["actors"].values()) == {"running"} else None)(
+        member_pids(bus)), what="both members restarted")
+    assert not process_alive(before["aggregate-1"])  # the survivor was restarted too
+    assert bus.stats()["restarts_pool"] == 2
+    bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
+    wait_for(lambda: bus.stats()["acked"] == 1, what="the restarted pool to work")
+    assert read_records(records)[0].pid in after.values()
