@@ -116,7 +116,7 @@ class Supervisor(BusActor):
     def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
         self._waiting[message.request_id] = sender
         if self._bridge is None:   # between a Bridge's death and its restart
-            self.receiveMsg_Stats(Stats(message.request_id, dict(self._last_counts)), sender)
+            self.receiveMsg_Stats(Stats(message.request_id, dict(self._last_counts)), None)
             return
         self.send(self._bridge, message)
 
@@ -176,9 +176,11 @@ class Supervisor(BusActor):
     def receiveMsg_ChildActorExited(self, message, sender) -> None:
         if self._shutting_down:
             return
-        if message.childAddress == self._router:
+        if self._router is not None and message.childAddress == self._router:
             self._router_exited()
             return
+        if self._bridge is None or message.childAddress != self._bridge:
+            return  # a late or repeated notice about an actor already replaced
         self._states["bridge"] = "restarting"
         # Its counters die with it: keep what it last reported.
         self._carried.update({k: v for k, v in self._last_counts.items() if k != "in_flight"})
