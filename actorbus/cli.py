@@ -75,5 +75,66 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
     sys.exit(code)
 
 
+def _import_benchmarks():
+    """``benchmarks.run``: installed, or from the source tree beside this package."""
+    try:
+        from benchmarks import run
+    except ImportError:
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "benchmarks" / "run.py").is_file():
+            raise click.ClickException(
+                "the benchmarks package is not available: run `actorbus bench` from a source "
+                "checkout (pip install -e '.[bench]')") from None
+        sys.path.insert(0, str(root))
+        from benchmarks import run
+    return run
+
+
+@main.command()
+@click.option("--messages", type=click.IntRange(min=1), default=100000, show_default=True,
+              help="Envelopes pre-published and consumed by each variant.")
+@click.option("--keys", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Aggregate ids the envelopes are spread over, round-robin.")
+@click.option("--cpu-us", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Busy loop per message in the handler, in microseconds.")
+@click.option("--pools", default="2,4,8", show_default=True,
+              help="Comma-separated actorbus pool sizes, one row each.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the rows as a JSON list to this file.")
+@click.option("--quick", is_flag=True,
+              help="A quick check: 3000 messages, pool 2 only, no latency runs.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: str,
+          json_path: str | None, quick: bool, debug: bool) -> None:
+    """Throughput, latency, memory and per-key order: actorbus against a plain nats-py
+    pull loop and a FastStream subscriber, on an embedded nats-server.
+
+    Exits 0 when every variant that ran kept per-key order, 1 otherwise.
+    """
+    debug = debug or bool(ctx.obj and ctx.obj.get("debug"))
+    try:
+        sizes = [int(p) for p in pools.split(",") if p.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {pools!r}",
+                                 param_hint="--pools") from None
+    try:
+        run = _import_benchmarks()
+        with sigterm_as_interrupt():
+            code = run.run_bench(messages=messages, keys=keys, cpu_us=cpu_us, pools=sizes,
+                                 json_path=json_path, quick=quick, console=Console())
+    except KeyboardInterrupt:
+        raise click.Abort() from None
+    except click.ClickException:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        raise click.ClickException(f"{type(exc).__name__}: {exc} (run with --debug for details)") from exc
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -7,6 +7,7 @@ from typing import Any
 
 from actorbus.actors.messages import HandlerSpec
 from actorbus.bridge.envelope import DEFAULT_MAX_ENVELOPE_BYTES
+from actorbus.supervision.policies import as_tree
 
 RUNTIMES = ("processes", "simple")
 STORAGE_TYPES = ("file", "memory")
@@ -130,6 +131,10 @@ class BusConfig:
         if self.window > 900:
             raise ConfigurationError(f"window must be <= 900 (Thespian's queue limit), got {self.window}")
         _check_positive("connect_timeout", self.connect_timeout)
+        try:
+            object.__setattr__(self, "supervision", as_tree(self.supervision))
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
 
 
 def _check_subject(subject: object, what: str = "subject") -> None:

@@ -1,4 +1,5 @@
 """Supervision: the root Supervisor actor and the restart policies it applies."""
-from actorbus.supervision.policies import ESCALATE, STOP, AllForOne, Backoff, OneForOne
+from actorbus.supervision.policies import (ESCALATE, STOP, AllForOne, Backoff, OneForOne,
+                                           SupervisionTree)
 
-__all__ = ["OneForOne", "AllForOne", "Backoff", "ESCALATE", "STOP"]
+__all__ = ["OneForOne", "AllForOne", "Backoff", "SupervisionTree", "ESCALATE", "STOP"]

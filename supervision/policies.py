@@ -70,3 +70,32 @@ class OneForOne(_Policy):
 @dataclass(frozen=True)
 class AllForOne(_Policy):
     """Restart every child when one dies."""
+
+
+Policy = OneForOne | AllForOne
+
+
+@dataclass(frozen=True)
+class SupervisionTree:
+    """A policy per level: ``root``, the Supervisor over the Bridge and the
+    Router; ``pool``, the Router over the aggregate actors."""
+
+    root: _Policy = field(default_factory=OneForOne)
+    pool: _Policy = field(default_factory=OneForOne)
+
+    def __post_init__(self) -> None:
+        for level in ("root", "pool"):
+            if not isinstance(getattr(self, level), (OneForOne, AllForOne)):
+                raise ValueError(f"{level} must be OneForOne or AllForOne, got {getattr(self, level)!r}")
+
+
+def as_tree(supervision: "_Policy | SupervisionTree | None") -> SupervisionTree:
+    """One policy for both levels, a tree as given, or the defaults for None."""
+    if supervision is None:
+        return SupervisionTree()
+    if isinstance(supervision, SupervisionTree):
+        return supervision
+    if isinstance(supervision, (OneForOne, AllForOne)):
+        return SupervisionTree(root=supervision, pool=supervision)
+    raise ValueError("supervision must be OneForOne, AllForOne or SupervisionTree, "
+                     f"got {supervision!r}")

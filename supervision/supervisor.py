@@ -60,7 +60,7 @@ class Supervisor(BusActor):
             self.send(sender, RequestFailed(message.request_id, "this Supervisor is already started"))
             return
         self._config = message.config
-        self._budget = RestartBudget(self._config.supervision)
+        self._budget = RestartBudget(self._config.supervision.root)
         self._start_request = message.request_id
         self._waiting[message.request_id] = sender
         self._pids["supervisor"] = os.getpid()
@@ -70,7 +70,7 @@ class Supervisor(BusActor):
             self._router = self.createActor(Router)
             self._states["router"] = "starting"
             self.send(self._router, StartPool(self._config.pool_size, self._bridge,
-                                              policy=self._config.supervision))
+                                              policy=self._config.supervision.pool))
         else:
             self.send(self._bridge, StartBridge(message.request_id, self._config, None))
 
@@ -230,7 +230,7 @@ class Supervisor(BusActor):
             self._router_restarts_pending = True
             self._router = self.createActor(Router)
             self.send(self._router, StartPool(self._config.pool_size, self._bridge,
-                                              policy=self._config.supervision))
+                                              policy=self._config.supervision.pool))
             return
         if message.payload != _RESTART_BRIDGE or self._shutting_down or self._failure:
             return

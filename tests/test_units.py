@@ -142,3 +142,15 @@ def test_handler_table_decodes_envelopes_and_fails_bad_ones():
     outcomes = table.process([delivery(1, good), delivery(2, b"\xc1")])
     assert [o.kind for o in outcomes] == [SUCCEEDED, FAILED]
     assert "invalid envelope" in outcomes[1].error
+
+
+def test_supervision_is_one_policy_or_one_per_level():
+    from actorbus.supervision import AllForOne, SupervisionTree
+    single = BusConfig(supervision=AllForOne(max_restarts=7)).supervision
+    assert single.root == single.pool == AllForOne(max_restarts=7)
+    tree = BusConfig(supervision=SupervisionTree(root=OneForOne(max_restarts=1),
+                                                 pool=AllForOne())).supervision
+    assert (tree.root.max_restarts, type(tree.pool)) == (1, AllForOne)
+    assert BusConfig().supervision == SupervisionTree()
+    with pytest.raises(ConfigurationError, match="supervision must be"):
+        BusConfig(supervision="restart please")

@@ -1,0 +1,67 @@
+"""The actorbus variant: an EventBus on the processes runtime, pool of ``pool`` aggregate actors."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from actorbus.message import Message
+from benchmarks.common import RECORD_DIR_ENV, RECORDER, RssSampler
+
+#: How often completion is polled through ``bus.stats()``, in seconds.
+POLL_INTERVAL = 0.02
+
+
+def handle(msg: Message) -> None:
+    """Runs in the aggregate actor processes; the Bridge has decoded the envelope already."""
+    RECORDER.handle(msg.aggregate_id, msg.data)
+
+
+def _log_config(path: Path) -> dict:
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path),
+                              "formatter": "plain", "level": "WARNING"}},
+        "root": {"level": "WARNING", "handlers": ["file"]},
+    }
+
+
+def consume(params: dict) -> dict:
+    from actorbus.bus import EventBus
+
+    # The handlers find their record directory through the environment: it must
+    # be set before the EventBus forks the actor processes.
+    if os.environ.get(RECORD_DIR_ENV) != params["record_dir"]:
+        raise RuntimeError(f"{RECORD_DIR_ENV} must be set before the bus is built")
+    count = params["count"]
+    log_path = Path(params.get("log_path") or tempfile.mktemp(prefix="actorbus-bench-", suffix=".log"))
+    with EventBus(servers=params["url"], pool_size=params["pool"], runtime="processes",
+                  log_config=_log_config(log_path)) as bus:
+        pids = lambda: [os.getpid(), *bus.pids.values()]  # noqa: E731
+        with RssSampler(pids) as rss:
+            started = time.perf_counter()
+            bus.subscribe(params["subject"], handle, envelope=True, durable=params["durable"],
+                          stream=params["stream"], storage="file",
+                          max_ack_pending=params.get("max_ack_pending", 1000))
+            if params.get("ready_path"):
+                Path(params["ready_path"]).touch()
+            deadline = time.monotonic() + params["timeout"]
+            while True:
+                stats = bus.stats()
+                if stats["acked"] >= count:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"actorbus pool={params['pool']}: {stats['acked']} of {count} "
+                                       f"acked within {params['timeout']}s")
+                time.sleep(POLL_INTERVAL)
+            elapsed = time.perf_counter() - started
+        final = bus.stats()
+    notes = (f"processes runtime, window 512, batch_size 256, completion by stats()['acked'] "
+             f"polled every {POLL_INTERVAL * 1000:.0f} ms")
+    if final.get("naked") or final.get("redelivered") or final.get("restarts"):
+        notes += (f"; naked {final.get('naked')}, redelivered {final.get('redelivered')}, "
+                  f"restarts {final.get('restarts')}")
+    return {"elapsed": elapsed, "count": final["acked"], "peak_rss_mb": rss.peak_mb, "notes": notes}
