@@ -192,9 +192,8 @@ class Bridge(Actor):
                           msg.subject, sub.stream, meta.sequence.stream, exc,
                           sub.dead_letter_subject)
                 self._counts["invalid"] += 1
-                rejected.append(Order(msg, DEAD_LETTER, None, sub.dead_letter_subject,
-                                      dead_letter_headers(msg, sub.stream, meta.sequence.stream,
-                                                          delivery_count, str(exc))))
+                rejected.append(_dead_letter(msg, sub, meta.sequence.stream, delivery_count,
+                                             str(exc)))
                 return None
         else:
             aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
@@ -234,9 +233,8 @@ class Bridge(Actor):
                 log.warning("%s: subject=%s error=%s", decision.warning, entry.msg.subject,
                             outcome.error)
             if decision.action == DEAD_LETTER:
-                actions.append(Order(entry.msg, DEAD_LETTER, None, sub.dead_letter_subject,
-                                     dead_letter_headers(entry.msg, sub.stream, entry.stream_sequence,
-                                                         entry.delivery_count, outcome.error)))
+                actions.append(_dead_letter(entry.msg, sub, entry.stream_sequence,
+                                            entry.delivery_count, outcome.error))
             else:
                 actions.append(Order(entry.msg, decision.action, decision.delay))
         if actions and self._link is not None:
@@ -316,3 +314,9 @@ class Bridge(Actor):
         if len(self._inflight):
             log.info("stopped with %d message(s) in flight; JetStream will redeliver them",
                      len(self._inflight))
+
+
+def _dead_letter(msg, sub: SubscriptionConfig, stream_sequence: int, delivery_count: int,
+                 error: str | None) -> Order:
+    return Order(msg, DEAD_LETTER, None, sub.dead_letter_subject,
+                 dead_letter_headers(msg, sub.stream, stream_sequence, delivery_count, error))
