@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import click
 from rich.console import Console
@@ -21,6 +21,22 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _run(work: Callable[[], int], debug: bool) -> None:
+    """Run a command's work: SIGTERM and Ctrl-C abort cleanly, errors are one line."""
+    try:
+        with sigterm_as_interrupt():
+            code = work()
+    except KeyboardInterrupt:
+        raise click.Abort() from None
+    except click.ClickException:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        raise click.ClickException(f"{type(exc).__name__}: {exc} (run with --debug for details)") from exc
+    sys.exit(code)
 
 
 @click.group()
@@ -57,22 +73,12 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
     Exits 0 when every envelope was handled in order per aggregate and
     every plain message was handled once, 1 otherwise.
     """
-    debug = debug or bool(ctx.obj and ctx.obj.get("debug"))
-    try:
+    def work() -> int:
         from actorbus.demo import run_demo
+        return run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
+                        keyless=keyless, console=Console())
 
-        with sigterm_as_interrupt():
-            code = run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
-                            keyless=keyless, console=Console())
-    except KeyboardInterrupt:
-        raise click.Abort() from None
-    except click.ClickException:
-        raise
-    except Exception as exc:
-        if debug:
-            raise
-        raise click.ClickException(f"{type(exc).__name__}: {exc} (run with --debug for details)") from exc
-    sys.exit(code)
+    _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 
 
 def _import_benchmarks():
@@ -114,26 +120,18 @@ def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: st
 
     Exits 0 when every variant that ran kept per-key order, 1 otherwise.
     """
-    debug = debug or bool(ctx.obj and ctx.obj.get("debug"))
     try:
         sizes = [int(p) for p in pools.split(",") if p.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {pools!r}",
                                  param_hint="--pools") from None
-    try:
-        run = _import_benchmarks()
-        with sigterm_as_interrupt():
-            code = run.run_bench(messages=messages, keys=keys, cpu_us=cpu_us, pools=sizes,
-                                 json_path=json_path, quick=quick, console=Console())
-    except KeyboardInterrupt:
-        raise click.Abort() from None
-    except click.ClickException:
-        raise
-    except Exception as exc:
-        if debug:
-            raise
-        raise click.ClickException(f"{type(exc).__name__}: {exc} (run with --debug for details)") from exc
-    sys.exit(code)
+
+    def work() -> int:
+        return _import_benchmarks().run_bench(messages=messages, keys=keys, cpu_us=cpu_us,
+                                              pools=sizes, json_path=json_path, quick=quick,
+                                              console=Console())
+
+    _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,7 +39,7 @@ class SubscriptionConfig:
     nak_delay: float = 0.5
     nak_delay_max: float = 30.0
     batch_size: int = 256
-    fetch_timeout: float = 1.0
+    fetch_timeout: float = 0.2
     max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
     key_from_subject: bool = False
     dead_letter_subject: str | None = None

@@ -11,7 +11,10 @@ from typing import Any, Mapping
 
 
 # ---------------------------------------------------------------- hot path
-@dataclass(frozen=True, slots=True)
+# Thespian formats every message it sends for a debug line, filtered or not:
+# the batch messages keep their repr short so that costs nothing per delivery.
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Delivery:
     """One JetStream message as the pool sees it; ``token`` is the Bridge's key for it."""
 
@@ -26,8 +29,11 @@ class Delivery:
     delivery_count: int
     stream_sequence: int
 
+    def __repr__(self) -> str:
+        return f"Delivery(#{self.token} {self.subject} key={self.routing_key})"
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Dispatch:
     """Bridge → Router → aggregate actor: deliveries to handle, in order.
 
@@ -39,6 +45,9 @@ class Dispatch:
 
     deliveries: tuple[Delivery, ...]
     sequence: int = 0
+
+    def __repr__(self) -> str:
+        return f"Dispatch(#{self.sequence}, {len(self.deliveries)} deliveries)"
 
 
 #: Outcome kinds.
@@ -57,7 +66,7 @@ class Outcome:
     attempts: int = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Completion:
     """Aggregate actor → Router → Bridge: the outcomes of one dispatch.
 
@@ -66,6 +75,9 @@ class Completion:
 
     outcomes: tuple[Outcome, ...]
     member: int = -1
+
+    def __repr__(self) -> str:
+        return f"Completion(member {self.member}, {len(self.outcomes)} outcomes)"
 
 
 # ---------------------------------------------------------------- set-up

@@ -40,7 +40,7 @@ def consume(params: dict) -> dict:
     log_path = Path(params.get("log_path") or tempfile.mktemp(prefix="actorbus-bench-", suffix=".log"))
     with EventBus(servers=params["url"], pool_size=params["pool"], runtime="processes",
                   log_config=_log_config(log_path)) as bus:
-        pids = lambda: [os.getpid(), *bus.pids.values()]  # noqa: E731
+        pids = lambda: [os.getpid(), *bus.pids.values()]
         with RssSampler(pids) as rss:
             started = time.perf_counter()
             bus.subscribe(params["subject"], handle, envelope=True, durable=params["durable"],

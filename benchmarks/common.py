@@ -4,11 +4,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import msgpack
-
 from actorbus.bridge.envelope import Envelope, decode_envelope
 
 #: Where handlers write their records. Set before an EventBus is built, so the
@@ -165,7 +164,7 @@ class RssSampler:
         while not self._stop.wait(self._interval):
             self.sample()
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:  # noqa: PYI034 - a plain context manager
         self.sample()
         self._thread.start()
         return self

@@ -51,7 +51,7 @@ async def _consume(params: dict) -> dict:
                 Path(params["ready_path"]).touch()
             try:
                 await asyncio.wait_for(finished.wait(), params["timeout"])
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TimeoutError(f"faststream: {done} of {count} handled within {params['timeout']}s") from None
             elapsed = time.perf_counter() - started
             # The last ack follows the handler's return: let it go out before closing.

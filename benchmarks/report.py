@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 #: The keys of every row, in this order.
@@ -57,7 +58,7 @@ def print_table(rows: list[dict[str, Any]], title: str, console: Console) -> Non
     console.print(table(rows, title))
     for r in rows:
         if r["notes"]:
-            console.print(f"  [bold]{r['variant']}[/]: {r['notes']}", highlight=False)
+            console.print(f"  [bold]{escape(r['variant'])}[/]: {escape(r['notes'])}", highlight=False)
 
 
 def write_json(rows: list[dict[str, Any]], path: str | Path) -> None:

@@ -29,10 +29,19 @@ from typing import Any
 import nats
 from nats.js.api import StorageType
 from rich.console import Console
+from rich.markup import escape
 
 from actorbus.server import NatsServer
 from benchmarks import faststream_peer, report
-from benchmarks.common import STREAM, SUBJECT, check_order, latencies_ms, make_envelope, percentile, read_records
+from benchmarks.common import (
+    STREAM,
+    SUBJECT,
+    check_order,
+    latencies_ms,
+    make_envelope,
+    percentile,
+    read_records,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Messages per pipelined chunk of the pre-publish.
@@ -243,7 +252,7 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
                 specs[label] = (kind, extra)
                 if kind == "faststream" and not faststream_peer.available():
                     rows.append(report.row(label, notes=faststream_peer.MISSING_NOTE))
-                    console.print(f"{label}: skipped, {faststream_peer.MISSING_NOTE}")
+                    console.print(escape(f"{label}: skipped, {faststream_peer.MISSING_NOTE}"))
                     continue
                 rows.append(_throughput(label, kind, extra, server.url, messages, keys, cpu_us,
                                         timeout, work_dir, console))

@@ -70,8 +70,12 @@ def test_bad_input_is_dead_lettered_at_once_with_its_reason(make_bus, records, n
 
     assert stats["invalid"] == len(BAD_INPUTS) and stats["processed"] == 2 and stats["failed"] == 0
     assert [r.data for r in read_records(records)] == ["0", "1"]
-    reasons = [m.headers["Actorbus-Error"] for m in stream_messages(nats_server.url, "ORDERS_DLQ")]
+    # Dead letters may be stored in any order: put them back in publish order.
+    letters = sorted(stream_messages(nats_server.url, "ORDERS_DLQ"),
+                     key=lambda m: int(m.headers["Actorbus-Stream-Sequence"]))
+    reasons = [m.headers["Actorbus-Error"] for m in letters]
     assert len(reasons) == len(BAD_INPUTS)
+    assert [int(m.headers["Actorbus-Stream-Sequence"]) for m in letters] == [2, 3, 4, 5, 6]
     assert "not valid msgpack" in reasons[0]
     assert "expected a msgpack map" in reasons[1]
     assert "event_id: blank" in reasons[2]
