@@ -94,8 +94,13 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise InvalidEnvelope("<envelope>", f"msgpack extension type {code} is not allowed")
 
 
-def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> Envelope:
-    """Decode and validate an envelope; raise :class:`InvalidEnvelope` on anything wrong."""
+def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+                    validated: bool = False) -> Envelope:
+    """Decode and validate an envelope; raise :class:`InvalidEnvelope` on anything wrong.
+
+    ``validated=True`` skips the field checks for bytes that already passed
+    them (the Bridge validates before dispatching; the pool decodes again).
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidEnvelope("<envelope>", f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
@@ -114,7 +119,13 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES)
     if missing:
         raise InvalidEnvelope(missing[0], "missing")
     # Unknown keys are ignored so that newer producers can add fields.
-    return Envelope(**{k: v for k, v in wire.items() if k in fields})
+    known = {k: v for k, v in wire.items() if k in fields}
+    if not validated:
+        return Envelope(**known)
+    envelope = object.__new__(Envelope)
+    for name in fields:
+        object.__setattr__(envelope, name, known.get(name))
+    return envelope
 
 
 def _validate(env: Envelope) -> None:

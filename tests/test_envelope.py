@@ -76,3 +76,8 @@ def test_oversize_input_is_rejected_before_decoding():
 def test_constructing_an_invalid_envelope_raises():
     with pytest.raises(InvalidEnvelope, match="event_version"):
         Envelope(**{**VALID, "event_version": -1})
+
+
+def test_already_validated_bytes_decode_to_the_same_envelope():
+    env = Envelope(**VALID, trace_id="t")
+    assert decode_envelope(env.encode(), validated=True) == env
