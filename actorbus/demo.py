@@ -35,6 +35,7 @@ from rich.table import Table
 from actorbus.bridge.envelope import Envelope
 from actorbus.bus import EventBus
 from actorbus.message import Message
+from actorbus.publisher import PublishError
 from actorbus.server import NatsServer
 
 #: Where the handlers write their records (set before the actor processes are forked).
@@ -48,6 +49,8 @@ ORDERS_SUBJECT = "demo.orders"
 METRICS_SUBJECT = "demo.metrics.cpu"
 #: How long the demo waits for the pool to settle everything, in seconds.
 PROCESSING_DEADLINE = 300.0
+#: Messages published per ``publish_many`` call (acknowledgements awaited together).
+_PUBLISH_CHUNK = 1000
 #: How often the processing progress polls ``bus.stats()``, in seconds.
 POLL_INTERVAL = 0.2
 
@@ -238,23 +241,27 @@ def _log_to(path: Path) -> Iterator[None]:
 
 def _publish(bus: EventBus, envelopes: int, aggregates: int, keyless: int, console: Console) -> None:
     next_seq = [0] * aggregates
+    outgoing = []
+    for i in range(envelopes):
+        index = i % aggregates
+        aggregate = aggregate_id_for(index)
+        seq = next_seq[index]
+        next_seq[index] += 1
+        outgoing.append((f"{ORDERS_SUBJECT}.{aggregate}",
+                         Envelope.create(aggregate, "OrderEvent", str(seq).encode("ascii"))))
+    plain = [(METRICS_SUBJECT, str(n).encode("ascii")) for n in range(keyless)]
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-        orders = progress.add_task("publishing envelopes", total=envelopes)
-        for i in range(envelopes):
-            index = i % aggregates
-            seq = next_seq[index]
-            next_seq[index] += 1
-            aggregate = aggregate_id_for(index)
-            envelope = Envelope.create(aggregate, "OrderEvent", str(seq).encode("ascii"))
-            bus.publish_envelope(f"{ORDERS_SUBJECT}.{aggregate}", envelope)
-            if i % 100 == 99 or i == envelopes - 1:
-                progress.update(orders, completed=i + 1)
-        metrics = progress.add_task("publishing plain messages", total=keyless)
-        for n in range(keyless):
-            bus.publish(METRICS_SUBJECT, str(n).encode("ascii"))
-            if n % 100 == 99 or n == keyless - 1:
-                progress.update(metrics, completed=n + 1)
+        for description, messages in (("publishing envelopes", outgoing),
+                                      ("publishing plain messages", plain)):
+            task = progress.add_task(description, total=len(messages))
+            for start in range(0, len(messages), _PUBLISH_CHUNK):
+                chunk = messages[start:start + _PUBLISH_CHUNK]
+                failed = [r for r in bus.publish_many(chunk) if not r.ok]
+                if failed:
+                    raise PublishError(f"{len(failed)} publish(es) failed, first: "
+                                       f"{failed[0].subject}: {failed[0].error}")
+                progress.update(task, completed=start + len(chunk))
 
 
 def _settled(stats: dict[str, int], total: int) -> bool:
