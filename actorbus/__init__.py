@@ -8,6 +8,7 @@ import logging
 # A library adds no handlers of its own; the application decides where logs go.
 logging.getLogger("actorbus").addHandler(logging.NullHandler())
 
+from actorbus.aggregate import Aggregate
 from actorbus.bridge.envelope import Envelope, InvalidEnvelope
 from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bus import BusError, EventBus
@@ -15,6 +16,7 @@ from actorbus.config import ConfigurationError
 from actorbus.message import Message
 from actorbus.publisher import PublishError, PublishResult
 
-__all__ = ["EventBus", "Envelope", "Message", "InvalidEnvelope", "extract_aggregate_id",
-           "BusError", "ConfigurationError", "PublishError", "PublishResult"]
+__all__ = ["EventBus", "Aggregate", "Envelope", "Message", "InvalidEnvelope",
+           "extract_aggregate_id", "BusError", "ConfigurationError", "PublishError",
+           "PublishResult"]
 __version__ = "0.1.0"

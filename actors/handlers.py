@@ -8,7 +8,6 @@ refused when subscribing, not later in an actor.
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any, Callable
 
 
@@ -62,8 +61,3 @@ def resolve_handler(ref: str) -> Callable[..., Any]:
     if not callable(target):
         raise HandlerError(f"handler {ref} is not callable")
     return target
-
-
-def is_async(handler: Callable[..., Any]) -> bool:
-    """True for ``async def`` handlers."""
-    return inspect.iscoroutinefunction(handler)

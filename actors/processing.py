@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import time
 from typing import Any, Callable, Iterable
 
-from actorbus.actors.handlers import HandlerError, is_async, resolve_handler
-from actorbus.actors.messages import (
-    FAILED,
-    SUCCEEDED,
-    UNDELIVERED,
-    Delivery,
-    HandlerSpec,
-    Outcome,
-)
+from actorbus.actors.handlers import HandlerError, resolve_handler
+from actorbus.actors.instances import AggregateInstances
+from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, Delivery, HandlerSpec,
+                                      Outcome)
 from actorbus.actors.watchdog import Watchdog
+from actorbus.aggregate import Aggregate
 from actorbus.bridge.envelope import InvalidEnvelope, decode_envelope
-
 from actorbus.message import Message
 
 log = logging.getLogger("actorbus.actors")
@@ -46,11 +42,6 @@ class HandlerTable:
         """Add or replace the handler of ``spec.subscription``."""
         self._specs[spec.subscription] = spec
         self._handlers.pop(spec.subscription, None)
-
-    @property
-    def specs(self) -> tuple[HandlerSpec, ...]:
-        """The registered handler specs."""
-        return tuple(self._specs.values())
 
     def process(self, deliveries: Iterable[Delivery]) -> tuple[Outcome, ...]:
         """Handle ``deliveries`` strictly in order; one outcome each."""
@@ -97,7 +88,10 @@ class HandlerTable:
     def _handler(self, spec: HandlerSpec) -> Callable[..., Any]:
         handler = self._handlers.get(spec.subscription)
         if handler is None:
-            handler = self._handlers[spec.subscription] = resolve_handler(spec.handler)
+            handler = resolve_handler(spec.handler)
+            if isinstance(handler, type) and issubclass(handler, Aggregate):
+                handler = AggregateInstances(handler)
+            self._handlers[spec.subscription] = handler
         return handler
 
     @staticmethod
@@ -121,9 +115,8 @@ class HandlerTable:
         )
 
     def _call(self, handler: Callable[..., Any], message: Message) -> None:
-        if is_async(handler):
+        result = handler(message)
+        if inspect.isawaitable(result):  # an async def handler, or an async handle()
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(handler(message))
-        else:
-            handler(message)
+            self._loop.run_until_complete(result)

@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from actorbus import Message
+from actorbus import Aggregate, Message
 
 RELEASE_MARKER = "release"
 
@@ -96,3 +96,21 @@ def hang_first_delivery(msg: Message) -> None:
         _write("hung", msg)
         time.sleep(120)
     _write("ok", msg)
+
+
+class Counter(Aggregate):
+    """Counts its own messages; passivated instances save their count in ``SAVED``."""
+
+    SAVED: dict = {}
+    max_instances = 2
+
+    def __init__(self, aggregate_id: str) -> None:
+        super().__init__(aggregate_id)
+        self.count = self.SAVED.pop(aggregate_id, 0)   # rebuilt from what passivate saved
+
+    def handle(self, msg: Message) -> None:
+        self.count += 1
+        _write(f"count={self.count}", msg)
+
+    def passivate(self) -> None:
+        self.SAVED[self.aggregate_id] = self.count

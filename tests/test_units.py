@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from actorbus import Aggregate
 from actorbus.actors.handlers import HandlerError, handler_reference
 from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, Delivery
 from actorbus.actors.processing import HandlerTable
@@ -154,3 +155,54 @@ def test_supervision_is_one_policy_or_one_per_level():
     assert BusConfig().supervision == SupervisionTree()
     with pytest.raises(ConfigurationError, match="supervision must be"):
         BusConfig(supervision="restart please")
+
+
+class Tally(Aggregate):
+    SAVED: dict = {}
+    max_instances = 2
+    idle_timeout = 5.0
+    made: list = []
+
+    def __init__(self, aggregate_id):
+        super().__init__(aggregate_id)
+        self.made.append(aggregate_id)
+        self.seen = self.SAVED.pop(aggregate_id, [])
+
+    async def handle(self, msg):   # async handle() runs on the actor's loop
+        self.seen.append(msg.data.decode())
+        calls.append((msg.aggregate_id, tuple(self.seen)))
+
+    def passivate(self):
+        self.SAVED[self.aggregate_id] = self.seen
+
+
+def keyed(token: int, key: str | None, data: str) -> Delivery:
+    return Delivery(token, "s", "a.b", data.encode(), None, key or f"rr-{token}", key, None, 1, token)
+
+
+def test_aggregate_instances_keep_state_per_id_and_are_rebuilt_after_passivation():
+    calls.clear()
+    Tally.made.clear()
+    spec = sub(durable="s", envelope=False, handler="tests.test_units:Tally", retries=0).handler_spec()
+    table = HandlerTable([spec])
+    outcomes = table.process([keyed(1, "a", "1"), keyed(2, "b", "2"), keyed(3, "a", "3"),
+                              keyed(4, "c", "4"),   # a third id: "b", least recently used, goes
+                              keyed(5, "b", "5"), keyed(6, None, "6")])
+    assert [o.kind for o in outcomes] == [SUCCEEDED] * 5 + [FAILED]
+    assert "needs an aggregate id" in outcomes[5].error
+    assert calls == [("a", ("1",)), ("b", ("2",)), ("a", ("1", "3")), ("c", ("4",)),
+                     ("b", ("2", "5"))]   # b's state came back through passivate/__init__
+    assert Tally.made == ["a", "b", "c", "b"]
+
+
+def test_idle_aggregates_are_passivated():
+    from actorbus.actors.instances import AggregateInstances
+    from actorbus.message import Message
+    now = [0.0]
+    Tally.SAVED.clear()
+    instances = AggregateInstances(Tally, clock=lambda: now[0])
+    message = Message("a.b", b"x", None, None, "a", "a", 1, 1)
+    instances(message).close()
+    now[0] = 10.0   # past idle_timeout
+    instances(Message("a.b", b"y", None, None, "z", "z", 1, 2)).close()
+    assert "a" in Tally.SAVED and len(instances) == 1

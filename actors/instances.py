@@ -1,0 +1,63 @@
+"""The live :class:`~actorbus.aggregate.Aggregate` instances of one pool actor."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+from actorbus.actors.handlers import HandlerError
+
+from actorbus.aggregate import Aggregate
+from actorbus.message import Message
+
+log = logging.getLogger("actorbus.actors")
+
+# Idle instances are looked for at most this often, not on every message.
+_IDLE_SCAN_INTERVAL = 1.0
+
+
+class AggregateInstances:
+    """Instances of one Aggregate class by id, least recently used first."""
+
+    def __init__(self, cls: type[Aggregate], clock: Callable[[], float] = time.monotonic) -> None:
+        self._cls = cls
+        self._clock = clock
+        self._live: OrderedDict[str, tuple[Aggregate, float]] = OrderedDict()
+        self._next_scan = 0.0
+
+    def __call__(self, msg: Message) -> Any:
+        """Route ``msg`` to its aggregate's instance, making it if needed."""
+        if msg.aggregate_id is None:
+            raise HandlerError(f"{self._cls.__qualname__} needs an aggregate id; the message on "
+                               f"{msg.subject} has none")
+        now = self._clock()
+        self._passivate_idle(now)
+        entry = self._live.pop(msg.aggregate_id, None)
+        instance = entry[0] if entry else self._cls(msg.aggregate_id)
+        self._live[msg.aggregate_id] = (instance, now)
+        while len(self._live) > self._cls.max_instances:
+            self._passivate(*self._live.popitem(last=False))
+        return instance.handle(msg)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _passivate_idle(self, now: float) -> None:
+        timeout = self._cls.idle_timeout
+        if timeout is None or now < self._next_scan:
+            return
+        self._next_scan = now + _IDLE_SCAN_INTERVAL
+        while self._live:
+            aggregate_id, (instance, last_used) = next(iter(self._live.items()))
+            if now - last_used < timeout:
+                break  # ordered by last use: the rest are fresher
+            del self._live[aggregate_id]
+            self._passivate(aggregate_id, (instance, last_used))
+
+    @staticmethod
+    def _passivate(aggregate_id: str, entry: tuple[Aggregate, float]) -> None:
+        try:
+            entry[0].passivate()
+        except Exception:
+            log.exception("passivating aggregate %s failed", aggregate_id)
