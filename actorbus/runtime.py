@@ -102,6 +102,7 @@ class SimpleRuntime:
         """Shut the actor system down and stop the pump thread."""
         if not self._thread.is_alive():
             return
+
         def _shutdown(system: ActorSystem) -> None:
             self._running = False  # the pump stops after this call
             system.shutdown()
