@@ -165,9 +165,7 @@ class Router(BusActor):
             return
         decision = self._budget.record()
         if not decision.allowed:
-            self._fail(f"pool member {index} died {decision.recent} times within "
-                       f"{self._budget.policy.within}s (max_restarts="
-                       f"{self._budget.policy.max_restarts})")
+            self._fail(self._budget.exhausted(f"pool member {index}", decision))
             return
         if self._all_for_one:
             for other in self._members:

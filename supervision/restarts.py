@@ -40,3 +40,8 @@ class RestartBudget:
         delay = self.policy.backoff.delay(len(self._times), self._rng)
         self._times.append(now)
         return RestartDecision(True, delay, len(self._times))
+
+    def exhausted(self, what: str, decision: RestartDecision) -> str:
+        """Why ``what`` is not restarted again, in words."""
+        return (f"{what} died {decision.recent} times within {self.policy.within}s "
+                f"(max_restarts={self.policy.max_restarts})")

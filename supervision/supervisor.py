@@ -188,13 +188,7 @@ class Supervisor(BusActor):
         log.error("the Bridge (pid %s) exited; JetStream redelivers what it had not acked",
                   self._pids.get("bridge"))
         self._bridge = None
-        decision = self._budget.record()
-        if not decision.allowed:
-            self._give_up(f"the Bridge died {decision.recent} times within "
-                          f"{self._budget.policy.within}s (max_restarts="
-                          f"{self._budget.policy.max_restarts})")
-            return
-        self.wakeupAfter(decision.delay, payload=_RESTART_BRIDGE)
+        self._restart_later("the Bridge", _RESTART_BRIDGE)
 
     def _router_exited(self) -> None:
         self._states = {name: ("restarting" if name == "router" or name.startswith("aggregate-")
@@ -208,13 +202,14 @@ class Supervisor(BusActor):
             except ProcessLookupError:
                 pass
         self._router = None
+        self._restart_later("the Router", _RESTART_ROUTER)
+
+    def _restart_later(self, what: str, payload: str) -> None:
         decision = self._budget.record()
-        if not decision.allowed:
-            self._give_up(f"the Router died {decision.recent} times within "
-                          f"{self._budget.policy.within}s (max_restarts="
-                          f"{self._budget.policy.max_restarts})")
-            return
-        self.wakeupAfter(decision.delay, payload=_RESTART_ROUTER)
+        if decision.allowed:
+            self.wakeupAfter(decision.delay, payload=payload)
+        else:
+            self._give_up(self._budget.exhausted(what, decision))
 
     def _resume_pool(self) -> None:
         # Handlers first (ordered before any dispatch to the members), then the Bridge.
