@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -11,6 +12,7 @@ from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, Sta
                                       StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.bridge.envelope import Envelope
 from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.metrics import MetricsServer
 from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
 from actorbus.runtime import make_runtime
 from actorbus.supervision.supervisor import Supervisor
@@ -41,7 +43,7 @@ class EventBus:
                  pool_size: int = 8, runtime: str = "processes", supervision: Any = None, *,
                  window: int = 512, connect_timeout: float = 5.0, name: str = "actorbus",
                  admin_port: int | None = None, log_config: dict | None = None,
-                 request_timeout: float = 30.0) -> None:
+                 request_timeout: float = 30.0, metrics_port: int | None = None) -> None:
         self.config = BusConfig(servers=tuple(servers) if isinstance(servers, list) else servers,
                                 pool_size=pool_size, runtime=runtime, window=window,
                                 connect_timeout=connect_timeout, name=name, supervision=supervision)
@@ -51,6 +53,9 @@ class EventBus:
         self._pids: dict[str, int] = {}
         self._stopped = False
         self._publisher: Publisher | None = None
+        self._metrics: MetricsServer | None = None
+        # The metrics endpoint reads stats from its own thread: one request at a time.
+        self._request_lock = threading.Lock()
         self._runtime = make_runtime(runtime, admin_port, log_config)
         try:
             self._supervisor = self._runtime.create(Supervisor)
@@ -58,7 +63,11 @@ class EventBus:
                                     what="starting the bus")
             self._pids = dict(started.pids)
             self._publisher = Publisher(self.config.servers, name=name, timeout=connect_timeout)
+            if metrics_port is not None:
+                self._metrics = MetricsServer(self, metrics_port)
         except BaseException:
+            if self._publisher is not None:
+                self._publisher.close()
             self._runtime.shutdown(self._pids.values())
             self._stopped = True
             raise
@@ -74,6 +83,7 @@ class EventBus:
         bytes and does not. ``options`` are the other fields of
         :class:`~actorbus.config.SubscriptionConfig` (``ack_wait``,
         ``max_deliver``, ``max_ack_pending``, ``storage``, ``retries``, ...).
+        ``handler`` may also be an :class:`~actorbus.Aggregate` subclass.
         Returns the subscription's configuration.
         """
         self._check_running()
@@ -111,8 +121,10 @@ class EventBus:
         undelivered (never reached a handler), invalid (rejected envelopes), termed,
         settle_errors (acks/naks that did not reach the server), in_progress
         (signals sent for long-running handlers); ``restarts`` split by level as
-        restarts_bridge, restarts_router, restarts_pool; and ``actors``, each
-        supervised actor's state (starting, running, restarting, stopped).
+        restarts_bridge, restarts_router, restarts_pool; ``actors``, each
+        supervised actor's state (starting, running, restarting, stopped);
+        ``subscriptions``, per durable: its kind, counts and handler-duration
+        histogram buckets; ``queue_depths``, messages held per pool member.
 
         Raises :class:`BusError` once the bus has stopped processing because
         actors died faster than its supervision policy allows.
@@ -125,6 +137,8 @@ class EventBus:
         counts: dict[str, Any] = {key: 0 for key in STAT_KEYS}
         counts.update(reply.counts)
         counts["actors"] = dict(reply.states)
+        counts["subscriptions"] = {name: dict(tally) for name, tally in reply.by_subscription.items()}
+        counts["queue_depths"] = list(reply.queue_depths)
         return counts
 
     @property
@@ -142,6 +156,8 @@ class EventBus:
         """
         if self._stopped:
             return
+        if self._metrics is not None:
+            self._metrics.close()
         self._stopped = True
         try:
             self._request(lambda rid: StopBus(rid, timeout), BusStopped, what="stopping the bus",
@@ -166,6 +182,11 @@ class EventBus:
 
     def _request(self, make: Callable[[int], Any], expected: type, *, what: str,
                  timeout: float | None = None) -> Any:
+        with self._request_lock:
+            return self._request_locked(make, expected, what=what, timeout=timeout)
+
+    def _request_locked(self, make: Callable[[int], Any], expected: type, *, what: str,
+                        timeout: float | None) -> Any:
         request_id = next(self._request_ids)
         timeout = self._request_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout

@@ -64,10 +64,12 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Aggregates the envelopes are spread over, round-robin.")
 @click.option("--keyless", type=click.IntRange(min=0), default=5000, show_default=True,
               help="Plain messages without an aggregate id to publish.")
+@click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
+              help="Serve Prometheus metrics on this port while the demo runs.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, keyless: int,
-         debug: bool) -> None:
+         metrics_port: int | None, debug: bool) -> None:
     """Run an embedded nats-server and a process pool, inject failures, check the results.
 
     Exits 0 when every envelope was handled in order per aggregate and
@@ -76,7 +78,7 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
     def work() -> int:
         from actorbus.demo import run_demo
         return run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
-                        keyless=keyless, console=Console())
+                        keyless=keyless, console=Console(), metrics_port=metrics_port)
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 

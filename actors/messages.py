@@ -64,6 +64,7 @@ class Outcome:
     kind: str
     error: str | None = None
     attempts: int = 1
+    seconds: float = 0.0  # time in the handler, all attempts
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -75,6 +76,7 @@ class Completion:
 
     outcomes: tuple[Outcome, ...]
     member: int = -1
+    queue_depths: tuple[int, ...] = ()  # per member, as the Router forwards it
 
     def __repr__(self) -> str:
         return f"Completion(member {self.member}, {len(self.outcomes)} outcomes)"
@@ -259,6 +261,8 @@ class Stats:
     pids: Mapping[str, int] = field(default_factory=dict)
     failure: str | None = None
     states: Mapping[str, str] = field(default_factory=dict)
+    by_subscription: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    queue_depths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ class HandlerTable:
         except (HandlerError, InvalidEnvelope) as exc:
             return Outcome(delivery.token, FAILED, str(exc), 1)
         attempt = 1
+        started = time.perf_counter()
         while True:
             try:
                 if self._watchdog is not None:
@@ -68,10 +69,12 @@ class HandlerTable:
                 finally:
                     if self._watchdog is not None:
                         self._watchdog.disarm()
-                return Outcome(delivery.token, SUCCEEDED, None, attempt)
+                return Outcome(delivery.token, SUCCEEDED, None, attempt,
+                               time.perf_counter() - started)
             except Exception as exc:
                 if attempt > spec.retries:
-                    return Outcome(delivery.token, FAILED, f"{type(exc).__name__}: {exc}", attempt)
+                    return Outcome(delivery.token, FAILED, f"{type(exc).__name__}: {exc}", attempt,
+                                   time.perf_counter() - started)
                 delay = min(spec.retry_backoff * (2 ** (attempt - 1)), spec.retry_backoff_max)
                 log.debug("handler failed on %s (attempt %d), retrying in %.3fs: %r",
                           delivery.subject, attempt, delay, exc)

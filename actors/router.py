@@ -10,6 +10,7 @@ a dead address).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -144,7 +145,8 @@ class Router(BusActor):
                     self._resends.pop(outcome.token, None)
             member.busy = False
             self._send_next(member)
-        self.send(self._bridge, message)
+        depths = tuple(len(m.held) for m in self._members)
+        self.send(self._bridge, dataclasses.replace(message, queue_depths=depths))
 
     # ------------------------------------------------------------ failures
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:

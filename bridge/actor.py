@@ -22,14 +22,15 @@ from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeRead
                                       StartBridge, Stats, StatsRequest, StopBus, Subscribe,
                                       Subscribed)
 from actorbus.actors.processing import HandlerTable
-from actorbus.actors.watchdog import Watchdog
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
+from actorbus.actors.watchdog import Watchdog
 from actorbus.bridge.envelope import InvalidEnvelope, decode_envelope
 from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.mailbox import Mailbox
 from actorbus.bridge.nats_link import NatsLink
 from actorbus.bridge.settlement import DEAD_LETTER, Order, dead_letter_headers, settle
+from actorbus.bridge.tally import SubscriptionTally
 from actorbus.config import BusConfig, SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
@@ -40,6 +41,7 @@ POLL_INTERVAL = 0.005
 #: How often the Bridge looks for messages that need an ``in_progress``.
 PROGRESS_INTERVAL = 0.25
 
+_OUTCOME_COUNTERS = {SUCCEEDED: "processed", FAILED: "failed", UNDELIVERED: "undelivered"}
 _DRAIN_DEADLINE = "actorbus-drain-deadline"
 _PROGRESS_TICK = "actorbus-progress-tick"
 
@@ -58,6 +60,8 @@ class Bridge(Actor):
         self._subscriptions: dict[str, SubscriptionConfig] = {}
         self._direct: HandlerTable | None = None   # pool size 0
         self._counts: Counter[str] = Counter()
+        self._tallies: dict[str, SubscriptionTally] = {}
+        self._queue_depths: tuple[int, ...] = ()
         self._polling = False
         self._watch: ThespianWatch | None = None
         self._dispatches = 0
@@ -87,6 +91,8 @@ class Bridge(Actor):
             if self._polling:
                 self.wakeupAfter(POLL_INTERVAL)
         elif isinstance(message, Completion):
+            if message.queue_depths:
+                self._queue_depths = message.queue_depths
             self._complete(message.outcomes)
             if self._drain is not None and not len(self._inflight):
                 self._finish_drain()
@@ -95,7 +101,10 @@ class Bridge(Actor):
         elif isinstance(message, Subscribe):
             self._subscribe(message, sender)
         elif isinstance(message, StatsRequest):
-            self.send(sender, Stats(message.request_id, self._stats()))
+            self.send(sender, Stats(message.request_id, self._stats(),
+                                    by_subscription={name: tally.snapshot()
+                                                     for name, tally in self._tallies.items()},
+                                    queue_depths=self._queue_depths))
         elif isinstance(message, StopBus):
             self._start_drain(message, sender)
         elif isinstance(message, PoisonMessage):
@@ -141,6 +150,7 @@ class Bridge(Actor):
         if self._direct is not None:
             self._direct.register(sub.handler_spec())
         self._subscriptions[sub.name] = sub
+        self._tallies.setdefault(sub.name, SubscriptionTally("envelope" if sub.envelope else "plain"))
         try:
             self._link.subscribe(sub)
         except Exception as exc:
@@ -178,11 +188,14 @@ class Bridge(Actor):
             self.send(self._router, Dispatch(tuple(deliveries), self._dispatches))
 
     def _delivery(self, sub: SubscriptionConfig, msg, rejected: list[Order]) -> Delivery | None:
+        tally = self._tallies[sub.name].counts
         self._counts["received"] += 1
+        tally["received"] += 1
         meta = msg.metadata
         delivery_count = meta.num_delivered
         if delivery_count > 1:
             self._counts["redelivered"] += 1
+            tally["redelivered"] += 1
         if sub.envelope:
             try:
                 aggregate_id = decode_envelope(msg.data, max_bytes=sub.max_envelope_bytes).aggregate_id
@@ -218,12 +231,12 @@ class Bridge(Actor):
             if entry is None:
                 continue
             sub = entry.subscription
-            if outcome.kind == SUCCEEDED:
-                self._counts["processed"] += 1
-            elif outcome.kind == FAILED:
-                self._counts["failed"] += 1
-            elif outcome.kind == UNDELIVERED:
-                self._counts["undelivered"] += 1
+            tally = self._tallies[sub.name]
+            counter = _OUTCOME_COUNTERS[outcome.kind]
+            self._counts[counter] += 1
+            tally.counts[counter] += 1
+            if outcome.kind != UNDELIVERED:
+                tally.observe(outcome.seconds)
             if outcome.attempts > 1:
                 self._counts["retried"] += outcome.attempts - 1
             decision = settle(outcome.kind, envelope=sub.envelope,

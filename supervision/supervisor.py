@@ -130,7 +130,7 @@ class Supervisor(BusActor):
         for level in ("bridge", "router", "pool"):
             counts[f"restarts_{level}"] = self._restarts[level]
         self._reply(Stats(message.request_id, counts, dict(self._pids), self._failure,
-                          dict(self._states)))
+                          dict(self._states), message.by_subscription, message.queue_depths))
 
     # ------------------------------------------------------------ the pool's health
     def receiveMsg_MemberDied(self, message: MemberDied, sender) -> None:

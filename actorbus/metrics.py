@@ -1,0 +1,96 @@
+"""Prometheus metrics for a bus, served over HTTP by prometheus-client.
+
+The numbers come from the actors themselves (the Bridge counts every
+outcome, whichever pool process produced it; the Supervisor counts
+restarts), read through ``bus.stats()`` at each scrape, so they cover
+every actor process, not only the one serving the endpoint.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import start_http_server
+from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+
+from actorbus.bridge.tally import DURATION_BUCKETS
+
+if TYPE_CHECKING:
+    from actorbus.bus import EventBus
+
+log = logging.getLogger("actorbus.metrics")
+
+_BY_SUBSCRIPTION = (("received", "Messages fetched from JetStream."),
+                    ("processed", "Messages whose handler succeeded."),
+                    ("failed", "Messages whose handler failed on every attempt."),
+                    ("undelivered", "Messages that never reached a handler."),
+                    ("redelivered", "Deliveries with a delivery count above 1."))
+_SETTLEMENTS = (("acked", "Messages acknowledged to JetStream."),
+                ("naked", "Messages negatively acknowledged (redelivered later)."),
+                ("dead_lettered", "Messages published to a dead-letter subject and termed."),
+                ("retried", "In-place handler retries."))
+
+
+class BusCollector:
+    """A prometheus-client collector that reads a bus's stats at each scrape."""
+
+    def __init__(self, bus: "EventBus") -> None:
+        self._bus = bus
+
+    def collect(self) -> Iterator[Metric]:
+        """The bus's metrics, all named ``actorbus_...``."""
+        try:
+            stats = self._bus.stats()
+        except Exception as exc:  # a scrape must not take the endpoint down
+            log.warning("metrics scrape could not read stats: %s", exc)
+            return
+        subscriptions = stats["subscriptions"]
+        for name, help_text in _BY_SUBSCRIPTION:
+            family = CounterMetricFamily(f"actorbus_messages_{name}", help_text,
+                                         labels=("subscription", "kind"))
+            for sub, tally in subscriptions.items():
+                family.add_metric((sub, tally["kind"]), tally["counts"].get(name, 0))
+            yield family
+        for name, help_text in _SETTLEMENTS:
+            yield CounterMetricFamily(f"actorbus_messages_{name}", help_text, value=stats[name])
+        restarts = CounterMetricFamily("actorbus_restarts", "Actor restarts by supervision level.",
+                                       labels=("level",))
+        for level in ("bridge", "router", "pool"):
+            restarts.add_metric((level,), stats[f"restarts_{level}"])
+        yield restarts
+        yield GaugeMetricFamily("actorbus_in_flight_messages",
+                                "Messages delivered and not yet settled.", value=stats["in_flight"])
+        depth = GaugeMetricFamily("actorbus_actor_queue_depth",
+                                  "Messages held by each pool member (running or waiting).",
+                                  labels=("member",))
+        for index, held in enumerate(stats["queue_depths"]):
+            depth.add_metric((str(index),), held)
+        yield depth
+        durations = HistogramMetricFamily("actorbus_handler_duration_seconds",
+                                          "Time in the handler per message, all attempts.",
+                                          labels=("subscription",))
+        for sub, tally in subscriptions.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip((*DURATION_BUCKETS, float("inf")), tally["buckets"]):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            durations.add_metric((sub,), buckets, tally["duration_sum"])
+        yield durations
+
+
+class MetricsServer:
+    """The HTTP endpoint: ``http://<addr>:<port>/metrics``."""
+
+    def __init__(self, bus: "EventBus", port: int, addr: str = "127.0.0.1") -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(BusCollector(bus))
+        self.port = port
+        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        log.info("metrics at http://%s:%d/metrics", addr, port)
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
