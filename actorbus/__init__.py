@@ -15,8 +15,9 @@ from actorbus.bus import BusError, EventBus
 from actorbus.config import ConfigurationError
 from actorbus.message import Message
 from actorbus.publisher import PublishError, PublishResult
+from actorbus.topology import Subscription, Topology
 
 __all__ = ["EventBus", "Aggregate", "Envelope", "Message", "InvalidEnvelope",
            "extract_aggregate_id", "BusError", "ConfigurationError", "PublishError",
-           "PublishResult"]
+           "PublishResult", "Topology", "Subscription"]
 __version__ = "0.1.0"

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import time
 from typing import Callable, Iterator
 
 import click
@@ -79,6 +81,50 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
         from actorbus.demo import run_demo
         return run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
                         keyless=keyless, console=Console(), metrics_port=metrics_port)
+
+    _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
+
+
+@main.command()
+@click.argument("topology")
+@click.option("--servers", default=None, help="NATS URL(s), comma-separated; overrides the topology's.")
+@click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
+              help="Serve Prometheus metrics on this port.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds to let in-flight messages finish on SIGTERM or Ctrl-C.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: int | None,
+        drain_timeout: float, debug: bool) -> None:
+    """Run TOPOLOGY (package.module:name, an actorbus Topology) until SIGTERM or
+    Ctrl-C, then drain: stop fetching, let in-flight messages finish, stop.
+
+    Example: actorbus run examples.orders:topology --servers nats://127.0.0.1:4222
+    """
+    def work() -> int:
+        from actorbus.topology import load_topology
+
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # like python -m: modules beside you import
+        console = Console()
+        loaded = load_topology(topology)
+        overrides = {"metrics_port": metrics_port} if metrics_port is not None else {}
+        bus = loaded.start(servers, **overrides)
+        console.print(f"running {topology}: {len(loaded.subscriptions)} subscription(s), "
+                      f"{len(bus.pids)} actor processes; SIGTERM or Ctrl-C drains and stops")
+        try:
+            with console.status("starting") as status:
+                while True:
+                    stats = bus.stats()
+                    status.update(f"processed {stats['processed']}  failed {stats['failed']}  "
+                                  f"in flight {stats['in_flight']}  restarts {stats['restarts']}")
+                    time.sleep(1.0)
+        except KeyboardInterrupt:
+            console.print(f"draining (up to {drain_timeout:g} s)")
+        finally:
+            bus.stop(timeout=drain_timeout)
+        console.print("stopped")
+        return 0
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 

@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from actorbus import Aggregate, Message
+from actorbus import Aggregate, Message, Subscription, Topology
 
 RELEASE_MARKER = "release"
 
@@ -114,3 +114,8 @@ class Counter(Aggregate):
 
     def passivate(self) -> None:
         self.SAVED[self.aggregate_id] = self.count
+
+
+#: What `actorbus run tests.handlers:topology` runs in the CLI test.
+topology = Topology(subscriptions=(Subscription("orders.>", record, durable="orders"),),
+                    bus={"pool_size": 2})

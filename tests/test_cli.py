@@ -1,6 +1,7 @@
 """The ``actorbus`` command: a short demo run, and SIGTERM draining it."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -9,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import nats
 import pytest
 
+from actorbus import Envelope
 from actorbus.runtime import descendants, process_alive
-from tests.support import wait_for
+from tests.support import consumer_info, read_records, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +75,46 @@ def with_their_groups(pids: list[int]) -> set[int]:
             except ProcessLookupError:
                 pass
     return members
+
+
+def test_run_serves_a_topology_and_drains_on_sigterm(tmp_path, nats_server, records):
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        process = subprocess.Popen([ACTORBUS, "run", "tests.handlers:topology", "--servers",
+                                    nats_server.url], stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=Path(__file__).parent.parent)
+    try:
+        wait_for(lambda: "running tests.handlers:topology" in out_path.read_text(), timeout=60,
+                 what="the topology to start")
+        publish_one(nats_server.url)
+        wait_for(lambda: [r for r in read_records(records) if r.kind == "ok"], what="the handler")
+        tree = with_their_groups(descendants(process.pid))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            for pid in with_their_groups(descendants(process.pid)) | {process.pid}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+    text = out_path.read_text()
+    assert "draining" in text and text.rstrip().endswith("stopped")
+    assert consumer_info(nats_server.url, "ORDERS", "orders").num_ack_pending == 0
+    wait_for(lambda: not [pid for pid in tree if process_alive(pid)], timeout=20,
+             what="every process of the topology to exit")
+
+
+def test_run_refuses_what_is_not_a_topology():
+    result = subprocess.run([ACTORBUS, "run", "tests.handlers:record"], capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 1
+    assert "tests.handlers:record is a function, not an actorbus Topology" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def publish_one(url: str) -> None:
+    async def main() -> None:
+        nc = await nats.connect(url)
+        await nc.jetstream().publish("orders.a", Envelope.create("a", "T", b"0").encode())
+        await nc.close()
+    asyncio.run(main())

@@ -206,3 +206,14 @@ def test_idle_aggregates_are_passivated():
     now[0] = 10.0   # past idle_timeout
     instances(Message("a.b", b"y", None, None, "z", "z", 1, 2)).close()
     assert "a" in Tally.SAVED and len(instances) == 1
+
+
+def test_load_topology_names_what_is_wrong():
+    from actorbus.topology import Topology, load_topology
+    assert isinstance(load_topology("tests.handlers:topology"), Topology)
+    with pytest.raises(ValueError, match="expected MODULE:TOPOLOGY"):
+        load_topology("tests.handlers")
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_here'"):
+        load_topology("no_such_module_here:topology")
+    with pytest.raises(ValueError, match="has no 'missing'"):
+        load_topology("tests.handlers:missing")
