@@ -175,6 +175,7 @@ class Router(BusActor):
                     # Its exit is part of this restart, not a failure of its own.
                     address = other.address
                     self._bury(other)
+                    self.send(self._supervisor, MemberDied(self._members.index(other)))
                     self.send(address, ActorExitRequest())
         for i, m in enumerate(self._members):
             if m.restarting and m.address is None:

@@ -7,6 +7,7 @@ creates it there and sends it :class:`StartBus`, exactly as the
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -38,7 +39,10 @@ class Supervisor(BusActor):
         self._bridge = None
         self._router = None
         self._pids: dict[str, int] = {}
-        self._waiting: dict[int, object] = {}     # request id → who asked
+        # Our own id for each request → (who asked, their id): several clients
+        # (the facade, the program's own actors) may number requests alike.
+        self._waiting: dict[int, tuple[object, int]] = {}
+        self._relay_ids = 0
         self._subscriptions: dict[int, object] = {}  # request id → SubscriptionConfig
         self._subscribing: dict[int, object] = {}    # request id → SubscriptionConfig
         self._subscribed: list = []                  # what a restarted Bridge resumes
@@ -61,8 +65,7 @@ class Supervisor(BusActor):
             return
         self._config = message.config
         self._budget = RestartBudget(self._config.supervision.root)
-        self._start_request = message.request_id
-        self._waiting[message.request_id] = sender
+        self._start_request = self._accept(message, sender)
         self._pids["supervisor"] = os.getpid()
         self._bridge = self.createActor(Bridge)
         self._states["bridge"] = "starting"
@@ -72,7 +75,7 @@ class Supervisor(BusActor):
             self.send(self._router, StartPool(self._config.pool_size, self._bridge,
                                               policy=self._config.supervision.pool))
         else:
-            self.send(self._bridge, StartBridge(message.request_id, self._config, None))
+            self.send(self._bridge, StartBridge(self._start_request, self._config, None))
 
     def receiveMsg_PoolReady(self, message: PoolReady, sender) -> None:
         self._pids["router"] = message.router_pid
@@ -100,13 +103,13 @@ class Supervisor(BusActor):
 
     # ------------------------------------------------------------ requests
     def receiveMsg_Subscribe(self, message: Subscribe, sender) -> None:
-        self._waiting[message.request_id] = sender
-        self._subscribing[message.request_id] = message.subscription
+        request_id = self._accept(message, sender)
+        self._subscribing[request_id] = message.subscription
         if self._router is None:
-            self.send(self._bridge, message)
+            self.send(self._bridge, Subscribe(request_id, message.subscription))
             return
-        self._subscriptions[message.request_id] = message.subscription
-        self.send(self._router, RegisterHandler(message.request_id, message.subscription.handler_spec()))
+        self._subscriptions[request_id] = message.subscription
+        self.send(self._router, RegisterHandler(request_id, message.subscription.handler_spec()))
 
     def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender) -> None:
         subscription = self._subscriptions.pop(message.request_id, None)
@@ -114,11 +117,11 @@ class Supervisor(BusActor):
             self.send(self._bridge, Subscribe(message.request_id, subscription))
 
     def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
-        self._waiting[message.request_id] = sender
+        request_id = self._accept(message, sender)
         if self._bridge is None:   # between a Bridge's death and its restart
-            self.receiveMsg_Stats(Stats(message.request_id, dict(self._last_counts)), None)
+            self.receiveMsg_Stats(Stats(request_id, dict(self._last_counts)), None)
             return
-        self.send(self._bridge, message)
+        self.send(self._bridge, StatsRequest(request_id))
 
     def receiveMsg_Stats(self, message: Stats, sender) -> None:
         if sender is not None:
@@ -148,11 +151,11 @@ class Supervisor(BusActor):
         self._give_up(message.reason)
 
     def receiveMsg_StopBus(self, message: StopBus, sender) -> None:
-        self._waiting[message.request_id] = sender
+        request_id = self._accept(message, sender)
         if self._bridge is None:
-            self._reply(BusStopped(message.request_id))
+            self._reply(BusStopped(request_id))
             return
-        self.send(self._bridge, message)
+        self.send(self._bridge, StopBus(request_id, message.timeout))
 
     def receiveMsg_Subscribed(self, message: Subscribed, sender) -> None:
         subscription = self._subscribing.pop(message.request_id, None)
@@ -248,7 +251,14 @@ class Supervisor(BusActor):
         self._internal_ids -= 1
         return self._internal_ids
 
+    def _accept(self, message, sender) -> int:
+        """Our own id for a client's request, remembered with who asked and their id."""
+        self._relay_ids += 1
+        self._waiting[self._relay_ids] = (sender, message.request_id)
+        return self._relay_ids
+
     def _reply(self, message) -> None:
-        client = self._waiting.pop(message.request_id, None)
-        if client is not None:
-            self.send(client, message)
+        waiting = self._waiting.pop(message.request_id, None)
+        if waiting is not None:
+            client, their_id = waiting
+            self.send(client, dataclasses.replace(message, request_id=their_id))
