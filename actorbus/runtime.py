@@ -77,11 +77,11 @@ class SimpleRuntime:
 
     _PUMP_INTERVAL = 0.002
 
-    def __init__(self, log_config: dict | None = None) -> None:
+    def __init__(self) -> None:
         self._calls: queue.Queue = queue.Queue()
         self._running = True
         ready: concurrent.futures.Future = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._pump, args=(log_config, ready),
+        self._thread = threading.Thread(target=self._pump, args=(ready,),
                                         name="actorbus-simple-runtime", daemon=True)
         self._thread.start()
         ready.result(30)
@@ -120,11 +120,11 @@ class SimpleRuntime:
         self._calls.put((fn, future))
         return future.result()
 
-    def _pump(self, log_config: dict | None, ready: concurrent.futures.Future) -> None:
+    def _pump(self, ready: concurrent.futures.Future) -> None:
         try:
-            # logDefs=False: leave the host program's logging configuration alone.
-            system = ActorSystem("simpleSystemBase", logDefs=log_config or False,
-                                 transientUnique=True)
+            # The actors log in this process, through the program's own logging
+            # configuration: logDefs=False keeps Thespian from replacing it.
+            system = ActorSystem("simpleSystemBase", logDefs=False, transientUnique=True)
         except Exception as exc:
             ready.set_exception(exc)
             return
@@ -147,7 +147,10 @@ def make_runtime(name: str, admin_port: int | None = None,
     if name == "processes":
         return ProcessRuntime(admin_port, log_config)
     if name == "simple":
-        return SimpleRuntime(log_config)
+        if log_config is not None:
+            log.warning("log_config is for the processes runtime; with runtime='simple' the "
+                        "actors log through this program's own logging configuration")
+        return SimpleRuntime()
     raise ValueError(f"unknown runtime {name!r}: use 'processes' or 'simple'")
 
 

@@ -47,7 +47,8 @@ def make_bus(nats_server: NatsServer, records: Path, log_file: Path) -> Callable
     def make(**kwargs) -> EventBus:
         kwargs.setdefault("servers", nats_server.url)
         kwargs.setdefault("runtime", "processes")
-        kwargs.setdefault("log_config", file_log_config(log_file))
+        if kwargs["runtime"] == "processes":  # the simple runtime logs through this process
+            kwargs.setdefault("log_config", file_log_config(log_file))
         bus = EventBus(**kwargs)
         buses.append(bus)
         return bus
