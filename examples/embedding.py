@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from actorbus.actors.messages import (BusStarted, BusStopped, StartBus, Stats, S
                                       Subscribe, Subscribed)
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.ports import free_port
-from actorbus.runtime import descendants, process_alive
+from actorbus.runtime import descendants, kill_leftovers, process_alive
 from actorbus.supervision.supervisor import Supervisor
 
 SUBJECT = "embed.events"
@@ -118,29 +117,6 @@ async def _publish(url: str, count: int) -> None:
         await nc.close()
 
 
-def end_leftovers(pids: set[int], grace: float = 3.0) -> list[int]:
-    """Wait up to ``grace`` for ``pids`` to exit, then SIGKILL (by pid) the ones still running."""
-    deadline = time.monotonic() + grace
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if _running(pid)}
-        time.sleep(0.05)
-    killed = []
-    for pid in sorted(alive):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-    return killed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return process_alive(pid)   # a zombie has exited: it only waits to be reaped
-
-
 def main(argv: list[str] | None = None) -> int:
     from examples._support import nats_url, parse_args
 
@@ -189,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         pids.discard(os.getpid())
         import multiprocessing
         multiprocessing.active_children()            # reap the admin's parent, if it is ours
-        killed = end_leftovers(pids)
-    left = [pid for pid in sorted(pids) if _running(pid)]
+        killed = kill_leftovers(pids)  # a grace period, then SIGKILL by pid
+    left = [pid for pid in sorted(pids) if process_alive(pid)]
     print(f"after shutdown: {len(pids)} actor-system processes checked, "
           f"{len(killed)} had to be killed, {len(left)} left")
     ok = counts.get("acked", 0) >= MESSAGES and not left
