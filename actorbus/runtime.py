@@ -24,6 +24,8 @@ from actorbus.ports import free_port
 
 log = logging.getLogger("actorbus.runtime")
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
 
 class ProcessRuntime:
     """A multiprocTCPBase actor system on its own admin port."""
@@ -210,6 +212,15 @@ def _session_of(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of ``pid`` in bytes (Linux ``/proc``); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def process_alive(pid: int) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgpack
 from actorbus.bridge.envelope import Envelope, decode_envelope
+from actorbus.runtime import process_rss
 
 #: Where handlers write their records. Set before an EventBus is built, so the
 #: forked actor processes inherit it.
@@ -22,7 +23,6 @@ SUBJECT = "bench.events"
 #: Consumer fetch size of the plain loop and the FastStream pull subscriber.
 FETCH_BATCH = 500
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ====================================================================== payloads
@@ -134,15 +134,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # ====================================================================== memory
-def rss_bytes(pid: int) -> int:
-    """Resident set size of ``pid`` from ``/proc/<pid>/statm`` (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 class RssSampler:
     """Samples the summed RSS of ``pids()`` every ``interval`` seconds in a thread; keeps the peak."""
 
@@ -158,7 +149,7 @@ class RssSampler:
             pids = set(self._pids())
         except RuntimeError:  # the pid table changed while it was copied: next time
             return
-        self.peak = max(self.peak, sum(rss_bytes(pid) for pid in pids))
+        self.peak = max(self.peak, sum(process_rss(pid) for pid in pids))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

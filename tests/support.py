@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import nats
 
+from actorbus.runtime import process_rss
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
              interval: float = 0.05) -> Any:
@@ -99,15 +101,8 @@ def stream_messages(url: str, stream: str) -> list:
 
 
 def tree_rss_bytes(pids) -> int:
-    """Resident memory of these processes, summed (Linux /proc)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm") as statm:
-                total += int(statm.read().split()[1]) * 4096
-        except OSError:
-            pass
-    return total
+    """Resident memory of these processes, summed."""
+    return sum(process_rss(pid) for pid in pids)
 
 
 def create_stream(url: str, name: str, subjects: list[str], storage: str = "memory") -> None:
