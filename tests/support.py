@@ -100,6 +100,18 @@ def stream_messages(url: str, stream: str) -> list:
     return _run(url, read)
 
 
+def publish_spread(bus, total: int, keys: int, *, per_key_sequence: bool = False) -> None:
+    """Publish ``total`` envelopes round-robin over aggregates ``agg-<k>`` on ``orders.<k>``,
+    each carrying its number (or, with ``per_key_sequence``, its number within its key);
+    every one must be stored."""
+    from actorbus import Envelope
+    results = bus.publish_many([
+        (f"orders.{n % keys}",
+         Envelope.create(f"agg-{n % keys}", "T", str(n // keys if per_key_sequence else n).encode()))
+        for n in range(total)])
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+
+
 def tree_rss_bytes(pids) -> int:
     """Resident memory of these processes, summed."""
     return sum(process_rss(pid) for pid in pids)

@@ -9,8 +9,9 @@ import pytest
 
 from actorbus import BusError, Envelope, PublishError
 from tests import handlers
-from tests.support import (consumer_info, create_stream, read_records, stream_info,
-                           stream_messages, tree_rss_bytes, wait_for, wait_for_stats)
+from tests.support import (consumer_info, create_stream, publish_spread, read_records,
+                           stream_info, stream_messages, tree_rss_bytes, wait_for,
+                           wait_for_stats)
 
 pytestmark = pytest.mark.integration
 
@@ -138,9 +139,7 @@ def test_stop_drains_in_flight_work_and_the_next_bus_gets_the_rest(make_bus, rec
     total = 2000
     first = make_bus(pool_size=4)
     first.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=2.0)
-    results = first.publish_many([(f"orders.{n % 20}", Envelope.create(f"a-{n % 20}", "T", str(n).encode()))
-                                  for n in range(total)])
-    assert all(r.ok for r in results)
+    publish_spread(first, total, keys=20)
     wait_for_stats(first, "processed", 300)
 
     first.stop(timeout=20)

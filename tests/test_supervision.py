@@ -18,7 +18,7 @@ from actorbus.runtime import process_alive
 from actorbus.supervision import AllForOne, Backoff, OneForOne
 from actorbus.supervision.restarts import RestartBudget
 from tests import handlers
-from tests.support import consumer_info, read_records, wait_for
+from tests.support import consumer_info, publish_spread, read_records, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +38,7 @@ def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records)
     bus = make_bus(pool_size=4, supervision=OneForOne(
         max_restarts=1000, within=60.0, backoff=Backoff(initial=0.01, maximum=0.1, jitter=0.0)))
     bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0)
-    results = bus.publish_many([(f"orders.{n % aggregates}",
-                                 Envelope.create(f"agg-{n % aggregates}", "T", str(n // aggregates).encode()))
-                                for n in range(total)])
-    assert all(r.ok for r in results)
+    publish_spread(bus, total, keys=aggregates, per_key_sequence=True)
 
     rng = random.Random(7)
     kills = 0
@@ -162,9 +159,7 @@ def test_nats_server_restart_loses_no_envelope(make_bus, records, nats_server):
     total = 3000
     bus = make_bus(pool_size=2)
     bus.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=3.0)
-    results = bus.publish_many([(f"orders.{n % 30}", Envelope.create(f"agg-{n % 30}", "T", str(n).encode()))
-                                for n in range(total)])
-    assert all(r.ok for r in results)
+    publish_spread(bus, total, keys=30)
     wait_for(lambda: bus.stats()["processed"] >= 300, what="processing under way")
 
     nats_server.kill()      # a crash: file storage keeps the stream and the consumer
@@ -182,9 +177,7 @@ def test_killed_bridge_is_restarted_and_no_envelope_is_lost(make_bus, records):
     total = 3000
     bus = make_bus(pool_size=2, supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
     bus.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=2.0)
-    results = bus.publish_many([(f"orders.{n % 30}", Envelope.create(f"agg-{n % 30}", "T", str(n).encode()))
-                                for n in range(total)])
-    assert all(r.ok for r in results)
+    publish_spread(bus, total, keys=30)
     wait_for(lambda: bus.stats()["processed"] >= 300, what="processing under way")
     old_bridge = bus.pids["bridge"]
 
@@ -239,9 +232,7 @@ def test_killed_router_is_restarted_with_a_new_pool_and_no_envelope_is_lost(make
     total = 3000
     bus = make_bus(pool_size=2, supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
     bus.subscribe("orders.>", handlers.slow_record, durable="orders")
-    results = bus.publish_many([(f"orders.{n % 30}", Envelope.create(f"agg-{n % 30}", "T", str(n).encode()))
-                                for n in range(total)])
-    assert all(r.ok for r in results)
+    publish_spread(bus, total, keys=30)
     wait_for(lambda: bus.stats()["processed"] >= 300, what="processing under way")
     old = dict(bus.pids)
 
