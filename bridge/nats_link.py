@@ -67,14 +67,14 @@ class NatsLink:
 
     def settle(self, actions: list[Order]) -> None:
         """Ack, nak (with delay), term or dead-letter these messages; returns at once."""
-        self._thread.call_soon(self._start_settling, actions)
+        self._thread.call_soon(self._track, self._settle, actions)
 
     def touch(self, msgs: list[Any]) -> None:
         """Tell JetStream these messages are still being worked on (``in_progress``)."""
-        self._thread.call_soon(self._start_touching, msgs)
+        self._thread.call_soon(self._track, self._touch, msgs)
 
     def counts(self) -> dict[str, int]:
-        """Settlements done so far: acked, naked, termed, settle_errors."""
+        """Done so far: acked, naked, termed, dead_lettered, in_progress, settle_errors."""
         with self._counts_lock:
             return dict(self._counts)
 
@@ -148,8 +148,9 @@ class NatsLink:
         log.warning("re-bound the pull subscription of %s", sub.name)
         return fresh
 
-    def _start_touching(self, msgs: list[Any]) -> None:
-        task = asyncio.ensure_future(self._touch(msgs))
+    def _track(self, work: Any, items: list[Any]) -> None:
+        # Kept until done, so that closing waits for what was already handed over.
+        task = asyncio.ensure_future(work(items))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
@@ -164,11 +165,6 @@ class NatsLink:
                             type(exc).__name__, exc)
         with self._counts_lock:
             self._counts["in_progress"] += touched
-
-    def _start_settling(self, actions: list[Order]) -> None:
-        task = asyncio.ensure_future(self._settle(actions))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
 
     async def _settle(self, actions: list[Order]) -> None:
         done: Counter[str] = Counter()
