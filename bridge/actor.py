@@ -59,7 +59,7 @@ class Bridge(Actor):
         self._inflight = InFlightTable()
         self._subscriptions: dict[str, SubscriptionConfig] = {}
         self._direct: HandlerTable | None = None   # pool size 0
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()   # not per subscription: invalid, retried
         self._tallies: dict[str, SubscriptionTally] = {}
         self._queue_depths: tuple[int, ...] = ()
         self._polling = False
@@ -189,12 +189,10 @@ class Bridge(Actor):
 
     def _delivery(self, sub: SubscriptionConfig, msg, rejected: list[Order]) -> Delivery | None:
         tally = self._tallies[sub.name].counts
-        self._counts["received"] += 1
         tally["received"] += 1
         meta = msg.metadata
         delivery_count = meta.num_delivered
         if delivery_count > 1:
-            self._counts["redelivered"] += 1
             tally["redelivered"] += 1
         if sub.envelope:
             try:
@@ -232,9 +230,7 @@ class Bridge(Actor):
                 continue
             sub = entry.subscription
             tally = self._tallies[sub.name]
-            counter = _OUTCOME_COUNTERS[outcome.kind]
-            self._counts[counter] += 1
-            tally.counts[counter] += 1
+            tally.counts[_OUTCOME_COUNTERS[outcome.kind]] += 1
             if outcome.kind != UNDELIVERED:
                 tally.observe(outcome.seconds)
             if outcome.attempts > 1:
@@ -261,7 +257,11 @@ class Bridge(Actor):
 
     # ------------------------------------------------------------ stats, stop
     def _stats(self) -> dict[str, int]:
-        counts = dict(self._counts)
+        # Per-message counts live per subscription; the totals are their sums.
+        counts = Counter(self._counts)
+        for tally in self._tallies.values():
+            counts.update(tally.counts)
+        counts = dict(counts)
         if self._link is not None:
             counts.update(self._link.counts())
         counts["in_flight"] = len(self._inflight)
