@@ -43,7 +43,6 @@ class Supervisor(BusActor):
         # (the facade, the program's own actors) may number requests alike.
         self._waiting: dict[int, tuple[object, int]] = {}
         self._relay_ids = 0
-        self._subscriptions: dict[int, object] = {}  # request id → SubscriptionConfig
         self._subscribing: dict[int, object] = {}    # request id → SubscriptionConfig
         self._subscribed: list = []                  # what a restarted Bridge resumes
         self._budget = RestartBudget()
@@ -108,11 +107,10 @@ class Supervisor(BusActor):
         if self._router is None:
             self.send(self._bridge, Subscribe(request_id, message.subscription))
             return
-        self._subscriptions[request_id] = message.subscription
         self.send(self._router, RegisterHandler(request_id, message.subscription.handler_spec()))
 
     def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender) -> None:
-        subscription = self._subscriptions.pop(message.request_id, None)
+        subscription = self._subscribing.get(message.request_id)
         if subscription is not None:
             self.send(self._bridge, Subscribe(message.request_id, subscription))
 
