@@ -39,7 +39,7 @@ class SubscriptionConfig:
     nak_delay: float = 0.5
     nak_delay_max: float = 30.0
     batch_size: int = 256
-    fetch_timeout: float = 0.2
+    pull_expires: float = 5.0
     max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
     key_from_subject: bool = False
     dead_letter_subject: str | None = None
@@ -66,7 +66,7 @@ class SubscriptionConfig:
         if self.storage is not None and self.storage not in STORAGE_TYPES:
             raise ConfigurationError(f"storage must be one of {STORAGE_TYPES}, got {self.storage!r}")
         for name in ("ack_wait", "retry_backoff", "retry_backoff_max", "nak_delay",
-                     "nak_delay_max", "fetch_timeout"):
+                     "nak_delay_max", "pull_expires"):
             _check_positive(name, getattr(self, name))
         for name in ("max_ack_pending", "batch_size", "max_envelope_bytes"):
             _check_count(name, getattr(self, name), minimum=1)

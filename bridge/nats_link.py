@@ -1,34 +1,34 @@
-"""The Bridge's NATS side: one connection, a fetch loop per subscription, settling.
+"""The Bridge's NATS side: one connection, pull requests per subscription, settling.
 
-It all runs on a :class:`LoopThread`. Fetched batches go to the actor
+It all runs on a :class:`LoopThread`. Arrived messages go to the actor
 thread through a :class:`Mailbox`; settlements come back through
 :meth:`NatsLink.settle`. The window bounds how many messages may be
-delivered and unsettled at once, so a slow pool holds fetching back
-instead of growing queues.
+requested or delivered and unsettled at once, so a slow pool holds
+fetching back instead of growing queues.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
+import time
 from collections import Counter
 from typing import Any, Iterable
 
 import nats
-import nats.errors
 
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.bridge.mailbox import Mailbox
+from actorbus.bridge.pull import PullConsumer
 from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK, TERM, Order
 from actorbus.config import SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
 
-_RETRY_AFTER_FETCH_ERROR = 0.5
 _SETTLE_FLUSH_TIMEOUT = 5.0
-_REBIND_AFTER_FAILURES = 3
+#: How often lost pull requests are looked for and requests topped up.
+_TICK = 0.1
 
 
 class NatsLink:
@@ -43,11 +43,12 @@ class NatsLink:
         self._thread = LoopThread(f"{name}-nats")
         self._nc: Any = None
         self._js: Any = None
-        self._fetchers: dict[str, asyncio.Task] = {}
+        self._consumers: dict[str, PullConsumer] = {}
+        self._ticker: asyncio.Task | None = None
+        self._topping_up = False
         self._settling: set[asyncio.Task] = set()
         self._closing = False
         self._outstanding = 0
-        self._space: asyncio.Condition | None = None
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
 
@@ -92,7 +93,6 @@ class NatsLink:
 
     # ------------------------------------------------------------ loop thread
     async def _connect(self, timeout: float) -> None:
-        self._space = asyncio.Condition()
         self._nc = await nats.connect(
             servers=self._servers, name=self._name, connect_timeout=timeout,
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
@@ -105,48 +105,54 @@ class NatsLink:
         if sub.envelope:
             await ensure_dead_letter_stream(self._js, sub)
         await ensure_consumer(self._js, sub)
-        psub = await self._js.pull_subscribe_bind(durable=sub.durable, stream=sub.stream)
-        self._fetchers[sub.name] = asyncio.create_task(self._fetch_loop(sub, psub),
-                                                       name=f"fetch-{sub.name}")
+        consumer = PullConsumer(self._nc, sub, self._arrived, self._schedule_top_up)
+        await consumer.start()
+        self._consumers[sub.name] = consumer
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick(), name="pull-requests")
+        await self._top_up()
 
-    async def _fetch_loop(self, sub: SubscriptionConfig, psub: Any) -> None:
-        assert self._space is not None
-        failures = 0
+    def _arrived(self, sub: SubscriptionConfig, msgs: list[Any]) -> None:
+        self._outstanding += len(msgs)
+        self._mailbox.put((sub.name, msgs))
+
+    def _schedule_top_up(self) -> None:
+        if not self._topping_up:
+            self._topping_up = True
+            self._track(self._top_up_once, None)
+
+    async def _top_up_once(self, _: Any) -> None:
+        self._topping_up = False
+        await self._top_up()
+
+    async def _top_up(self) -> None:
+        """Keep each consumer's requests topped up, within what the window leaves."""
+        if self._closing or not self._consumers or self._nc.is_closed:
+            return
+        room = self._window - self._outstanding - sum(c.requested for c in self._consumers.values())
+        share = max(1, self._window // len(self._consumers))
+        for consumer in list(self._consumers.values()):
+            limit = max(1, min(consumer.batch_size, share))
+            wanted = min(limit - consumer.requested, room)
+            # Ask in runs of at least half the limit: fewer, larger requests.
+            if wanted >= max(1, limit // 2):
+                room -= wanted
+                try:
+                    await consumer.request(wanted)
+                except Exception as exc:
+                    consumer.forget()
+                    log.warning("pull request for %s failed: %s: %s", consumer.name,
+                                type(exc).__name__, exc)
+
+    async def _tick(self) -> None:
+        # Requests lost with a server restart are never answered: forget them
+        # once they are well past their expiry, and ask again.
         while True:
-            async with self._space:
-                await self._space.wait_for(lambda: self._outstanding < self._window)
-                room = self._window - self._outstanding
-            try:
-                msgs = await psub.fetch(min(sub.batch_size, room), timeout=sub.fetch_timeout)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue  # nothing to fetch (nats-py raises either kind)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                log.warning("fetch for %s failed (%d in a row), retrying: %s: %s", sub.name,
-                            failures, type(exc).__name__, exc)
-                await asyncio.sleep(_RETRY_AFTER_FETCH_ERROR)
-                if failures % _REBIND_AFTER_FAILURES == 0:
-                    # After a server restart nats-py does not always resume a
-                    # pull subscription: bind a fresh one to the durable.
-                    psub = await self._rebind(sub, psub)
-                continue
-            failures = 0
-            if msgs:
-                self._outstanding += len(msgs)
-                self._mailbox.put((sub.name, msgs))
-
-    async def _rebind(self, sub: SubscriptionConfig, psub: Any) -> Any:
-        try:
-            fresh = await self._js.pull_subscribe_bind(durable=sub.durable, stream=sub.stream)
-        except Exception as exc:
-            log.warning("re-binding %s failed: %s: %s", sub.name, type(exc).__name__, exc)
-            return psub
-        with contextlib.suppress(Exception):
-            await psub.unsubscribe()
-        log.warning("re-bound the pull subscription of %s", sub.name)
-        return fresh
+            await asyncio.sleep(_TICK)
+            now = time.monotonic()
+            for consumer in self._consumers.values():
+                consumer.forget(now)
+            await self._top_up()
 
     def _track(self, work: Any, items: list[Any]) -> None:
         # Kept until done, so that closing waits for what was already handed over.
@@ -203,16 +209,22 @@ class NatsLink:
                         "redeliver what did not take effect", unconfirmed, type(exc).__name__, exc)
         with self._counts_lock:
             self._counts.update(done)
-        assert self._space is not None
-        async with self._space:
-            self._outstanding -= len(actions)
-            self._space.notify_all()
+        self._outstanding -= len(actions)
+        await self._top_up()
 
     async def _stop_fetching(self) -> None:
-        for task in self._fetchers.values():
-            task.cancel()
-        await asyncio.gather(*self._fetchers.values(), return_exceptions=True)
-        self._fetchers.clear()
+        # Without interest on the inbox the server drops the waiting requests.
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+        consumers, self._consumers = list(self._consumers.values()), {}
+        for consumer in consumers:
+            try:
+                await consumer.stop()
+            except Exception as exc:
+                log.warning("stopping the pull subscription of %s: %s: %s", consumer.name,
+                            type(exc).__name__, exc)
 
     async def _close(self) -> None:
         self._closing = True
@@ -235,3 +247,7 @@ class NatsLink:
 
     async def _on_reconnected(self) -> None:
         log.warning("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc else "?")
+        # A restarted server has forgotten the waiting requests: ask afresh.
+        for consumer in self._consumers.values():
+            consumer.forget()
+        await self._top_up()
