@@ -38,10 +38,10 @@ class AggregateActor(BusActor):
         if len(fresh) < len(message.deliveries):
             log.warning("pool member %d dropped %d delivery(ies) it had already handled",
                         self._index, len(message.deliveries) - len(fresh))
-        if not fresh:
-            return
-        self._last_token = fresh[-1].token
-        self.send(sender, Completion(self._table.process(fresh), self._index))
+        if fresh:
+            self._last_token = fresh[-1].token
+        # Answered even when empty: the Router sends this member nothing more until it is.
+        self.send(sender, Completion.of(self._table.process(fresh), self._index))
 
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:
         self._table.close()

@@ -7,15 +7,18 @@ much as handling a few hundred trivial messages.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 
 # ---------------------------------------------------------------- hot path
-# Thespian formats every message it sends for a debug line, filtered or not:
-# the batch messages keep their repr short so that costs nothing per delivery.
+# Every delivery crosses two process boundaries and every outcome two more,
+# each a pickle and an unpickle: the per-message parts are named tuples
+# (a slotted dataclass pickles through Python code, several times slower),
+# and the common outcome, a first-try success, travels as a bare token.
+# Thespian also formats every message it sends for a debug line, filtered
+# or not: the batch messages keep their repr short.
 
-@dataclass(frozen=True, slots=True, repr=False)
-class Delivery:
+class Delivery(NamedTuple):
     """One JetStream message as the pool sees it; ``token`` is the Bridge's key for it."""
 
     token: int
@@ -56,8 +59,7 @@ FAILED = "failed"            #: the handler raised on every attempt
 UNDELIVERED = "undelivered"  #: it never reached a handler (hand-off failed)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What became of one delivery."""
 
     token: int
@@ -71,15 +73,50 @@ class Outcome:
 class Completion:
     """Aggregate actor → Router → Bridge: the outcomes of one dispatch.
 
-    ``member`` is the pool index of the actor that produced them.
+    A delivery handled on its first attempt is just its token in
+    ``succeeded`` and its handler time at the same place in ``seconds``;
+    every other outcome is in ``others``, in full. Build one with
+    :meth:`of`, read it back with :meth:`outcomes`. ``member`` is the pool
+    index of the actor that produced it.
     """
 
-    outcomes: tuple[Outcome, ...]
+    succeeded: tuple[int, ...] = ()
+    seconds: tuple[float, ...] = ()
+    others: tuple[Outcome, ...] = ()
     member: int = -1
     queue_depths: tuple[int, ...] = ()  # per member, as the Router forwards it
 
+    @classmethod
+    def of(cls, outcomes: Iterable[Outcome], member: int = -1) -> Completion:
+        """The compact form of ``outcomes``."""
+        succeeded: list[int] = []
+        seconds: list[float] = []
+        others: list[Outcome] = []
+        for outcome in outcomes:
+            if outcome.kind == SUCCEEDED and outcome.attempts == 1:
+                succeeded.append(outcome.token)
+                seconds.append(outcome.seconds)
+            else:
+                others.append(outcome)
+        return cls(tuple(succeeded), tuple(seconds), tuple(others), member)
+
+    def outcomes(self) -> Iterator[Outcome]:
+        """Every outcome in full: the first-try successes, then the others."""
+        for token, seconds in zip(self.succeeded, self.seconds):
+            yield Outcome(token, SUCCEEDED, None, 1, seconds)
+        yield from self.others
+
+    def tokens(self) -> Iterator[int]:
+        """The token of every outcome."""
+        yield from self.succeeded
+        for outcome in self.others:
+            yield outcome.token
+
+    def __len__(self) -> int:
+        return len(self.succeeded) + len(self.others)
+
     def __repr__(self) -> str:
-        return f"Completion(member {self.member}, {len(self.outcomes)} outcomes)"
+        return f"Completion(member {self.member}, {len(self)} outcomes)"
 
 
 # ---------------------------------------------------------------- set-up

@@ -34,6 +34,9 @@ log = logging.getLogger("actorbus.actors")
 #: Most deliveries in one dispatch to a member.
 MAX_MEMBER_BATCH = 256
 
+#: Most routing keys whose pool index the Router remembers before it starts afresh.
+_MAX_REMEMBERED_KEYS = 100_000
+
 _RESTART = "actorbus-restart-member"
 
 
@@ -68,6 +71,7 @@ class Router(BusActor):
         self._next_sequence = 1
         self._early: dict[int, Dispatch] = {}
         self._shutting_down = False
+        self._member_of_key: dict[str, int] = {}   # routing key → pool index, remembered
 
     # ------------------------------------------------------------ set-up
     def receiveMsg_StartPool(self, message: StartPool, sender) -> None:
@@ -119,8 +123,18 @@ class Router(BusActor):
     def _route(self, message: Dispatch) -> None:
         size = len(self._members)
         groups: dict[int, list[Delivery]] = defaultdict(list)
+        members = self._member_of_key
+        if len(members) > _MAX_REMEMBERED_KEYS:
+            members.clear()
         for delivery in message.deliveries:
-            groups[pool_index(delivery.routing_key, delivery.keyless_slot, size)].append(delivery)
+            if delivery.keyless_slot is not None:
+                index = delivery.keyless_slot % size
+            else:
+                # Hashing in Python costs about a microsecond a key; keys recur.
+                index = members.get(delivery.routing_key)
+                if index is None:
+                    index = members[delivery.routing_key] = pool_index(delivery.routing_key, None, size)
+            groups[index].append(delivery)
         for index, deliveries in groups.items():
             member = self._members[index]
             member.waiting.extend(deliveries)
@@ -139,10 +153,11 @@ class Router(BusActor):
     def receiveMsg_Completion(self, message: Completion, sender) -> None:
         member = self._members[message.member] if 0 <= message.member < len(self._members) else None
         if member is not None and member.address == sender:
-            for outcome in message.outcomes:
-                member.held.pop(outcome.token, None)
-                if self._resends:
-                    self._resends.pop(outcome.token, None)
+            held, resends = member.held, self._resends
+            for token in message.tokens():
+                held.pop(token, None)
+                if resends:
+                    resends.pop(token, None)
             member.busy = False
             self._send_next(member)
         depths = tuple(len(m.held) for m in self._members)
@@ -214,7 +229,7 @@ class Router(BusActor):
                 resend.append(delivery)
         member.waiting = resend
         if exhausted:
-            self.send(self._bridge, Completion(tuple(exhausted)))
+            self.send(self._bridge, Completion.of(exhausted))
         self.send(self._supervisor, MemberRestarted(index, member.pid, len(resend)))
         self._send_next(member)
 
@@ -239,9 +254,9 @@ class Router(BusActor):
                 self._resends.pop(delivery.token, None)
             member.busy = False
             self._send_next(member)
-        self.send(self._bridge, Completion(tuple(
+        self.send(self._bridge, Completion.of(
             Outcome(d.token, UNDELIVERED, f"pool member failed on dispatch: {message.details}", 0)
-            for d in returned.deliveries)))
+            for d in returned.deliveries))
 
     def _member_index(self, address) -> int | None:
         # Thespian addresses are not hashable: a linear search over the pool.

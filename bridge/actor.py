@@ -29,7 +29,8 @@ from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.mailbox import Mailbox
 from actorbus.bridge.nats_link import NatsLink
-from actorbus.bridge.settlement import DEAD_LETTER, Order, dead_letter_headers, settle
+from actorbus.bridge.metadata import delivery_numbers
+from actorbus.bridge.settlement import ACK, DEAD_LETTER, Order, dead_letter_headers, settle
 from actorbus.bridge.tally import SubscriptionTally
 from actorbus.config import BusConfig, SubscriptionConfig
 
@@ -93,7 +94,7 @@ class Bridge(Actor):
         elif isinstance(message, Completion):
             if message.queue_depths:
                 self._queue_depths = message.queue_depths
-            self._complete(message.outcomes)
+            self._complete(message)
             if self._drain is not None and not len(self._inflight):
                 self._finish_drain()
         elif isinstance(message, StartBridge):
@@ -171,89 +172,101 @@ class Bridge(Actor):
         rejected: list[Order] = []
         for name, msgs in self._mailbox.drain():
             sub = self._subscriptions.get(name)
-            if sub is None:
-                continue
-            for msg in msgs:
-                delivery = self._delivery(sub, msg, rejected)
-                if delivery is not None:
-                    deliveries.append(delivery)
+            if sub is not None:
+                self._take(sub, msgs, deliveries, rejected)
         if rejected and self._link is not None:
             self._link.settle(rejected)
         if not deliveries:
             return
         if self._direct is not None:
-            self._complete(self._direct.process(deliveries))
+            self._complete(Completion.of(self._direct.process(deliveries)))
         else:
             self._dispatches += 1
             self.send(self._router, Dispatch(tuple(deliveries), self._dispatches))
 
-    def _delivery(self, sub: SubscriptionConfig, msg, rejected: list[Order]) -> Delivery | None:
+    def _take(self, sub: SubscriptionConfig, msgs: list, deliveries: list[Delivery],
+              rejected: list[Order]) -> None:
+        """Record each message in flight and add its delivery; invalid envelopes go to ``rejected``."""
         tally = self._tallies[sub.name].counts
-        tally["received"] += 1
-        meta = msg.metadata
-        delivery_count = meta.num_delivered
-        if delivery_count > 1:
-            tally["redelivered"] += 1
-        if sub.envelope:
+        tally["received"] += len(msgs)
+        now = time.monotonic()
+        for msg in msgs:
             try:
-                aggregate_id = decode_envelope(msg.data, max_bytes=sub.max_envelope_bytes).aggregate_id
-            except InvalidEnvelope as exc:
-                # It can never succeed: redelivering it would only loop.
-                log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
-                          msg.subject, sub.stream, meta.sequence.stream, exc,
-                          sub.dead_letter_subject)
-                self._counts["invalid"] += 1
-                rejected.append(_dead_letter(msg, sub, meta.sequence.stream, delivery_count,
-                                             str(exc)))
-                return None
-        else:
-            aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
-                                                use_subject=sub.key_from_subject)
-        keyless_slot = None
-        routing_key = aggregate_id
-        if aggregate_id is None:
-            keyless_slot = next_keyless_slot()
-            routing_key = keyless_routing_key(keyless_slot)
-        entry = InFlight(msg, sub, delivery_count, meta.sequence.stream, time.monotonic())
-        token = self._inflight.add(entry)
-        entry.delivery = Delivery(token, sub.name, msg.subject, msg.data, msg.headers, routing_key,
-                                  aggregate_id, keyless_slot, delivery_count, meta.sequence.stream)
-        return entry.delivery
+                delivery_count, stream_sequence = delivery_numbers(msg.reply)
+            except ValueError as exc:
+                log.error("ignored a message on %s: %s", msg.subject, exc)
+                continue
+            if delivery_count > 1:
+                tally["redelivered"] += 1
+            if sub.envelope:
+                try:
+                    aggregate_id = decode_envelope(msg.data, max_bytes=sub.max_envelope_bytes).aggregate_id
+                except InvalidEnvelope as exc:
+                    # It can never succeed: redelivering it would only loop.
+                    log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
+                              msg.subject, sub.stream, stream_sequence, exc, sub.dead_letter_subject)
+                    self._counts["invalid"] += 1
+                    rejected.append(_dead_letter(msg, sub, stream_sequence, delivery_count, str(exc)))
+                    continue
+            else:
+                aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
+                                                    use_subject=sub.key_from_subject)
+            keyless_slot = None
+            routing_key = aggregate_id
+            if aggregate_id is None:
+                keyless_slot = next_keyless_slot()
+                routing_key = keyless_routing_key(keyless_slot)
+            entry = InFlight(msg, sub, delivery_count, stream_sequence, now)
+            entry.delivery = delivery = Delivery(
+                self._inflight.add(entry), sub.name, msg.subject, msg.data, msg.headers,
+                routing_key, aggregate_id, keyless_slot, delivery_count, stream_sequence)
+            deliveries.append(delivery)
 
-    def _complete(self, outcomes: tuple[Outcome, ...]) -> None:
+    def _complete(self, completion: Completion) -> None:
         if self._halted:
             return  # broken: everything stays un-acked for JetStream to redeliver
-        actions = []
-        for outcome in outcomes:
-            entry = self._inflight.pop(outcome.token)
-            if entry is None:
-                continue
-            sub = entry.subscription
-            tally = self._tallies[sub.name]
-            tally.counts[_OUTCOME_COUNTERS[outcome.kind]] += 1
-            if outcome.kind != UNDELIVERED:
-                tally.observe(outcome.seconds)
-            if outcome.attempts > 1:
-                self._counts["retried"] += outcome.attempts - 1
-            decision = settle(outcome.kind, envelope=sub.envelope,
-                              nak_delay=sub.nak_delay_for(entry.delivery_count),
-                              last_delivery=sub.is_last_delivery(entry.delivery_count))
-            if decision.warning:
-                log.warning("%s: subject=%s error=%s", decision.warning, entry.msg.subject,
-                            outcome.error)
-            if decision.action == DEAD_LETTER:
-                actions.append(_dead_letter(entry.msg, sub, entry.stream_sequence,
-                                            entry.delivery_count, outcome.error))
-            else:
-                actions.append(Order(entry.msg, decision.action, decision.delay))
+        actions: list[Order] = []
+        pop = self._inflight.pop
+        # The common case first: handled on the first attempt, so ack.
+        for token, seconds in zip(completion.succeeded, completion.seconds):
+            entry = pop(token)
+            if entry is not None:
+                tally = self._tallies[entry.subscription.name]
+                tally.counts["processed"] += 1
+                tally.observe(seconds)
+                actions.append(Order(entry.msg, ACK))
+        for outcome in completion.others:
+            entry = pop(outcome.token)
+            if entry is not None:
+                actions.append(self._decide(entry, outcome))
         if actions and self._link is not None:
             self._link.settle(actions)
+
+    def _decide(self, entry: InFlight, outcome: Outcome) -> Order:
+        sub = entry.subscription
+        tally = self._tallies[sub.name]
+        tally.counts[_OUTCOME_COUNTERS[outcome.kind]] += 1
+        if outcome.kind != UNDELIVERED:
+            tally.observe(outcome.seconds)
+        if outcome.attempts > 1:
+            self._counts["retried"] += outcome.attempts - 1
+        decision = settle(outcome.kind, envelope=sub.envelope,
+                          nak_delay=sub.nak_delay_for(entry.delivery_count),
+                          last_delivery=sub.is_last_delivery(entry.delivery_count))
+        if decision.warning:
+            log.warning("%s: subject=%s error=%s", decision.warning, entry.msg.subject,
+                        outcome.error)
+        if decision.action == DEAD_LETTER:
+            return _dead_letter(entry.msg, sub, entry.stream_sequence, entry.delivery_count,
+                                outcome.error)
+        return Order(entry.msg, decision.action, decision.delay)
 
     def _returned(self, message: PoisonMessage) -> None:
         returned = message.poisonMessage
         if isinstance(returned, Dispatch):
-            self._complete(tuple(Outcome(d.token, UNDELIVERED, f"the Router failed: {message.details}", 0)
-                                 for d in returned.deliveries))
+            self._complete(Completion.of(
+                Outcome(d.token, UNDELIVERED, f"the Router failed: {message.details}", 0)
+                for d in returned.deliveries))
 
     # ------------------------------------------------------------ stats, stop
     def _stats(self) -> dict[str, int]:

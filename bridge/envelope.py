@@ -113,19 +113,24 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
         raise InvalidEnvelope("<envelope>", f"not valid msgpack ({exc})") from None
     if not isinstance(wire, dict):
         raise InvalidEnvelope("<envelope>", f"expected a msgpack map, got {type(wire).__name__}")
-    fields = {f.name for f in dataclasses.fields(Envelope)}
-    missing = [name for name in ("event_id", "aggregate_id", "event_type", "event_version",
-                                 "timestamp", "payload") if name not in wire]
-    if missing:
-        raise InvalidEnvelope(missing[0], "missing")
+    for name in _REQUIRED_FIELDS:
+        if name not in wire:
+            raise InvalidEnvelope(name, "missing")
     # Unknown keys are ignored so that newer producers can add fields.
-    known = {k: v for k, v in wire.items() if k in fields}
     if not validated:
-        return Envelope(**known)
-    envelope = object.__new__(Envelope)
-    for name in fields:
-        object.__setattr__(envelope, name, known.get(name))
+        return Envelope(**{name: wire[name] for name in _FIELDS if name in wire})
+    envelope = _new_envelope(Envelope)
+    get = wire.get
+    for name in _FIELDS:
+        _set_field(envelope, name, get(name))
     return envelope
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Envelope))
+_REQUIRED_FIELDS = ("event_id", "aggregate_id", "event_type", "event_version", "timestamp",
+                    "payload")
+_new_envelope = object.__new__
+_set_field = object.__setattr__
 
 
 def _validate(env: Envelope) -> None:

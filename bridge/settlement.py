@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED
 
@@ -46,9 +46,8 @@ def settle(kind: str, *, envelope: bool, nak_delay: float, last_delivery: bool =
     raise ValueError(f"unknown outcome kind {kind!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class Order:
-    """One message to settle, as the Bridge hands it to its NATS link."""
+class Order(NamedTuple):
+    """One message to settle, as the Bridge hands it to its NATS link (one per message: a tuple)."""
 
     msg: Any  # nats.aio.msg.Msg
     action: str

@@ -53,7 +53,7 @@ def test_router_routes_by_key_in_dispatch_sequence_order(system, records):
     system.tell(router, first)
 
     completions = system.ask(bridge, "report", 5)
-    outcomes = [o for c in completions for o in c.outcomes]
+    outcomes = [o for c in completions for o in c.outcomes()]
     assert sorted(o.token for o in outcomes) == list(range(1, 13))
     assert all(o.kind == SUCCEEDED for o in outcomes)
     handled = defaultdict(list)
@@ -62,6 +62,6 @@ def test_router_routes_by_key_in_dispatch_sequence_order(system, records):
     assert handled == {k: [0, 1] for k in keys}
     members_per_key = defaultdict(set)
     for c in completions:
-        for o in c.outcomes:
+        for o in c.outcomes():
             members_per_key[(o.token - 1) % 6].add(c.member)
     assert all(len(members) == 1 for members in members_per_key.values())
