@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from actorbus.message import Message
+from actorbus.runtime import process_cpu_seconds
 from benchmarks.common import RECORD_DIR_ENV, RECORDER, RssSampler
 
 #: How often completion is polled through ``bus.stats()``, in seconds.
@@ -59,9 +60,12 @@ def consume(params: dict) -> dict:
                 time.sleep(POLL_INTERVAL)
             elapsed = time.perf_counter() - started
         final = bus.stats()
+        cpu = {name: round(process_cpu_seconds(pid), 2) for name, pid in bus.pids.items()}
     notes = (f"processes runtime, window 512, batch_size 256, completion by stats()['acked'] "
              f"polled every {POLL_INTERVAL * 1000:.0f} ms")
     if final.get("naked") or final.get("redelivered") or final.get("restarts"):
         notes += (f"; naked {final.get('naked')}, redelivered {final.get('redelivered')}, "
                   f"restarts {final.get('restarts')}")
-    return {"elapsed": elapsed, "count": final["acked"], "peak_rss_mb": rss.peak_mb, "notes": notes}
+    notes += "; CPU s by process: " + ", ".join(f"{name} {seconds:g}" for name, seconds in cpu.items())
+    return {"elapsed": elapsed, "count": final["acked"], "peak_rss_mb": rss.peak_mb, "notes": notes,
+            "cpu_seconds": cpu}
