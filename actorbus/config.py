@@ -10,6 +10,8 @@ from actorbus.bridge.envelope import DEFAULT_MAX_ENVELOPE_BYTES
 from actorbus.supervision.policies import as_tree
 
 RUNTIMES = ("processes", "simple")
+#: Largest ``BusConfig.window``: messages the Bridge may have in flight.
+MAX_WINDOW = 100_000
 STORAGE_TYPES = ("file", "memory")
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -32,13 +34,13 @@ class SubscriptionConfig:
     storage: str | None = None
     ack_wait: float = 30.0
     max_deliver: int = 5
-    max_ack_pending: int = 1000
+    max_ack_pending: int = 4096
     retries: int = 3
     retry_backoff: float = 0.05
     retry_backoff_max: float = 1.0
     nak_delay: float = 0.5
     nak_delay_max: float = 30.0
-    batch_size: int = 256
+    batch_size: int = 512
     pull_expires: float = 5.0
     max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
     key_from_subject: bool = False
@@ -110,7 +112,7 @@ class BusConfig:
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     pool_size: int = 8
     runtime: str = "processes"
-    window: int = 512
+    window: int = 2048
     connect_timeout: float = 5.0
     name: str = "actorbus"
     supervision: Any = None
@@ -125,11 +127,11 @@ class BusConfig:
                 f"pool_size must be an int >= 0 (0 processes in the Bridge), got {self.pool_size!r}")
         if self.runtime not in RUNTIMES:
             raise ConfigurationError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
-        # Thespian silently drops sends past ~1,000 queued per target; the
-        # window bounds how many messages (hence dispatches) can be queued.
+        # The window bounds memory, not Thespian's queues: the Bridge holds
+        # dispatches back while the Router is behind (see bridge.actor).
         _check_count("window", self.window, minimum=1)
-        if self.window > 900:
-            raise ConfigurationError(f"window must be <= 900 (Thespian's queue limit), got {self.window}")
+        if self.window > MAX_WINDOW:
+            raise ConfigurationError(f"window must be <= {MAX_WINDOW}, got {self.window}")
         _check_positive("connect_timeout", self.connect_timeout)
         try:
             object.__setattr__(self, "supervision", as_tree(self.supervision))

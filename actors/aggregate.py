@@ -23,6 +23,8 @@ class AggregateActor(BusActor):
         # Tokens reach a member in increasing order (the Router keeps the
         # Bridge's order), so anything at or below the last one is a copy.
         self._last_token = 0
+        self._next_sequence = 1
+        self._early: dict[int, Dispatch] = {}
 
     def receiveMsg_StartAggregate(self, message: StartAggregate, sender) -> None:
         self._index = message.index
@@ -34,13 +36,23 @@ class AggregateActor(BusActor):
         self._table.register(message.spec)
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
+        if not message.sequence:
+            self._handle(message, sender)
+            return
+        # The transport may hand dispatches over out of order: handle them in the Router's.
+        self._early[message.sequence] = message
+        while self._next_sequence in self._early:
+            self._handle(self._early.pop(self._next_sequence), sender)
+            self._next_sequence += 1
+
+    def _handle(self, message: Dispatch, sender) -> None:
         fresh = [d for d in message.deliveries if d.token > self._last_token]
         if len(fresh) < len(message.deliveries):
             log.warning("pool member %d dropped %d delivery(ies) it had already handled",
                         self._index, len(message.deliveries) - len(fresh))
         if fresh:
             self._last_token = fresh[-1].token
-        # Answered even when empty: the Router sends this member nothing more until it is.
+        # Answered even when empty: the Router counts the dispatch outstanding until it is.
         self.send(sender, Completion.of(self._table.process(fresh), self._index))
 
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:

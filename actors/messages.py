@@ -85,6 +85,7 @@ class Completion:
     others: tuple[Outcome, ...] = ()
     member: int = -1
     queue_depths: tuple[int, ...] = ()  # per member, as the Router forwards it
+    routed: int = 0  # the Router has routed the Bridge's dispatches up to this sequence
 
     @classmethod
     def of(cls, outcomes: Iterable[Outcome], member: int = -1) -> Completion:

@@ -1,9 +1,11 @@
 """The Router: routing key → pool member, and what each member holds.
 
-It is the parent of the pool. Two rules keep per-key order whatever the
-transport does: the Bridge's dispatches are routed in their sequence
-order, and each member has at most one dispatch outstanding — what
-arrives meanwhile waits here and goes as the member's next batch. The
+It is the parent of the pool. Numbering keeps per-key order whatever
+order the transport delivers in: the Bridge's dispatches are routed in
+their sequence order, and each member's dispatches are numbered for it
+and handled there in that order. A member has at most
+``MAX_MEMBER_DISPATCHES`` outstanding; what arrives meanwhile waits here
+and goes as its next batch. The
 Router also knows every delivery a member holds, so that nothing handed
 to a member that dies is silently lost (Thespian drops messages sent to
 a dead address).
@@ -32,7 +34,10 @@ from actorbus.supervision.restarts import RestartBudget
 log = logging.getLogger("actorbus.actors")
 
 #: Most deliveries in one dispatch to a member.
-MAX_MEMBER_BATCH = 256
+MAX_MEMBER_BATCH = 512
+#: Most dispatches outstanding per member: the next is queued there while
+#: it works on one, so it does not sit idle for a round trip.
+MAX_MEMBER_DISPATCHES = 2
 
 #: Most routing keys whose pool index the Router remembers before it starts afresh.
 _MAX_REMEMBERED_KEYS = 100_000
@@ -43,12 +48,13 @@ _RESTART = "actorbus-restart-member"
 class _Member:
     """The Router's view of one pool member."""
 
-    __slots__ = ("address", "pid", "busy", "restarting", "waiting", "held")
+    __slots__ = ("address", "pid", "outstanding", "sent", "restarting", "waiting", "held")
 
     def __init__(self, address) -> None:
         self.address = address
         self.pid: int | None = None
-        self.busy = False                        # a dispatch is outstanding
+        self.outstanding = 0                     # dispatches sent, not completed
+        self.sent = 0                            # dispatches sent to this incarnation
         self.restarting = False                  # dead; a new incarnation is on its way
         self.waiting: list[Delivery] = []        # routed here, not yet sent
         self.held: dict[int, Delivery] = {}      # sent or waiting, not completed, in order
@@ -143,12 +149,14 @@ class Router(BusActor):
             self._send_next(member)
 
     def _send_next(self, member: _Member) -> None:
-        if member.busy or member.restarting or not member.waiting or self._failed:
+        if member.restarting or self._failed:
             return
-        batch = member.waiting[:MAX_MEMBER_BATCH]
-        del member.waiting[:MAX_MEMBER_BATCH]
-        member.busy = True
-        self.send(member.address, Dispatch(tuple(batch)))
+        while member.waiting and member.outstanding < MAX_MEMBER_DISPATCHES:
+            batch = member.waiting[:MAX_MEMBER_BATCH]
+            del member.waiting[:MAX_MEMBER_BATCH]
+            member.outstanding += 1
+            member.sent += 1
+            self.send(member.address, Dispatch(tuple(batch), member.sent))
 
     def receiveMsg_Completion(self, message: Completion, sender) -> None:
         member = self._members[message.member] if 0 <= message.member < len(self._members) else None
@@ -158,10 +166,11 @@ class Router(BusActor):
                 held.pop(token, None)
                 if resends:
                     resends.pop(token, None)
-            member.busy = False
+            member.outstanding = max(0, member.outstanding - 1)
             self._send_next(member)
         depths = tuple(len(m.held) for m in self._members)
-        self.send(self._bridge, dataclasses.replace(message, queue_depths=depths))
+        self.send(self._bridge, dataclasses.replace(message, queue_depths=depths,
+                                                    routed=self._next_sequence - 1))
 
     # ------------------------------------------------------------ failures
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:
@@ -209,7 +218,8 @@ class Router(BusActor):
     def _bury(self, member: _Member) -> None:
         member.address = None
         member.pid = None
-        member.busy = False
+        member.outstanding = 0
+        member.sent = 0   # a new incarnation expects dispatch 1 first
         member.restarting = True
 
     def _resume(self, index: int, member: _Member) -> None:
@@ -252,7 +262,7 @@ class Router(BusActor):
             for delivery in returned.deliveries:
                 member.held.pop(delivery.token, None)
                 self._resends.pop(delivery.token, None)
-            member.busy = False
+            member.outstanding = max(0, member.outstanding - 1)
             self._send_next(member)
         self.send(self._bridge, Completion.of(
             Outcome(d.token, UNDELIVERED, f"pool member failed on dispatch: {message.details}", 0)

@@ -6,6 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.message import Message
 from actorbus.runtime import process_cpu_seconds
 from benchmarks.common import RECORD_DIR_ENV, RECORDER, RssSampler
@@ -45,8 +46,7 @@ def consume(params: dict) -> dict:
         with RssSampler(pids) as rss:
             started = time.perf_counter()
             bus.subscribe(params["subject"], handle, envelope=True, durable=params["durable"],
-                          stream=params["stream"], storage="file",
-                          max_ack_pending=params.get("max_ack_pending", 1000))
+                          stream=params["stream"], storage="file")
             if params.get("ready_path"):
                 Path(params["ready_path"]).touch()
             deadline = time.monotonic() + params["timeout"]
@@ -61,8 +61,9 @@ def consume(params: dict) -> dict:
             elapsed = time.perf_counter() - started
         final = bus.stats()
         cpu = {name: round(process_cpu_seconds(pid), 2) for name, pid in bus.pids.items()}
-    notes = (f"processes runtime, window 512, batch_size 256, completion by stats()['acked'] "
-             f"polled every {POLL_INTERVAL * 1000:.0f} ms")
+    notes = (f"processes runtime, default settings (window {BusConfig.window}, batch_size "
+             f"{SubscriptionConfig.batch_size}), completion by stats()['acked'] polled every "
+             f"{POLL_INTERVAL * 1000:.0f} ms")
     if final.get("naked") or final.get("redelivered") or final.get("restarts"):
         notes += (f"; naked {final.get('naked')}, redelivered {final.get('redelivered')}, "
                   f"restarts {final.get('restarts')}")

@@ -42,6 +42,9 @@ POLL_INTERVAL = 0.005
 #: How often the Bridge looks for messages that need an ``in_progress``.
 PROGRESS_INTERVAL = 0.25
 
+#: Dispatches the Router may not yet have routed before the Bridge holds the next back.
+MAX_UNROUTED_DISPATCHES = 2
+
 _OUTCOME_COUNTERS = {SUCCEEDED: "processed", FAILED: "failed", UNDELIVERED: "undelivered"}
 _DRAIN_DEADLINE = "actorbus-drain-deadline"
 _PROGRESS_TICK = "actorbus-progress-tick"
@@ -65,7 +68,9 @@ class Bridge(Actor):
         self._queue_depths: tuple[int, ...] = ()
         self._polling = False
         self._watch: ThespianWatch | None = None
-        self._dispatches = 0
+        self._dispatches = 0      # numbered dispatches sent to the Router
+        self._routed = 0          # how many of them it has routed, as last heard
+        self._unsent: list[Delivery] = []
         self._accepting = True
         self._halted = False
         self._drain: tuple[int, object] | None = None   # (request id, who asked) while draining
@@ -94,7 +99,9 @@ class Bridge(Actor):
         elif isinstance(message, Completion):
             if message.queue_depths:
                 self._queue_depths = message.queue_depths
+            self._routed = max(self._routed, message.routed)
             self._complete(message)
+            self._dispatch()
             if self._drain is not None and not len(self._inflight):
                 self._finish_drain()
         elif isinstance(message, StartBridge):
@@ -181,8 +188,21 @@ class Bridge(Actor):
         if self._direct is not None:
             self._complete(Completion.of(self._direct.process(deliveries)))
         else:
-            self._dispatches += 1
-            self.send(self._router, Dispatch(tuple(deliveries), self._dispatches))
+            self._unsent.extend(deliveries)
+            self._dispatch()
+
+    def _dispatch(self, *, even_if_behind: bool = False) -> None:
+        # Thespian sends to one target one at a time, each waiting for the
+        # receiver's ack: many small dispatches queue behind each other. While
+        # the Router has not routed the last ones, deliveries gather here and
+        # go as one larger dispatch (completions report how far it has got).
+        if not self._unsent:
+            return
+        if not even_if_behind and self._dispatches - self._routed >= MAX_UNROUTED_DISPATCHES:
+            return
+        deliveries, self._unsent = tuple(self._unsent), []
+        self._dispatches += 1
+        self.send(self._router, Dispatch(deliveries, self._dispatches))
 
     def _take(self, sub: SubscriptionConfig, msgs: list, deliveries: list[Delivery],
               rejected: list[Order]) -> None:
@@ -284,12 +304,11 @@ class Bridge(Actor):
         # The old pool's work is lost with it: send everything in flight to the
         # new Router, in the order it was fetched, numbered from 1 again.
         self._router = router
-        deliveries = tuple(e.delivery for e in self._inflight.entries() if e.delivery is not None)
-        self._dispatches = 0
+        deliveries = [e.delivery for e in self._inflight.entries() if e.delivery is not None]
+        self._dispatches = self._routed = 0
         log.warning("the Router was restarted; re-sending %d message(s) in flight", len(deliveries))
-        if deliveries:
-            self._dispatches += 1
-            self.send(self._router, Dispatch(deliveries, self._dispatches))
+        self._unsent = deliveries
+        self._dispatch(even_if_behind=True)
 
     def _signal_progress(self) -> None:
         # Handlers still running past half their AckWait: keep JetStream from redelivering.
@@ -298,6 +317,8 @@ class Bridge(Actor):
         due = self._inflight.due_for_progress(time.monotonic())
         if due and not self._halted:
             self._link.touch([entry.msg for entry in due])
+        # Not held back for long, whatever the Router last said.
+        self._dispatch(even_if_behind=True)
         self.wakeupAfter(PROGRESS_INTERVAL, payload=_PROGRESS_TICK)
 
     def _halt(self, reason: str) -> None:
@@ -311,6 +332,7 @@ class Bridge(Actor):
         # Fetch nothing more; let what is in flight complete, up to the timeout.
         self._accepting = False
         self._drain = (message.request_id, sender)
+        self._dispatch(even_if_behind=True)   # fetched before the stop: let it complete
         if self._link is not None:
             self._link.stop_fetching()
         if len(self._inflight) and not self._halted:

@@ -129,11 +129,11 @@ class NatsLink:
         """Keep each consumer's requests topped up, within what the window leaves."""
         if self._closing or not self._consumers or self._nc.is_closed:
             return
-        room = self._window - self._outstanding - sum(c.requested for c in self._consumers.values())
+        room = self._window - self._outstanding - sum(c.pending for c in self._consumers.values())
         share = max(1, self._window // len(self._consumers))
         for consumer in list(self._consumers.values()):
             limit = max(1, min(consumer.batch_size, share))
-            wanted = min(limit - consumer.requested, room)
+            wanted = min(limit - consumer.pending, room)
             # Ask in runs of at least half the limit: fewer, larger requests.
             if wanted >= max(1, limit // 2):
                 room -= wanted

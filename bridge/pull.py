@@ -75,6 +75,11 @@ class PullConsumer:
         return self._sub.name
 
     @property
+    def pending(self) -> int:
+        """Messages asked for and not yet handed over: requested, or arrived and about to go."""
+        return self.requested + len(self._arrived)
+
+    @property
     def batch_size(self) -> int:
         """The most messages one request asks for."""
         return self._sub.batch_size

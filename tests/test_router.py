@@ -1,13 +1,16 @@
 """Router and aggregate actor logic on Thespian's simpleSystemBase (no server, one thread)."""
 from __future__ import annotations
 
+import pickle
 from collections import defaultdict
 
 import pytest
 from thespian.actors import Actor, ActorSystem
 
-from actorbus.actors.messages import (SUCCEEDED, Completion, Delivery, Dispatch, HandlerRegistered,
-                                      PoolReady, RegisterHandler, StartPool)
+from actorbus.actors.aggregate import AggregateActor
+from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, Completion, Delivery, Dispatch,
+                                      HandlerRegistered, Outcome, PoolReady, RegisterHandler,
+                                      StartAggregate, StartPool)
 from actorbus.actors.router import Router
 from actorbus.config import SubscriptionConfig
 from tests.support import read_records
@@ -65,3 +68,56 @@ def test_router_routes_by_key_in_dispatch_sequence_order(system, records):
         for o in c.outcomes():
             members_per_key[(o.token - 1) % 6].add(c.member)
     assert all(len(members) == 1 for members in members_per_key.values())
+
+
+class CollectingRouter(Actor):
+    """Stands in for the Router: starts one member, forwards to it, keeps its completions."""
+
+    def __init__(self):
+        super().__init__()
+        self.member = None
+        self.completions = []
+
+    def receiveMessage(self, message, sender):
+        if isinstance(message, tuple) and message[0] == "start":
+            self.member = self.createActor(AggregateActor)
+            self.send(self.member, StartAggregate(0, (message[1],)))
+        elif isinstance(message, Dispatch):
+            self.send(self.member, message)
+        elif isinstance(message, Completion):
+            self.completions.append(message)
+        elif message == "report":
+            self.send(sender, list(self.completions))
+
+
+def test_member_handles_its_dispatches_in_their_sequence_order(system, records):
+    router = system.createActor(CollectingRouter)
+    spec = SubscriptionConfig("orders.>", "tests.handlers:record", envelope=False,
+                              durable="orders").handler_spec()
+    system.tell(router, ("start", spec))
+    # The transport handed them over in the order 3, 1, 2.
+    system.tell(router, Dispatch((delivery(5, "a", 2), delivery(6, "a", 3)), sequence=3))
+    system.tell(router, Dispatch((delivery(1, "a", 0), delivery(2, "b", 0)), sequence=1))
+    system.tell(router, Dispatch((delivery(3, "a", 1), delivery(4, "b", 1)), sequence=2))
+
+    completions = system.ask(router, "report", 5)
+    assert [list(c.tokens()) for c in completions] == [[1, 2], [3, 4], [5, 6]]
+    handled = defaultdict(list)
+    for r in read_records(records):
+        handled[r.aggregate_id].append(int(r.data))
+    assert handled == {"a": [0, 1, 2, 3], "b": [0, 1]}
+
+
+def test_completions_carry_first_try_successes_as_bare_tokens():
+    outcomes = [Outcome(1, SUCCEEDED, None, 1, 0.5), Outcome(2, FAILED, "boom", 4, 1.0),
+                Outcome(3, SUCCEEDED, None, 2, 0.25), Outcome(4, UNDELIVERED, "gone", 0)]
+    completion = Completion.of(outcomes, member=3)
+    assert completion.succeeded == (1,) and completion.seconds == (0.5,)
+    assert completion.others == tuple(outcomes[1:])   # a retried success travels in full
+    assert sorted(completion.outcomes()) == sorted(outcomes)
+    assert list(completion.tokens()) == [1, 2, 3, 4] and len(completion) == 4
+    # What crosses a process boundary comes back as the same named values.
+    again = pickle.loads(pickle.dumps(completion))
+    assert again == completion and type(again.others[0]) is Outcome
+    d = pickle.loads(pickle.dumps(delivery(9, "k", 1)))
+    assert type(d) is Delivery and d.routing_key == "k" and d.token == 9

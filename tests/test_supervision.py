@@ -34,10 +34,11 @@ def wait_for_restart(bus, name: str, old_pid: int, timeout: float = 30.0) -> int
 
 
 def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records):
-    total, aggregates = 20_000, 200
+    total, aggregates = 10_000, 200
     bus = make_bus(pool_size=4, supervision=OneForOne(
         max_restarts=1000, within=60.0, backoff=Backoff(initial=0.01, maximum=0.1, jitter=0.0)))
-    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0)
+    # 2 ms a message keeps the run going for seconds: long enough for many kills.
+    bus.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=5.0)
     publish_spread(bus, total, keys=aggregates, per_key_sequence=True)
 
     rng = random.Random(7)

@@ -1,0 +1,82 @@
+"""The Bridge's pull requests against a real nats-server: answered, ended, forgotten."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+
+from actorbus.bridge.jetstream import ensure_consumer, ensure_stream
+from actorbus.bridge.pull import PullConsumer
+from actorbus.config import SubscriptionConfig
+
+
+async def _until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_requests_are_answered_in_order_and_ended_by_the_server(nats_server):
+    sub = SubscriptionConfig("pull.>", "tests.handlers:record", envelope=False, durable="pull",
+                             pull_expires=0.5)
+
+    async def scenario():
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_stream(js, sub)
+            await ensure_consumer(js, sub)
+            for n in range(10):
+                await js.publish(f"pull.k{n}", str(n).encode())
+            arrived, ended = [], []
+            consumer = PullConsumer(nc, sub, lambda s, msgs: arrived.extend(msgs),
+                                    lambda: ended.append(True))
+            await consumer.start()
+
+            await consumer.request(4)
+            assert consumer.requested == 4
+            await _until(lambda: len(arrived) == 4, what="4 messages")
+            assert consumer.requested == 0   # filled: nothing left asked for
+
+            await consumer.request(10)        # only 6 are there
+            await _until(lambda: len(arrived) == 10, what="10 messages")
+            assert consumer.requested == 4
+            # The server ends the request when it expires (408): nothing stays counted.
+            await _until(lambda: ended, what="the request's end")
+            assert consumer.requested == 0
+            assert [m.data for m in arrived] == [str(n).encode() for n in range(10)]
+
+            await consumer.stop()
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_lost_past_their_expiry_are_forgotten(nats_server):
+    sub = SubscriptionConfig("lost.>", "tests.handlers:record", envelope=False, durable="lost",
+                             pull_expires=30.0)
+
+    async def scenario():
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_stream(js, sub)
+            await ensure_consumer(js, sub)
+            consumer = PullConsumer(nc, sub, lambda s, msgs: None, lambda: None)
+            await consumer.start()
+            await consumer.request(5)
+            await consumer.request(3)
+            assert consumer.forget(time.monotonic()) == 0   # still within their expiry
+            assert consumer.requested == 8
+            # As after a server restart: never answered, long past expiry.
+            assert consumer.forget(time.monotonic() + 60) == 2
+            assert consumer.requested == 0
+            await consumer.stop()
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
