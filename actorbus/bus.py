@@ -41,7 +41,7 @@ class EventBus:
 
     def __init__(self, servers: str | list[str] | tuple[str, ...] = "nats://127.0.0.1:4222",
                  pool_size: int = 8, runtime: str = "processes", supervision: Any = None, *,
-                 window: int = 512, connect_timeout: float = 5.0, name: str = "actorbus",
+                 window: int = BusConfig.window, connect_timeout: float = 5.0, name: str = "actorbus",
                  admin_port: int | None = None, log_config: dict | None = None,
                  request_timeout: float = 30.0, metrics_port: int | None = None) -> None:
         self.config = BusConfig(servers=tuple(servers) if isinstance(servers, list) else servers,

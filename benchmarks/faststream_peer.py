@@ -28,13 +28,16 @@ async def _consume(params: dict) -> dict:
     from faststream.nats.annotations import NatsMessage
 
     count = params["count"]
+    workers = params.get("max_workers", 1)
+    # FastStream's concurrent pull subscriber: handlers run as up to this many tasks.
+    concurrency = {"max_workers": workers} if workers > 1 else {}
     done = 0
     finished = asyncio.Event()
     broker = NatsBroker(params["url"], logger=None, log_level=logging.CRITICAL)
 
     @broker.subscriber(params["subject"], stream=JStream(params["stream"], declare=False),
                        durable=params["durable"], pull_sub=PullSub(batch_size=FETCH_BATCH, timeout=1.0),
-                       ack_policy=AckPolicy.ACK)
+                       ack_policy=AckPolicy.ACK, **concurrency)
     async def handle(body: bytes, msg: NatsMessage) -> None:
         nonlocal done
         handle_raw(msg.raw_message.data)
@@ -56,7 +59,8 @@ async def _consume(params: dict) -> dict:
             elapsed = time.perf_counter() - started
             # The last ack follows the handler's return: let it go out before closing.
             await asyncio.sleep(0.05)
-    return {"elapsed": elapsed, "count": done, "peak_rss_mb": rss.peak_mb, "notes": NOTES}
+    notes = NOTES + (f", max_workers={workers}" if workers > 1 else "")
+    return {"elapsed": elapsed, "count": done, "peak_rss_mb": rss.peak_mb, "notes": notes}
 
 
 def consume(params: dict) -> dict:

@@ -50,6 +50,8 @@ PUBLISH_CHUNK = 1000
 LATENCY_SECONDS = 5.0
 QUICK_MESSAGES = 3000
 QUICK_POOLS = (2,)
+#: Handler tasks of the second FastStream row (its concurrent pull subscriber).
+FASTSTREAM_WORKERS = 8
 
 
 # ====================================================================== publishing
@@ -152,7 +154,9 @@ def _run_worker(params: dict[str, Any], work_dir: Path, *, pace: dict | None = N
 
 # ====================================================================== the whole run
 def _variants(pools: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
-    found = [("plain", "plain", {}), ("FastStream", "faststream", {})]
+    found = [("plain", "plain", {}), ("FastStream", "faststream", {}),
+             (f"FastStream max_workers={FASTSTREAM_WORKERS}", "faststream",
+              {"max_workers": FASTSTREAM_WORKERS})]
     found += [(f"actorbus pool={p}", "actorbus", {"pool": p}) for p in pools]
     return found
 
