@@ -12,7 +12,7 @@ from actorbus.runtime import process_cpu_seconds
 from benchmarks.common import RECORD_DIR_ENV, RECORDER, RssSampler
 
 #: How often completion is polled through ``bus.stats()``, in seconds.
-POLL_INTERVAL = 0.02
+POLL_INTERVAL = 0.05
 
 
 def handle(msg: Message) -> None:
