@@ -47,10 +47,12 @@ class _Request:
 
 
 class PullConsumer:
-    """Keeps up to ``limit`` messages requested from one durable consumer.
+    """Pull requests to one durable consumer, which may overlap, and their answers.
 
-    Runs on the NATS loop thread only. ``on_messages`` gets each run of
-    messages that arrived together, in order.
+    Runs on the NATS loop thread only. The caller decides how much to
+    :meth:`request`; ``on_messages`` gets each run of messages that arrived
+    together, in order; ``on_request_ended`` is called when the server ends
+    a request before it was filled (so there is room to ask again).
     """
 
     def __init__(self, nc: Any, sub: SubscriptionConfig,
@@ -91,7 +93,7 @@ class PullConsumer:
                                                       pending_msgs_limit=0, pending_bytes_limit=0)
 
     async def stop(self) -> None:
-        """Unsubscribe; the server drops the waiting requests when they expire."""
+        """Unsubscribe; the server drops waiting requests that nobody listens to any more."""
         if self._subscription is not None:
             subscription, self._subscription = self._subscription, None
             await subscription.unsubscribe()

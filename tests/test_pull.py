@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import nats
@@ -9,6 +10,22 @@ import nats
 from actorbus.bridge.jetstream import ensure_consumer, ensure_stream
 from actorbus.bridge.pull import PullConsumer
 from actorbus.config import SubscriptionConfig
+
+
+@contextlib.asynccontextmanager
+async def _consumer(url: str, sub: SubscriptionConfig, on_messages, on_request_ended):
+    """A started PullConsumer on ``sub``'s stream and durable, stopped and disconnected after."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, sub)
+        await ensure_consumer(js, sub)
+        consumer = PullConsumer(nc, sub, on_messages, on_request_ended)
+        await consumer.start()
+        yield js, consumer
+        await consumer.stop()
+    finally:
+        await nc.close()
 
 
 async def _until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
@@ -24,17 +41,11 @@ def test_requests_are_answered_in_order_and_ended_by_the_server(nats_server):
                              pull_expires=0.5)
 
     async def scenario():
-        nc = await nats.connect(nats_server.url)
-        try:
-            js = nc.jetstream()
-            await ensure_stream(js, sub)
-            await ensure_consumer(js, sub)
+        arrived, ended = [], []
+        async with _consumer(nats_server.url, sub, lambda s, msgs: arrived.extend(msgs),
+                             lambda: ended.append(True)) as (js, consumer):
             for n in range(10):
                 await js.publish(f"pull.k{n}", str(n).encode())
-            arrived, ended = [], []
-            consumer = PullConsumer(nc, sub, lambda s, msgs: arrived.extend(msgs),
-                                    lambda: ended.append(True))
-            await consumer.start()
 
             await consumer.request(4)
             assert consumer.requested == 4
@@ -49,10 +60,6 @@ def test_requests_are_answered_in_order_and_ended_by_the_server(nats_server):
             assert consumer.requested == 0
             assert [m.data for m in arrived] == [str(n).encode() for n in range(10)]
 
-            await consumer.stop()
-        finally:
-            await nc.close()
-
     asyncio.run(scenario())
 
 
@@ -61,13 +68,8 @@ def test_requests_lost_past_their_expiry_are_forgotten(nats_server):
                              pull_expires=30.0)
 
     async def scenario():
-        nc = await nats.connect(nats_server.url)
-        try:
-            js = nc.jetstream()
-            await ensure_stream(js, sub)
-            await ensure_consumer(js, sub)
-            consumer = PullConsumer(nc, sub, lambda s, msgs: None, lambda: None)
-            await consumer.start()
+        async with _consumer(nats_server.url, sub, lambda s, msgs: None,
+                             lambda: None) as (_, consumer):
             await consumer.request(5)
             await consumer.request(3)
             assert consumer.forget(time.monotonic()) == 0   # still within their expiry
@@ -75,8 +77,5 @@ def test_requests_lost_past_their_expiry_are_forgotten(nats_server):
             # As after a server restart: never answered, long past expiry.
             assert consumer.forget(time.monotonic() + 60) == 2
             assert consumer.requested == 0
-            await consumer.stop()
-        finally:
-            await nc.close()
 
     asyncio.run(scenario())
