@@ -48,7 +48,8 @@ _RESTART = "actorbus-restart-member"
 class _Member:
     """The Router's view of one pool member."""
 
-    __slots__ = ("address", "pid", "outstanding", "sent", "restarting", "waiting", "held")
+    __slots__ = ("address", "pid", "outstanding", "sent", "restarting", "waiting", "held",
+                 "suspects")
 
     def __init__(self, address) -> None:
         self.address = address
@@ -58,6 +59,10 @@ class _Member:
         self.restarting = False                  # dead; a new incarnation is on its way
         self.waiting: list[Delivery] = []        # routed here, not yet sent
         self.held: dict[int, Delivery] = {}      # sent or waiting, not completed, in order
+        # Tokens that reached an incarnation that died: re-sent one at a time
+        # until each completes, so a delivery that kills its member is found
+        # exactly and the others are not failed with it.
+        self.suspects: set[int] = set()
 
 
 class Router(BusActor):
@@ -152,8 +157,13 @@ class Router(BusActor):
         if member.restarting or self._failed:
             return
         while member.waiting and member.outstanding < MAX_MEMBER_DISPATCHES:
-            batch = member.waiting[:MAX_MEMBER_BATCH]
-            del member.waiting[:MAX_MEMBER_BATCH]
+            size = MAX_MEMBER_BATCH
+            if member.suspects:
+                if member.outstanding:
+                    return
+                size = 1
+            batch = member.waiting[:size]
+            del member.waiting[:size]
             member.outstanding += 1
             member.sent += 1
             self.send(member.address, Dispatch(tuple(batch), member.sent))
@@ -166,6 +176,8 @@ class Router(BusActor):
                 held.pop(token, None)
                 if resends:
                     resends.pop(token, None)
+            if member.suspects:
+                member.suspects.difference_update(message.tokens())
             member.outstanding = max(0, member.outstanding - 1)
             self._send_next(member)
         depths = tuple(len(m.held) for m in self._members)
@@ -227,15 +239,22 @@ class Router(BusActor):
         member.restarting = False
         exhausted: list[Outcome] = []
         resend: list[Delivery] = []
+        # Only what reached the dead member counts as re-sent; what waited here did not.
+        never_sent = {delivery.token for delivery in member.waiting}
         for token, delivery in list(member.held.items()):
+            if token in never_sent:
+                resend.append(delivery)
+                continue
             count = self._resends.get(token, 0) + 1
             if count > self._max_resends:
                 del member.held[token]
                 self._resends.pop(token, None)
+                member.suspects.discard(token)
                 exhausted.append(Outcome(token, UNDELIVERED,
                                          f"pool member {index} died {count} times holding it", 0))
             else:
                 self._resends[token] = count
+                member.suspects.add(token)
                 resend.append(delivery)
         member.waiting = resend
         if exhausted:

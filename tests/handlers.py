@@ -119,3 +119,10 @@ class Counter(Aggregate):
 #: What `actorbus run tests.handlers:topology` runs in the CLI test.
 topology = Topology(subscriptions=(Subscription("orders.>", record, durable="orders"),),
                     bus={"pool_size": 2})
+
+
+def crash_on_crash(msg: Message) -> None:
+    """End this actor's process on the message ``crash`` (as a segfault would); record the rest."""
+    if msg.data == b"crash":
+        os._exit(1)
+    _write("ok", msg)

@@ -137,7 +137,7 @@ def test_publish_failures_are_clear(make_bus):
 
 def test_stop_drains_in_flight_work_and_the_next_bus_gets_the_rest(make_bus, records, nats_server):
     total = 2000
-    first = make_bus(pool_size=4)
+    first = make_bus(pool_size=4, window=256)   # far fewer in flight than there are messages
     first.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=2.0)
     publish_spread(first, total, keys=20)
     wait_for_stats(first, "processed", 300)

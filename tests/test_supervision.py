@@ -35,7 +35,10 @@ def wait_for_restart(bus, name: str, old_pid: int, timeout: float = 30.0) -> int
 
 def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records):
     total, aggregates = 10_000, 200
-    bus = make_bus(pool_size=4, supervision=OneForOne(
+    # A small window keeps each member's batches short (2 ms a message), so that
+    # a delivery rarely sees more kills than max_resends (past it, it is naked and
+    # comes back after its successors).
+    bus = make_bus(pool_size=4, window=256, supervision=OneForOne(
         max_restarts=1000, within=60.0, backoff=Backoff(initial=0.01, maximum=0.1, jitter=0.0)))
     # 2 ms a message keeps the run going for seconds: long enough for many kills.
     bus.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=5.0)
@@ -271,3 +274,25 @@ def test_all_for_one_restarts_every_member(make_bus, records):
     bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
     wait_for(lambda: bus.stats()["acked"] == 1, what="the restarted pool to work")
     assert read_records(records)[0].pid in after.values()
+
+
+def test_a_message_that_keeps_killing_its_member_fails_after_max_resends(make_bus, records):
+    # Plain messages: past the limit the crashing one is acked (at-most-once), the
+    # others on the same member are handled, in order, by the next incarnation.
+    bus = make_bus(pool_size=1, supervision=OneForOne(
+        max_restarts=10, within=60.0, backoff=Backoff(initial=0.01, maximum=0.05, jitter=0.0)))
+    bus.subscribe("jobs.>", handlers.crash_on_crash, envelope=False, durable="jobs")
+    results = bus.publish_many([("jobs.a", b"before", {"X-Aggregate-ID": "a"}),
+                                ("jobs.a", b"crash", {"X-Aggregate-ID": "a"}),
+                                ("jobs.a", b"after", {"X-Aggregate-ID": "a"})])
+    assert all(r.ok for r in results)
+
+    stats = wait_for(lambda: (s := bus.stats())["acked"] >= 3 and s, timeout=60,
+                     what="all three settled")
+    # The first delivery and three re-sends each killed the member: four restarts.
+    # After the first, the Router re-sends one delivery at a time, so only the
+    # crashing one is failed; "before" ran once more (its completion died with
+    # the first incarnation), "after" ran once.
+    assert stats["restarts_pool"] == 4, stats
+    assert stats["undelivered"] == 1 and stats["processed"] == 2, stats
+    assert [r.data for r in read_records(records)] == ["before", "before", "after"]
