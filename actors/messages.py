@@ -42,8 +42,9 @@ class Dispatch:
 
     ``sequence`` numbers the Bridge's dispatches (1, 2, ...) so the Router
     routes them in the order they were fetched even if the transport
-    hands them over in another; 0 means unnumbered (Router → member,
-    where at most one dispatch is outstanding per member anyway).
+    hands them over in another, and the Router's dispatches to each member
+    (1, 2, ... per incarnation) so the member handles them in the order
+    they were routed; 0 means unnumbered: handle on arrival.
     """
 
     deliveries: tuple[Delivery, ...]
