@@ -239,7 +239,7 @@ class Bridge(Actor):
             if aggregate_id is None:
                 keyless_slot = next_keyless_slot()
                 routing_key = keyless_routing_key(keyless_slot)
-            entry = InFlight(msg, sub, delivery_count, stream_sequence, now)
+            entry = InFlight(msg, sub, now)
             entry.delivery = delivery = Delivery(
                 self._inflight.add(entry), sub.name, msg.subject, msg.data, msg.headers,
                 routing_key, aggregate_id, keyless_slot, delivery_count, stream_sequence)
@@ -266,7 +266,7 @@ class Bridge(Actor):
             self._link.settle(actions)
 
     def _decide(self, entry: InFlight, outcome: Outcome) -> Order:
-        sub = entry.subscription
+        sub, delivery = entry.subscription, entry.delivery
         tally = self._tallies[sub.name]
         tally.counts[_OUTCOME_COUNTERS[outcome.kind]] += 1
         if outcome.kind != UNDELIVERED:
@@ -274,13 +274,13 @@ class Bridge(Actor):
         if outcome.attempts > 1:
             self._counts["retried"] += outcome.attempts - 1
         decision = settle(outcome.kind, envelope=sub.envelope,
-                          nak_delay=sub.nak_delay_for(entry.delivery_count),
-                          last_delivery=sub.is_last_delivery(entry.delivery_count))
+                          nak_delay=sub.nak_delay_for(delivery.delivery_count),
+                          last_delivery=sub.is_last_delivery(delivery.delivery_count))
         if decision.warning:
             log.warning("%s: subject=%s error=%s", decision.warning, entry.msg.subject,
                         outcome.error)
         if decision.action == DEAD_LETTER:
-            return _dead_letter(entry.msg, sub, entry.stream_sequence, entry.delivery_count,
+            return _dead_letter(entry.msg, sub, delivery.stream_sequence, delivery.delivery_count,
                                 outcome.error)
         return Order(entry.msg, decision.action, decision.delay)
 
@@ -307,7 +307,7 @@ class Bridge(Actor):
         # The old pool's work is lost with it: send everything in flight to the
         # new Router, in the order it was fetched, numbered from 1 again.
         self._router = router
-        deliveries = [e.delivery for e in self._inflight.entries() if e.delivery is not None]
+        deliveries = [e.delivery for e in self._inflight.entries()]
         self._dispatches = self._routed = 0
         log.warning("the Router was restarted; re-sending %d message(s) in flight", len(deliveries))
         self._unsent = deliveries

@@ -12,10 +12,10 @@ class InFlight:
 
     msg: Any  # nats.aio.msg.Msg
     subscription: Any  # actorbus.config.SubscriptionConfig
-    delivery_count: int
-    stream_sequence: int
     touched_at: float  # monotonic: delivery, or the last in_progress sent for it
-    delivery: Any = None  # the Delivery dispatched for it, to re-send after a Router restart
+    # Its Delivery (set once the token is known): what is dispatched, and
+    # re-sent after a Router restart; it holds the delivery count and sequence.
+    delivery: Any = None
 
 
 class InFlightTable:
