@@ -36,9 +36,6 @@ class AggregateActor(BusActor):
         self._table.register(message.spec)
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
-        if not message.sequence:
-            self._handle(message, sender)
-            return
         # The transport may hand dispatches over out of order: handle them in the Router's.
         self._early[message.sequence] = message
         while self._next_sequence in self._early:

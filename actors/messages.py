@@ -44,11 +44,11 @@ class Dispatch:
     routes them in the order they were fetched even if the transport
     hands them over in another, and the Router's dispatches to each member
     (1, 2, ... per incarnation) so the member handles them in the order
-    they were routed; 0 means unnumbered: handle on arrival.
+    they were routed.
     """
 
     deliveries: tuple[Delivery, ...]
-    sequence: int = 0
+    sequence: int
 
     def __repr__(self) -> str:
         return f"Dispatch(#{self.sequence}, {len(self.deliveries)} deliveries)"
