@@ -139,12 +139,13 @@ class Router(BusActor):
             members.clear()
         for delivery in message.deliveries:
             if delivery.keyless_slot is not None:
-                index = delivery.keyless_slot % size
+                index = pool_index(delivery.routing_key, delivery.keyless_slot, size)
             else:
-                # Hashing in Python costs about a microsecond a key; keys recur.
+                # Hashing in Python costs about a microsecond a key; ids recur.
                 index = members.get(delivery.routing_key)
                 if index is None:
-                    index = members[delivery.routing_key] = pool_index(delivery.routing_key, None, size)
+                    index = members[delivery.routing_key] = pool_index(delivery.routing_key, None,
+                                                                       size)
             groups[index].append(delivery)
         for index, deliveries in groups.items():
             member = self._members[index]
