@@ -45,7 +45,6 @@ class NatsLink:
         self._js: Any = None
         self._consumers: dict[str, PullConsumer] = {}
         self._ticker: asyncio.Task | None = None
-        self._topping_up = False
         self._settling: set[asyncio.Task] = set()
         self._closing = False
         self._outstanding = 0
@@ -117,13 +116,7 @@ class NatsLink:
         self._mailbox.put((sub.name, msgs))
 
     def _schedule_top_up(self) -> None:
-        if not self._topping_up:
-            self._topping_up = True
-            self._track(self._top_up_once, None)
-
-    async def _top_up_once(self, _: Any) -> None:
-        self._topping_up = False
-        await self._top_up()
+        self._track(lambda _: self._top_up(), None)
 
     async def _top_up(self) -> None:
         """Keep each consumer's requests topped up, within what the window leaves."""
