@@ -9,7 +9,7 @@ import logging
 logging.getLogger("actorbus").addHandler(logging.NullHandler())
 
 from actorbus.aggregate import Aggregate
-from actorbus.bridge.envelope import Envelope, InvalidEnvelope
+from actorbus.envelope import Envelope, InvalidEnvelope
 from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bus import BusError, EventBus
 from actorbus.config import ConfigurationError

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 from actorbus.actors.handlers import handler_reference
 from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, StartBus, Stats,
                                       StatsRequest, StopBus, Subscribe, Subscribed)
-from actorbus.bridge.envelope import Envelope
+from actorbus.envelope import Envelope
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.metrics import MetricsServer
 from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
@@ -62,9 +62,9 @@ class EventBus:
             started = self._request(lambda rid: StartBus(rid, self.config), BusStarted,
                                     what="starting the bus")
             self._pids = dict(started.pids)
-            self._publisher = Publisher(self.config.servers, name=name, timeout=connect_timeout)
+            self._publisher = Publisher(self.config)
             if metrics_port is not None:
-                self._metrics = MetricsServer(self, metrics_port)
+                self._metrics = MetricsServer(self.stats, metrics_port)
         except BaseException:
             if self._publisher is not None:
                 self._publisher.close()
@@ -143,7 +143,7 @@ class EventBus:
 
     @property
     def pids(self) -> dict[str, int]:
-        """The process id of each actor (``supervisor``, ``bridge``, ``router``, ``aggregate-<i>``),
+        """The process id of each actor (``supervisor``, ``bridge``, ``router``, ``member-<i>``),
         as of the last ``stats()`` call."""
         return dict(self._pids)
 

@@ -1,13 +1,18 @@
-"""The bus's configuration values, validated where they are made."""
+"""The bus's configuration values, validated where they are made.
+
+A leaf of the import graph (it imports only other value modules), so
+every layer can take a :class:`BusConfig` or a :class:`SubscriptionConfig`
+as a typed value; both travel pickled to the actor processes.
+"""
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
-from typing import Any
 
-from actorbus.actors.messages import HandlerSpec
-from actorbus.bridge.envelope import DEFAULT_MAX_ENVELOPE_BYTES
-from actorbus.supervision.policies import as_tree
+from actorbus.codecs import EnvelopeFormat
+from actorbus.envelope import DEFAULT_MAX_ENVELOPE_BYTES
+from actorbus.policies import SupervisionTree, as_tree, exponential_delay
 
 RUNTIMES = ("processes", "simple")
 #: Largest ``BusConfig.window``: messages the Bridge may have in flight.
@@ -22,20 +27,49 @@ class ConfigurationError(ValueError):
     """A configuration value that cannot work; the message names it."""
 
 
+class SettlementPolicy(enum.StrEnum):
+    """What a failed handler's message is told (after its in-place retries), as
+    FastStream's ``AckPolicy`` names it.
+
+    ``envelope=True`` picks ``NACK_ON_ERROR`` and ``envelope=False`` picks
+    ``ACK``; pass ``settlement=`` to choose otherwise.
+    """
+
+    #: nak it, with a delay: redelivered (at-least-once); dead-lettered after max_deliver.
+    NACK_ON_ERROR = "nack_on_error"
+    #: ack it anyway: never redelivered (at-most-once); the failure is logged.
+    ACK = "ack"
+
+    @property
+    def redelivers(self) -> bool:
+        """True when a failure is redelivered."""
+        return self is SettlementPolicy.NACK_ON_ERROR
+
+#: In-place retries by default where failures are redelivered (they keep a transient
+#: error from reordering a key); at-most-once runs the handler once.
+DEFAULT_RETRIES = 3
+
+
 @dataclass(frozen=True)
 class SubscriptionConfig:
     """One durable JetStream consumer and the handler for its messages."""
 
     subject: str
     handler: str
+    #: The body is an envelope: decoded, validated, invalid ones dead-lettered. Also
+    #: picks the default ``settlement`` (envelopes redelivered, plain messages not).
     envelope: bool = True
+    settlement: SettlementPolicy | None = None
+    envelope_format: EnvelopeFormat = EnvelopeFormat.AUTO
     durable: str | None = None
     stream: str | None = None
     storage: str | None = None
     ack_wait: float = 30.0
     max_deliver: int = 5
     max_ack_pending: int = 4096
-    retries: int = 3
+    #: In-place retries before a failure counts (None: 3 when failures are redelivered, else 0;
+    #: more than 0 on an at-most-once subscription means the handler must be idempotent).
+    retries: int | None = None
     retry_backoff: float = 0.05
     retry_backoff_max: float = 1.0
     nak_delay: float = 0.5
@@ -50,6 +84,21 @@ class SubscriptionConfig:
 
     def __post_init__(self) -> None:
         _check_subject(self.subject)
+        try:
+            if self.settlement is None:
+                object.__setattr__(self, "settlement", SettlementPolicy.NACK_ON_ERROR
+                                   if self.envelope else SettlementPolicy.ACK)
+            object.__setattr__(self, "settlement", SettlementPolicy(self.settlement))
+        except ValueError:
+            raise ConfigurationError(f"settlement must be one of "
+                                     f"{[str(p) for p in SettlementPolicy]}, got {self.settlement!r}") from None
+        try:
+            object.__setattr__(self, "envelope_format", EnvelopeFormat(self.envelope_format))
+        except ValueError:
+            raise ConfigurationError(f"envelope_format must be one of "
+                                     f"{[str(f) for f in EnvelopeFormat]}, got {self.envelope_format!r}") from None
+        if self.retries is None:
+            object.__setattr__(self, "retries", DEFAULT_RETRIES if self.settlement.redelivers else 0)
         if self.stream is None:
             object.__setattr__(self, "stream", _default_stream(self.subject))
         if self.durable is None:
@@ -96,13 +145,11 @@ class SubscriptionConfig:
 
     def nak_delay_for(self, delivery_count: int) -> float:
         """Redelivery delay after a failed delivery: exponential in the delivery count."""
-        return min(self.nak_delay * (2 ** max(delivery_count - 1, 0)), self.nak_delay_max)
+        return exponential_delay(self.nak_delay, self.nak_delay_max, delivery_count - 1)
 
-    def handler_spec(self) -> HandlerSpec:
-        """What a pool member needs to run this subscription's handler."""
-        return HandlerSpec(self.name, self.handler, self.envelope, self.retries,
-                           self.retry_backoff, self.retry_backoff_max, self.max_envelope_bytes,
-                           self.processing_timeout)
+    def retry_delay_for(self, attempt: int) -> float:
+        """Pause before in-place retry after ``attempt`` (1 for the first) failed."""
+        return exponential_delay(self.retry_backoff, self.retry_backoff_max, attempt - 1)
 
 
 @dataclass(frozen=True)
@@ -115,7 +162,8 @@ class BusConfig:
     window: int = 2048
     connect_timeout: float = 5.0
     name: str = "actorbus"
-    supervision: Any = None
+    #: A policy for both levels, or a :class:`SupervisionTree`; normalised to a tree.
+    supervision: SupervisionTree | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.servers, str):

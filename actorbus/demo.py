@@ -32,7 +32,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn)
 from rich.table import Table
 
-from actorbus.bridge.envelope import Envelope
+from actorbus.envelope import Envelope
 from actorbus.bus import EventBus
 from actorbus.message import Message
 from actorbus.publisher import PublishError

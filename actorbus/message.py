@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from actorbus.bridge.envelope import Envelope
+from actorbus.envelope import Envelope
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ every actor process, not only the one serving the endpoint.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import start_http_server
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
@@ -16,8 +16,8 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
 
 from actorbus.bridge.tally import DURATION_BUCKETS
 
-if TYPE_CHECKING:
-    from actorbus.bus import EventBus
+#: Reads a bus's counters: ``EventBus.stats``.
+StatsReader = Callable[[], dict[str, Any]]
 
 log = logging.getLogger("actorbus.metrics")
 
@@ -35,13 +35,13 @@ _SETTLEMENTS = (("acked", "Messages acknowledged to JetStream."),
 class BusCollector:
     """A prometheus-client collector that reads a bus's stats at each scrape."""
 
-    def __init__(self, bus: "EventBus") -> None:
-        self._bus = bus
+    def __init__(self, stats: StatsReader) -> None:
+        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
         """The bus's metrics, all named ``actorbus_...``."""
         try:
-            stats = self._bus.stats()
+            stats = self._stats()
         except Exception as exc:  # a scrape must not take the endpoint down
             log.warning("metrics scrape could not read stats: %s", exc)
             return
@@ -82,9 +82,9 @@ class BusCollector:
 class MetricsServer:
     """The HTTP endpoint: ``http://<addr>:<port>/metrics``."""
 
-    def __init__(self, bus: "EventBus", port: int, addr: str = "127.0.0.1") -> None:
+    def __init__(self, stats: StatsReader, port: int, addr: str = "127.0.0.1") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(BusCollector(bus))
+        self.registry.register(BusCollector(stats))
         self.port = port
         self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
         log.info("metrics at http://%s:%d/metrics", addr, port)

@@ -7,8 +7,10 @@ from typing import Iterable, Mapping, Sequence
 
 import nats
 
-from actorbus.bridge.envelope import Envelope
+from actorbus.bridge.connection import connect_options
 from actorbus.bridge.loop_thread import LoopThread
+from actorbus.config import BusConfig
+from actorbus.envelope import Envelope
 
 
 class PublishError(RuntimeError):
@@ -38,16 +40,16 @@ OutgoingMessage = Sequence
 class Publisher:
     """Publishes to JetStream and waits for each acknowledgement."""
 
-    def __init__(self, servers: tuple[str, ...], *, name: str, timeout: float) -> None:
-        self._timeout = timeout
-        self._thread = LoopThread(f"{name}-publisher")
+    def __init__(self, config: BusConfig) -> None:
+        self._timeout = timeout = config.connect_timeout
+        name = f"{config.name}-publisher"
+        self._thread = LoopThread(name)
+        options = connect_options(config, name=name, reconnect_forever=False)
         try:
-            self._nc = self._thread.run(nats.connect(servers=list(servers), name=f"{name}-publisher",
-                                                     connect_timeout=timeout,
-                                                     max_reconnect_attempts=3), timeout + 1.0)
+            self._nc = self._thread.run(nats.connect(**options), timeout + 1.0)
         except Exception as exc:
             self._thread.stop()
-            raise ConnectionError(f"could not connect to NATS at {', '.join(servers)}: "
+            raise ConnectionError(f"could not connect to NATS at {', '.join(config.servers)}: "
                                   f"{type(exc).__name__}: {exc}") from exc
         self._js = self._nc.jetstream()
 

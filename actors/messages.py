@@ -6,8 +6,15 @@ much as handling a few hundred trivial messages.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+
+from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.policies import RestartPolicy
+
+#: A Thespian actor address: opaque, only ever passed back to ``send``.
+Address = Any
 
 
 # ---------------------------------------------------------------- hot path
@@ -38,7 +45,7 @@ class Delivery(NamedTuple):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Dispatch:
-    """Bridge → Router → aggregate actor: deliveries to handle, in order.
+    """Bridge → Router → pool member: deliveries to handle, in order.
 
     ``sequence`` numbers the Bridge's dispatches (1, 2, ...) so the Router
     routes them in the order they were fetched even if the transport
@@ -54,17 +61,24 @@ class Dispatch:
         return f"Dispatch(#{self.sequence}, {len(self.deliveries)} deliveries)"
 
 
-#: Outcome kinds.
-SUCCEEDED = "succeeded"      #: the handler returned
-FAILED = "failed"            #: the handler raised on every attempt
-UNDELIVERED = "undelivered"  #: it never reached a handler (hand-off failed)
+class OutcomeKind(enum.StrEnum):
+    """What became of a delivery, in one word."""
+
+    SUCCEEDED = "succeeded"      #: the handler returned
+    FAILED = "failed"            #: the handler raised on every attempt
+    UNDELIVERED = "undelivered"  #: it never reached a handler (hand-off failed)
+
+
+SUCCEEDED = OutcomeKind.SUCCEEDED
+FAILED = OutcomeKind.FAILED
+UNDELIVERED = OutcomeKind.UNDELIVERED
 
 
 class Outcome(NamedTuple):
     """What became of one delivery."""
 
     token: int
-    kind: str
+    kind: OutcomeKind
     error: str | None = None
     attempts: int = 1
     seconds: float = 0.0  # time in the handler, all attempts
@@ -72,7 +86,7 @@ class Outcome(NamedTuple):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Completion:
-    """Aggregate actor → Router → Bridge: the outcomes of one dispatch.
+    """Pool member → Router → Bridge: the outcomes of one dispatch.
 
     A delivery handled on its first attempt is just its token in
     ``succeeded`` and its handler time at the same place in ``seconds``;
@@ -122,18 +136,22 @@ class Completion:
 
 
 # ---------------------------------------------------------------- set-up
-@dataclass(frozen=True, slots=True)
-class HandlerSpec:
-    """Which handler runs for a subscription, and how to build its messages."""
+class ActorState(enum.StrEnum):
+    """A supervised actor's state, as ``stats()["actors"]`` reports it."""
 
-    subscription: str
-    handler: str
-    envelope: bool
-    retries: int
-    retry_backoff: float
-    retry_backoff_max: float
-    max_envelope_bytes: int
-    processing_timeout: float | None = None
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+
+
+#: How pool members are named in ``pids`` and ``stats()["actors"]``: ``member-<index>``.
+MEMBER_PREFIX = "member-"
+
+
+def member_name(index: int) -> str:
+    """The name of pool member ``index`` in ``pids`` and ``stats()["actors"]``."""
+    return f"{MEMBER_PREFIX}{index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +159,7 @@ class StartBus:
     """Facade → Supervisor: build the Bridge and the pool for this configuration."""
 
     request_id: int
-    config: Any  # actorbus.config.BusConfig
+    config: BusConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,15 +172,15 @@ class BusStarted:
 
 @dataclass(frozen=True, slots=True)
 class StartPool:
-    """Supervisor → Router: create ``size`` aggregate actors; completions go to ``bridge``.
+    """Supervisor → Router: create ``size`` pool members; completions go to ``bridge``.
 
     ``policy`` restarts members that die; a delivery re-sent to a restarted
     member more than ``max_resends`` times fails by its kind instead.
     """
 
     size: int
-    bridge: Any
-    policy: Any = None  # actorbus.supervision.policies policy, None: OneForOne()
+    bridge: Address
+    policy: RestartPolicy | None = None  # None: OneForOne()
     max_resends: int = 3
 
 
@@ -186,14 +204,14 @@ class MemberRestarted:
 class BridgeChanged:
     """Supervisor → Router: the Bridge was restarted; completions go to ``bridge`` now."""
 
-    bridge: Any
+    bridge: Address
 
 
 @dataclass(frozen=True, slots=True)
 class RouterChanged:
     """Supervisor → Bridge: the Router (and its pool) was restarted; re-send what is in flight."""
 
-    router: Any
+    router: Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,23 +230,23 @@ class Halt:
 
 @dataclass(frozen=True, slots=True)
 class PoolReady:
-    """Router → Supervisor: every aggregate actor answered."""
+    """Router → Supervisor: every pool member answered."""
 
     pids: tuple[int, ...]
     router_pid: int
 
 
 @dataclass(frozen=True, slots=True)
-class StartAggregate:
-    """Router → aggregate actor: your index and the handlers known so far."""
+class StartMember:
+    """Router → pool member: your index and the subscriptions whose handlers you run."""
 
     index: int
-    handlers: tuple[HandlerSpec, ...]
+    subscriptions: tuple[SubscriptionConfig, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class AggregateReady:
-    """Aggregate actor → Router: started, in process ``pid``."""
+class MemberReady:
+    """Pool member → Router: started, in process ``pid``."""
 
     index: int
     pid: int
@@ -239,9 +257,11 @@ class StartBridge:
     """Supervisor → Bridge: connect and be ready; dispatch to ``router`` (None: no pool)."""
 
     request_id: int
-    config: Any  # actorbus.config.BusConfig
-    router: Any
+    config: BusConfig
+    router: Address | None
     incarnation: int = 0  # restarts so far: keeps tokens of a restarted Bridge distinct
+    #: Builds the Bridge's NATS side (None: the real one); a seam for tests of the Bridge.
+    link_factory: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,20 +277,20 @@ class Subscribe:
     """Facade → Supervisor → Bridge: consume a subscription."""
 
     request_id: int
-    subscription: Any  # actorbus.config.SubscriptionConfig
+    subscription: SubscriptionConfig
 
 
 @dataclass(frozen=True, slots=True)
 class RegisterHandler:
-    """Supervisor → Router → aggregate actors: a subscription's handler."""
+    """Supervisor → Router → pool members: a subscription whose handler they run."""
 
     request_id: int
-    spec: HandlerSpec
+    subscription: SubscriptionConfig
 
 
 @dataclass(frozen=True, slots=True)
 class HandlerRegistered:
-    """Router → Supervisor: every aggregate actor has the handler."""
+    """Router → Supervisor: every pool member has the handler."""
 
     request_id: int
 
@@ -325,3 +345,27 @@ class RequestFailed:
 
     request_id: int
     error: str
+
+
+# ---------------------------------------------------------------- timers
+# Payloads of an actor's own ``wakeupAfter``: each names what is due.
+@dataclass(frozen=True, slots=True)
+class PollMailbox:
+    """Bridge → itself: look at the mailbox (where ``ThespianWatch`` is missing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressTick:
+    """Bridge → itself: send ``in_progress`` where due, and dispatch what waits."""
+
+
+@dataclass(frozen=True, slots=True)
+class DrainDeadline:
+    """Bridge → itself: the drain's time is up."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestartDue:
+    """An actor → itself: restart the child ``target`` now (its backoff has passed)."""
+
+    target: Any

@@ -15,11 +15,11 @@ from typing import Any, Callable, Iterable
 
 from actorbus.actors.handlers import HandlerError, resolve_handler
 from actorbus.actors.instances import AggregateInstances
-from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, Delivery, HandlerSpec,
-                                      Outcome)
+from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, Delivery, Outcome
 from actorbus.actors.watchdog import Watchdog
 from actorbus.aggregate import Aggregate
-from actorbus.bridge.envelope import InvalidEnvelope, decode_envelope
+from actorbus.config import SubscriptionConfig
+from actorbus.envelope import InvalidEnvelope, decode_envelope
 from actorbus.message import Message
 
 log = logging.getLogger("actorbus.actors")
@@ -28,20 +28,20 @@ log = logging.getLogger("actorbus.actors")
 class HandlerTable:
     """The handlers of one pool member, by subscription, and the loop for async ones."""
 
-    def __init__(self, specs: Iterable[HandlerSpec] = (), sleep: Callable[[float], Any] = time.sleep,
-                 watchdog: Watchdog | None = None):
+    def __init__(self, subscriptions: Iterable[SubscriptionConfig] = (),
+                 sleep: Callable[[float], Any] = time.sleep, watchdog: Watchdog | None = None):
         self._watchdog = watchdog
-        self._specs: dict[str, HandlerSpec] = {}
+        self._subscriptions: dict[str, SubscriptionConfig] = {}
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sleep = sleep
-        for spec in specs:
-            self.register(spec)
+        for subscription in subscriptions:
+            self.register(subscription)
 
-    def register(self, spec: HandlerSpec) -> None:
-        """Add or replace the handler of ``spec.subscription``."""
-        self._specs[spec.subscription] = spec
-        self._handlers.pop(spec.subscription, None)
+    def register(self, subscription: SubscriptionConfig) -> None:
+        """Add or replace the handler of ``subscription``."""
+        self._subscriptions[subscription.name] = subscription
+        self._handlers.pop(subscription.name, None)
 
     def process(self, deliveries: Iterable[Delivery]) -> tuple[Outcome, ...]:
         """Handle ``deliveries`` strictly in order; one outcome each."""
@@ -49,7 +49,7 @@ class HandlerTable:
 
     def process_one(self, delivery: Delivery) -> Outcome:
         """Handle one delivery with in-place retries; never raises."""
-        spec = self._specs.get(delivery.subscription)
+        spec = self._subscriptions.get(delivery.subscription)
         if spec is None:
             return Outcome(delivery.token, UNDELIVERED,
                            f"no handler registered for subscription {delivery.subscription!r}", 0)
@@ -75,7 +75,7 @@ class HandlerTable:
                 if attempt > spec.retries:
                     return Outcome(delivery.token, FAILED, f"{type(exc).__name__}: {exc}", attempt,
                                    time.perf_counter() - started)
-                delay = min(spec.retry_backoff * (2 ** (attempt - 1)), spec.retry_backoff_max)
+                delay = spec.retry_delay_for(attempt)
                 log.debug("handler failed on %s (attempt %d), retrying in %.3fs: %r",
                           delivery.subject, attempt, delay, exc)
                 self._sleep(delay)
@@ -88,23 +88,23 @@ class HandlerTable:
             self._loop.close()
             self._loop = None
 
-    def _handler(self, spec: HandlerSpec) -> Callable[..., Any]:
-        handler = self._handlers.get(spec.subscription)
+    def _handler(self, spec: SubscriptionConfig) -> Callable[..., Any]:
+        handler = self._handlers.get(spec.name)
         if handler is None:
             handler = resolve_handler(spec.handler)
             if isinstance(handler, type) and issubclass(handler, Aggregate):
                 handler = AggregateInstances(handler)
-            self._handlers[spec.subscription] = handler
+            self._handlers[spec.name] = handler
         return handler
 
     @staticmethod
-    def _message(spec: HandlerSpec, delivery: Delivery) -> Message:
+    def _message(spec: SubscriptionConfig, delivery: Delivery) -> Message:
         envelope = None
         data = delivery.data
         if spec.envelope:
             # The Bridge validated these bytes before dispatching them.
-            envelope = decode_envelope(delivery.data, max_bytes=spec.max_envelope_bytes,
-                                       validated=True)
+            envelope = decode_envelope(delivery.data, spec.envelope_format,
+                                       max_bytes=spec.max_envelope_bytes, validated=True)
             data = envelope.payload
         return Message(
             subject=delivery.subject,

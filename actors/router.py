@@ -13,23 +13,22 @@ a dead address).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import os
 from collections import defaultdict
 
 from thespian.actors import ActorExitRequest
 
-from actorbus.actors.aggregate import AggregateActor
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (UNDELIVERED, AggregateReady, BridgeChanged, Completion,
-                                      Delivery, Dispatch,
-                                      HandlerRegistered, HandlerSpec, MemberDied, MemberRestarted,
-                                      Outcome,
-                                      PoolFailed, PoolReady, RegisterHandler, StartAggregate,
-                                      StartPool)
+from actorbus.actors.member import PoolMember
+from actorbus.actors.messages import (UNDELIVERED, BridgeChanged, Completion, Delivery, Dispatch,
+                                      HandlerRegistered, MemberDied, MemberReady, MemberRestarted,
+                                      Outcome, PoolFailed, PoolReady, RegisterHandler, RestartDue,
+                                      StartMember, StartPool)
 from actorbus.actors.routing import pool_index
-from actorbus.supervision.policies import AllForOne
-from actorbus.supervision.restarts import RestartBudget
+from actorbus.config import SubscriptionConfig
+from actorbus.policies import RestartBudget
 
 log = logging.getLogger("actorbus.actors")
 
@@ -42,7 +41,14 @@ MAX_MEMBER_DISPATCHES = 2
 #: Most routing keys whose pool index the Router remembers before it starts afresh.
 _MAX_REMEMBERED_KEYS = 100_000
 
-_RESTART = "actorbus-restart-member"
+
+
+class RouterPhase(enum.Enum):
+    """Where the Router is in its life."""
+
+    RUNNING = enum.auto()    # routing and restarting members
+    STOPPING = enum.auto()   # the actor system is shutting down: members' exits are expected
+    FAILED = enum.auto()     # members died faster than the policy allows: nothing more is sent
 
 
 class _Member:
@@ -73,15 +79,13 @@ class Router(BusActor):
         self._supervisor = None
         self._bridge = None
         self._members: list[_Member] = []
-        self._specs: list[HandlerSpec] = []
+        self._subscriptions: list[SubscriptionConfig] = []
         self._budget = RestartBudget()
-        self._all_for_one = False
         self._max_resends = 3
         self._resends: dict[int, int] = {}      # token → times re-sent
-        self._failed: str | None = None
+        self._phase = RouterPhase.RUNNING
         self._next_sequence = 1
         self._early: dict[int, Dispatch] = {}
-        self._shutting_down = False
         self._member_of_key: dict[str, int] = {}   # routing key → pool index, remembered
 
     # ------------------------------------------------------------ set-up
@@ -89,14 +93,13 @@ class Router(BusActor):
         self._supervisor = sender
         self._bridge = message.bridge
         self._budget = RestartBudget(message.policy)
-        self._all_for_one = isinstance(message.policy, AllForOne)
         self._max_resends = message.max_resends
         for index in range(message.size):
-            member = _Member(self.createActor(AggregateActor))
+            member = _Member(self.createActor(PoolMember))
             self._members.append(member)
-            self.send(member.address, StartAggregate(index, tuple(self._specs)))
+            self.send(member.address, StartMember(index, tuple(self._subscriptions)))
 
-    def receiveMsg_AggregateReady(self, message: AggregateReady, sender) -> None:
+    def receiveMsg_MemberReady(self, message: MemberReady, sender) -> None:
         member = self._members[message.index]
         member.pid = message.pid
         if member.restarting:
@@ -105,7 +108,7 @@ class Router(BusActor):
             self.send(self._supervisor, PoolReady(tuple(m.pid for m in self._members), os.getpid()))
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
-        self._specs.append(message.spec)
+        self._subscriptions.append(message.subscription)
         # Sent before any later dispatch to the same member, so it arrives first.
         for member in self._members:
             if member.address is not None:
@@ -155,7 +158,7 @@ class Router(BusActor):
             self._send_next(member)
 
     def _send_next(self, member: _Member) -> None:
-        if member.restarting or self._failed:
+        if member.restarting or self._phase is not RouterPhase.RUNNING:
             return
         while member.waiting and member.outstanding < MAX_MEMBER_DISPATCHES:
             size = MAX_MEMBER_BATCH
@@ -187,10 +190,10 @@ class Router(BusActor):
 
     # ------------------------------------------------------------ failures
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:
-        self._shutting_down = True
+        self._phase = RouterPhase.STOPPING
 
     def receiveMsg_ChildActorExited(self, message, sender) -> None:
-        if self._shutting_down:
+        if self._phase is RouterPhase.STOPPING:
             return
         index = self._member_index(message.childAddress)
         if index is None:
@@ -200,13 +203,13 @@ class Router(BusActor):
                     len(member.held))
         self._bury(member)
         self.send(self._supervisor, MemberDied(index))
-        if self._failed:
+        if self._phase is RouterPhase.FAILED:
             return
         decision = self._budget.record()
         if not decision.allowed:
             self._fail(self._budget.exhausted(f"pool member {index}", decision))
             return
-        if self._all_for_one:
+        if self._budget.policy.restarts_all:
             for other in self._members:
                 if other is not member and other.address is not None:
                     # Its exit is part of this restart, not a failure of its own.
@@ -216,17 +219,18 @@ class Router(BusActor):
                     self.send(address, ActorExitRequest())
         for i, m in enumerate(self._members):
             if m.restarting and m.address is None:
-                self.wakeupAfter(decision.delay, payload=(_RESTART, i))
+                self.wakeupAfter(decision.delay, payload=RestartDue(i))
 
     def receiveMsg_WakeupMessage(self, message, sender) -> None:
-        if not (isinstance(message.payload, tuple) and message.payload[0] == _RESTART):
+        if not isinstance(message.payload, RestartDue):
             return
-        index = message.payload[1]
+        index = message.payload.target
         member = self._members[index]
-        if self._failed or self._shutting_down or not member.restarting or member.address is not None:
+        if self._phase is not RouterPhase.RUNNING or not member.restarting \
+                or member.address is not None:
             return
-        member.address = self.createActor(AggregateActor)
-        self.send(member.address, StartAggregate(index, tuple(self._specs)))
+        member.address = self.createActor(PoolMember)
+        self.send(member.address, StartMember(index, tuple(self._subscriptions)))
 
     def _bury(self, member: _Member) -> None:
         member.address = None
@@ -266,7 +270,7 @@ class Router(BusActor):
     def _fail(self, reason: str) -> None:
         # Nothing held is failed back: acking while broken would lose plain
         # messages. It all stays un-acked for JetStream to redeliver.
-        self._failed = reason
+        self._phase = RouterPhase.FAILED
         log.error("the pool gives up: %s", reason)
         self.send(self._supervisor, PoolFailed(reason))
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import msgpack
-from actorbus.bridge.envelope import Envelope, decode_envelope
+from actorbus.envelope import Envelope, decode_envelope
 from actorbus.runtime import process_rss
 
 #: Where handlers write their records. Set before an EventBus is built, so the

@@ -7,32 +7,33 @@ a process holding a network thread must not fork.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import time
 from collections import Counter
+from typing import Any
 
-from thespian.actors import (Actor, ActorExitRequest, PoisonMessage, ThespianWatch, WakeupMessage,
-                             WatchMessage)
+from thespian.actors import ThespianWatch
 
-from actorbus.actors.logs import adopt_actor_process_root
+from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeReady, BusStopped,
-                                      Completion, Delivery, Dispatch, Halt, Outcome, RequestFailed,
-                                      RouterChanged,
-                                      StartBridge, Stats, StatsRequest, StopBus, Subscribe,
-                                      Subscribed)
+                                      Completion, Delivery, Dispatch, DrainDeadline, Halt,
+                                      Outcome, PollMailbox, ProgressTick, RequestFailed,
+                                      RouterChanged, StartBridge, Stats, StatsRequest, StopBus,
+                                      Subscribe, Subscribed)
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
-from actorbus.bridge.envelope import InvalidEnvelope, decode_envelope
 from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.mailbox import Mailbox
-from actorbus.bridge.nats_link import NatsLink
 from actorbus.bridge.metadata import delivery_numbers
-from actorbus.bridge.settlement import ACK, DEAD_LETTER, Order, dead_letter_headers, settle
+from actorbus.bridge.nats_link import NatsLink
+from actorbus.bridge.settlement import ACK, DEAD_LETTER, Order, dead_letter_headers, decide
 from actorbus.bridge.tally import SubscriptionTally
 from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.envelope import InvalidEnvelope, decode_envelope
 
 log = logging.getLogger("actorbus.bridge")
 
@@ -47,118 +48,142 @@ PROGRESS_INTERVAL = 0.25
 #: p50 16 ms at half rate; 2 gave 26k/22k/16k and 24 ms; 8 gave 26k/16k and 33 ms.
 MAX_UNROUTED_DISPATCHES = 1
 
+#: Bits of a token below the Bridge's incarnation: a restarted Bridge's tokens
+#: start above everything an earlier one handed out (pool members drop tokens
+#: at or below the last they saw), for 2**40 messages per incarnation.
+INCARNATION_SHIFT = 40
+
+#: Seconds a stopping Bridge gives its NATS link to flush and close.
+CLOSE_TIMEOUT = 5.0
+#: The same when the actor system ends the Bridge (no drain was asked for).
+EXIT_CLOSE_TIMEOUT = 2.0
+
 _OUTCOME_COUNTERS = {SUCCEEDED: "processed", FAILED: "failed", UNDELIVERED: "undelivered"}
-_DRAIN_DEADLINE = "actorbus-drain-deadline"
-_PROGRESS_TICK = "actorbus-progress-tick"
 
 
-class Bridge(Actor):
+class BridgePhase(enum.Enum):
+    """Where the Bridge is in its life; each phase says what it still does."""
+
+    STARTING = enum.auto()   # no connection yet
+    RUNNING = enum.auto()    # fetching, dispatching, settling
+    DRAINING = enum.auto()   # fetching nothing more; settling what completes, up to a deadline
+    HALTED = enum.auto()     # the bus is broken: nothing fetched, nothing settled
+    STOPPED = enum.auto()    # disconnected
+
+
+#: Builds the Bridge's NATS side; :class:`NatsLink` unless a test gives another.
+LinkFactory = Any
+
+
+class Bridge(BusActor):
     """Consumes durable JetStream consumers and settles each message by its outcome."""
 
     def __init__(self) -> None:
         super().__init__()
-        adopt_actor_process_root()
+        self._phase = BridgePhase.STARTING
         self._config: BusConfig | None = None
-        self._router = None
+        self._router: Any = None
         self._mailbox = Mailbox()
-        self._link: NatsLink | None = None
+        self._link: Any = None   # a NatsLink, or what StartBridge.link_factory builds
         self._inflight = InFlightTable()
         self._subscriptions: dict[str, SubscriptionConfig] = {}
         self._direct: HandlerTable | None = None   # pool size 0
         self._counts: Counter[str] = Counter()   # not per subscription: invalid, retried
         self._tallies: dict[str, SubscriptionTally] = {}
         self._queue_depths: tuple[int, ...] = ()
-        self._polling = False
         self._watch: ThespianWatch | None = None
         self._dispatches = 0      # numbered dispatches sent to the Router
         self._routed = 0          # how many of them it has routed, as last heard
         self._unsent: list[Delivery] = []
-        self._accepting = True
-        self._halted = False
-        self._drain: tuple[int, object] | None = None   # (request id, who asked) while draining
+        self._drain: tuple[int, Any] | None = None   # (request id, who asked) while DRAINING
 
-    def receiveMessage(self, message, sender):
-        # Every return must carry the watch: Thespian forgets it otherwise.
-        try:
-            self._handle(message, sender)
-        except Exception:
-            log.exception("Bridge failed on %s", type(message).__name__)
+    def watch(self) -> ThespianWatch | None:
+        """The mailbox's descriptor while connected (multiprocTCPBase)."""
         return self._watch
 
-    def _handle(self, message, sender) -> None:
-        if isinstance(message, WatchMessage):
-            self._take_fetched()
-        elif isinstance(message, WakeupMessage):
-            if message.payload == _DRAIN_DEADLINE:
-                self._finish_drain()
-                return
-            if message.payload == _PROGRESS_TICK:
-                self._signal_progress()
-                return
-            self._take_fetched()
-            if self._polling:
-                self.wakeupAfter(POLL_INTERVAL)
-        elif isinstance(message, Completion):
-            if message.queue_depths:
-                self._queue_depths = message.queue_depths
-            self._routed = max(self._routed, message.routed)
-            self._complete(message)
-            self._dispatch()
-            if self._drain is not None and not len(self._inflight):
-                self._finish_drain()
-        elif isinstance(message, StartBridge):
-            self._start(message, sender)
-        elif isinstance(message, Subscribe):
-            self._subscribe(message, sender)
-        elif isinstance(message, StatsRequest):
-            self.send(sender, Stats(message.request_id, self._stats(),
-                                    by_subscription={name: tally.snapshot()
-                                                     for name, tally in self._tallies.items()},
-                                    queue_depths=self._queue_depths))
-        elif isinstance(message, StopBus):
-            self._start_drain(message, sender)
-        elif isinstance(message, PoisonMessage):
-            self._returned(message)
-        elif isinstance(message, Halt):
-            self._halt(message.reason)
-        elif isinstance(message, RouterChanged):
-            self._resend_to(message.router)
-        elif isinstance(message, ActorExitRequest):
-            self._stop(timeout=2.0)
+    # ------------------------------------------------------------ messages
+    def receiveMsg_WatchMessage(self, message, sender) -> None:
+        self._take_fetched()
+
+    def receiveMsg_WakeupMessage(self, message, sender) -> None:
+        due = message.payload
+        if isinstance(due, PollMailbox):
+            if self._phase is not BridgePhase.STOPPED:
+                self._take_fetched()
+                self.wakeupAfter(POLL_INTERVAL, payload=PollMailbox())
+        elif isinstance(due, ProgressTick):
+            self._signal_progress()
+        elif isinstance(due, DrainDeadline):
+            self._finish_drain()
+
+    def receiveMsg_Completion(self, message: Completion, sender) -> None:
+        if message.queue_depths:
+            self._queue_depths = message.queue_depths
+        self._routed = max(self._routed, message.routed)
+        self._complete(message)
+        self._dispatch()
+        if self._phase is BridgePhase.DRAINING and not len(self._inflight):
+            self._finish_drain()
+
+    def receiveMsg_StartBridge(self, message: StartBridge, sender) -> None:
+        self._start(message, sender)
+
+    def receiveMsg_Subscribe(self, message: Subscribe, sender) -> None:
+        self._subscribe(message, sender)
+
+    def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
+        self.send(sender, Stats(message.request_id, self._stats(),
+                                by_subscription={name: tally.snapshot()
+                                                 for name, tally in self._tallies.items()},
+                                queue_depths=self._queue_depths))
+
+    def receiveMsg_StopBus(self, message: StopBus, sender) -> None:
+        self._start_drain(message, sender)
+
+    def receiveMsg_PoisonMessage(self, message, sender) -> None:
+        self._returned(message)
+
+    def receiveMsg_Halt(self, message: Halt, sender) -> None:
+        self._halt(message.reason)
+
+    def receiveMsg_RouterChanged(self, message: RouterChanged, sender) -> None:
+        self._resend_to(message.router)
+
+    def receiveMsg_ActorExitRequest(self, message, sender) -> None:
+        self._stop(timeout=EXIT_CLOSE_TIMEOUT)
 
     # ------------------------------------------------------------ set-up
     def _start(self, message: StartBridge, sender) -> None:
-        self._config = message.config
+        self._config = config = message.config
         self._router = message.router
-        # Pool members drop tokens they have passed: a restarted Bridge counts on from further up.
-        self._inflight = InFlightTable(first_token=(message.incarnation << 40) + 1)
+        self._inflight = InFlightTable(first_token=(message.incarnation << INCARNATION_SHIFT) + 1)
         if self._router is None:
             self._direct = HandlerTable(watchdog=Watchdog())
-        self._link = NatsLink(self._config.servers, self._mailbox, window=self._config.window,
-                              name=self._config.name)
+        make_link = message.link_factory or NatsLink
+        self._link = make_link(config, self._mailbox)
         try:
-            self._link.connect(self._config.connect_timeout)
+            self._link.connect()
         except ConnectionError as exc:
             log.error("%s", exc)
             self._link.close(1.0)
             self._link = None
             self.send(sender, RequestFailed(message.request_id, str(exc)))
             return
-        if self._config.runtime == "processes":
+        self._phase = BridgePhase.RUNNING
+        if config.runtime == "processes":
             self._watch = ThespianWatch([self._mailbox.fileno()])
         else:
-            self._polling = True
-            self.wakeupAfter(POLL_INTERVAL)
-        self.wakeupAfter(PROGRESS_INTERVAL, payload=_PROGRESS_TICK)
+            self.wakeupAfter(POLL_INTERVAL, payload=PollMailbox())
+        self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
         self.send(sender, BridgeReady(message.request_id, os.getpid()))
 
     def _subscribe(self, message: Subscribe, sender) -> None:
-        sub: SubscriptionConfig = message.subscription
+        sub = message.subscription
         if self._link is None:
             self.send(sender, RequestFailed(message.request_id, "the Bridge is not connected"))
             return
         if self._direct is not None:
-            self._direct.register(sub.handler_spec())
+            self._direct.register(sub)
         self._subscriptions[sub.name] = sub
         self._tallies.setdefault(sub.name, SubscriptionTally("envelope" if sub.envelope else "plain"))
         try:
@@ -172,7 +197,7 @@ class Bridge(Actor):
 
     # ------------------------------------------------------------ hot path
     def _take_fetched(self) -> None:
-        if not self._accepting:
+        if self._phase is not BridgePhase.RUNNING:
             # Stopping: what was fetched but not dispatched stays un-acked,
             # so JetStream redelivers it after AckWait.
             self._mailbox.drain()
@@ -223,7 +248,8 @@ class Bridge(Actor):
                 tally["redelivered"] += 1
             if sub.envelope:
                 try:
-                    aggregate_id = decode_envelope(msg.data, max_bytes=sub.max_envelope_bytes).aggregate_id
+                    aggregate_id = decode_envelope(msg.data, sub.envelope_format,
+                                                   max_bytes=sub.max_envelope_bytes).aggregate_id
                 except InvalidEnvelope as exc:
                     # It can never succeed: redelivering it would only loop.
                     log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
@@ -246,7 +272,7 @@ class Bridge(Actor):
             deliveries.append(delivery)
 
     def _complete(self, completion: Completion) -> None:
-        if self._halted:
+        if self._phase is BridgePhase.HALTED:
             return  # broken: everything stays un-acked for JetStream to redeliver
         actions: list[Order] = []
         pop = self._inflight.pop
@@ -273,7 +299,7 @@ class Bridge(Actor):
             tally.observe(outcome.seconds)
         if outcome.attempts > 1:
             self._counts["retried"] += outcome.attempts - 1
-        decision = settle(outcome.kind, envelope=sub.envelope,
+        decision = decide(outcome.kind, sub.settlement,
                           nak_delay=sub.nak_delay_for(delivery.delivery_count),
                           last_delivery=sub.is_last_delivery(delivery.delivery_count))
         if decision.warning:
@@ -318,30 +344,33 @@ class Bridge(Actor):
         if self._link is None:
             return
         due = self._inflight.due_for_progress(time.monotonic())
-        if due and not self._halted:
+        if due and self._phase is not BridgePhase.HALTED:
             self._link.touch([entry.msg for entry in due])
         # Not held back for long, whatever the Router last said.
         self._dispatch(even_if_behind=True)
-        self.wakeupAfter(PROGRESS_INTERVAL, payload=_PROGRESS_TICK)
+        self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
 
     def _halt(self, reason: str) -> None:
         log.error("halted: %s; %d message(s) in flight stay un-acked", reason, len(self._inflight))
-        self._halted = True
-        self._accepting = False
+        if self._phase is BridgePhase.STOPPED:
+            return
+        self._phase = BridgePhase.HALTED
         if self._link is not None:
             self._link.stop_fetching()
 
     def _start_drain(self, message: StopBus, sender) -> None:
         # Fetch nothing more; let what is in flight complete, up to the timeout.
-        self._accepting = False
         self._drain = (message.request_id, sender)
+        halted = self._phase is BridgePhase.HALTED
+        if self._phase in (BridgePhase.STARTING, BridgePhase.RUNNING):
+            self._phase = BridgePhase.DRAINING
         self._dispatch(even_if_behind=True)   # fetched before the stop: let it complete
         if self._link is not None:
             self._link.stop_fetching()
-        if len(self._inflight) and not self._halted:
+        if len(self._inflight) and not halted:
             log.info("draining %d message(s) in flight, for up to %.1fs",
                      len(self._inflight), message.timeout)
-            self.wakeupAfter(message.timeout, payload=_DRAIN_DEADLINE)
+            self.wakeupAfter(message.timeout, payload=DrainDeadline())
         else:
             self._finish_drain()
 
@@ -350,13 +379,13 @@ class Bridge(Actor):
             return
         request_id, asker = self._drain
         self._drain = None
-        self._stop(timeout=5.0)
+        self._stop(timeout=CLOSE_TIMEOUT)
         self.send(asker, BusStopped(request_id))
 
     def _stop(self, timeout: float) -> None:
         # Whatever is still in flight is neither acked nor naked: JetStream
         # redelivers it after AckWait.
-        self._polling = False
+        self._phase = BridgePhase.STOPPED
         self._watch = None
         if self._link is not None:
             self._link.close(timeout)

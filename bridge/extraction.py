@@ -2,38 +2,19 @@
 from __future__ import annotations
 
 import logging
-import re
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-if TYPE_CHECKING:
-    from actorbus.bridge.envelope import Envelope
+from actorbus.codecs import CODECS
+from actorbus.envelope import Envelope, InvalidEnvelope, decode_envelope
+from actorbus.ids import AGGREGATE_ID_HEADERS, is_valid_id
 
 log = logging.getLogger("actorbus.bridge")
 
-_VALID_ID = re.compile(rb"[A-Za-z0-9:_\-./]{1,256}")
-
-#: Header names that carry an aggregate id, in priority order.
-AGGREGATE_ID_HEADERS = ("X-Aggregate-ID", "x-aggregate-id", "Aggregate-ID", "aggregate-id")
 _HEADER_NAMES_FOLDED = {name.lower() for name in AGGREGATE_ID_HEADERS}
-
-# First byte of a msgpack map (fixmap, map16, map32): anything else cannot
-# be an envelope, so plain payloads are not decoded in vain.
-_MSGPACK_MAP_PREFIX = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
-
-
-def is_valid_id(value: object) -> bool:
-    """True when ``value`` is a str of 1-256 bytes of ``[A-Za-z0-9:_-./]``."""
-    if not isinstance(value, str):
-        return False
-    try:
-        raw = value.encode("ascii")
-    except UnicodeEncodeError:
-        return False
-    return _VALID_ID.fullmatch(raw) is not None
 
 
 def extract_aggregate_id(
-    data: "bytes | Envelope | None",
+    data: bytes | Envelope | None = None,
     headers: Mapping[str, str] | None = None,
     key: str | None = None,
     subject: str | None = None,
@@ -49,11 +30,10 @@ def extract_aggregate_id(
     then, only with ``use_subject``, the last subject token. A candidate
     that is not a valid id is skipped, never used.
     """
-    from actorbus.bridge.envelope import Envelope, InvalidEnvelope, decode_envelope
-
     if isinstance(data, Envelope):
         return data.aggregate_id
-    if isinstance(data, (bytes, bytearray)) and data and data[0] in _MSGPACK_MAP_PREFIX:
+    # Only bytes that look like an envelope are decoded: plain payloads are not decoded in vain.
+    if isinstance(data, (bytes, bytearray)) and any(c.recognises(data) for c in CODECS.values()):
         try:
             return decode_envelope(bytes(data)).aggregate_id
         except InvalidEnvelope:

@@ -7,6 +7,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 from nats.js.errors import NotFoundError
 
+from actorbus.bridge.layout import ConsumerSpec
 from actorbus.config import ConfigurationError, SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
@@ -74,20 +75,48 @@ async def ensure_dead_letter_stream(js: JetStreamContext, sub: SubscriptionConfi
             f"which do not cover {sub.dead_letter_subject!r}")
 
 
-async def ensure_consumer(js: JetStreamContext, sub: SubscriptionConfig) -> None:
-    """Create the durable pull consumer, or bring an existing one to these settings."""
+async def ensure_consumer(js: JetStreamContext, sub: SubscriptionConfig,
+                          spec: ConsumerSpec) -> None:
+    """Create the durable pull consumer, or bring an existing one to these settings.
+
+    An existing consumer whose filter differs is refused, never rewritten:
+    the durable's position belongs to the subjects it filtered.
+    """
+    filters = list(spec.filter_subjects)
+    try:
+        existing = await js.consumer_info(spec.stream, spec.durable)
+    except NotFoundError:
+        existing = None
+    if existing is not None:
+        current = _filters_of(existing.config)
+        if sorted(current) != sorted(filters):
+            raise ConfigurationError(
+                f"durable consumer {spec.durable!r} on stream {spec.stream} filters "
+                f"{_show(current)}, not {_show(filters)}; to change it on purpose, delete the "
+                f"consumer first (nats consumer rm {spec.stream} {spec.durable}) or subscribe "
+                "with another durable name")
     config = ConsumerConfig(
-        durable_name=sub.durable,
+        durable_name=spec.durable,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=sub.ack_wait,
         max_deliver=sub.max_deliver,
         max_ack_pending=sub.max_ack_pending,
-        filter_subject=sub.subject,
+        **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": filters}),
     )
     try:
-        await js.add_consumer(sub.stream, config)
+        await js.add_consumer(spec.stream, config)
     except Exception as exc:
         raise ConfigurationError(
-            f"consumer {sub.durable} on stream {sub.stream} could not be created or updated: {exc}"
+            f"consumer {spec.durable} on stream {spec.stream} could not be created or updated: {exc}"
         ) from exc
+
+
+def _filters_of(config: ConsumerConfig) -> list[str]:
+    if config.filter_subjects:
+        return list(config.filter_subjects)
+    return [config.filter_subject] if config.filter_subject else []
+
+
+def _show(filters: list[str]) -> str:
+    return ", ".join(repr(f) for f in filters) if filters else "every subject of the stream"

@@ -13,16 +13,18 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any
 
 import nats
 
+from actorbus.bridge.connection import connect_options
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
+from actorbus.bridge.layout import ConsumerLayout, SingleDurable
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.bridge.mailbox import Mailbox
 from actorbus.bridge.pull import PullConsumer
 from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK, TERM, Order
-from actorbus.config import SubscriptionConfig
+from actorbus.config import BusConfig, SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
 
@@ -34,13 +36,13 @@ _TICK = 0.1
 class NatsLink:
     """Connection, fetching and ack/nak/term for the Bridge, on its own thread."""
 
-    def __init__(self, servers: Iterable[str], mailbox: Mailbox, *, window: int,
-                 name: str = "actorbus") -> None:
-        self._servers = list(servers)
+    def __init__(self, config: BusConfig, mailbox: Mailbox,
+                 layout: ConsumerLayout | None = None) -> None:
+        self._config = config
         self._mailbox = mailbox
-        self._window = window
-        self._name = name
-        self._thread = LoopThread(f"{name}-nats")
+        self._window = config.window
+        self._layout = layout or SingleDurable()
+        self._thread = LoopThread(f"{config.name}-nats")
         self._nc: Any = None
         self._js: Any = None
         self._consumers: dict[str, PullConsumer] = {}
@@ -52,13 +54,14 @@ class NatsLink:
         self._counts_lock = threading.Lock()
 
     # ------------------------------------------------------------ any thread
-    def connect(self, timeout: float) -> None:
+    def connect(self) -> None:
         """Connect; raise ``ConnectionError`` naming the servers if it cannot."""
+        timeout = self._config.connect_timeout
         try:
-            self._thread.run(self._connect(timeout), timeout + 1.0)
+            self._thread.run(self._connect(), timeout + 1.0)
         except Exception as exc:
             raise ConnectionError(
-                f"could not connect to NATS at {', '.join(self._servers)}: "
+                f"could not connect to NATS at {', '.join(self._config.servers)}: "
                 f"{type(exc).__name__}: {exc}") from exc
 
     def subscribe(self, sub: SubscriptionConfig, timeout: float = 10.0) -> None:
@@ -91,22 +94,22 @@ class NatsLink:
         self._thread.stop(timeout)
 
     # ------------------------------------------------------------ loop thread
-    async def _connect(self, timeout: float) -> None:
-        self._nc = await nats.connect(
-            servers=self._servers, name=self._name, connect_timeout=timeout,
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+    async def _connect(self) -> None:
+        self._nc = await nats.connect(**connect_options(
+            self._config, name=self._config.name, reconnect_forever=True,
             error_cb=self._on_error, disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected)
+            reconnected_cb=self._on_reconnected))
         self._js = self._nc.jetstream()
 
     async def _subscribe(self, sub: SubscriptionConfig) -> None:
         await ensure_stream(self._js, sub)
-        if sub.envelope:
+        if sub.envelope or sub.settlement.redelivers:
             await ensure_dead_letter_stream(self._js, sub)
-        await ensure_consumer(self._js, sub)
-        consumer = PullConsumer(self._nc, sub, self._arrived, self._schedule_top_up)
-        await consumer.start()
-        self._consumers[sub.name] = consumer
+        for spec in self._layout.consumers(sub):
+            await ensure_consumer(self._js, sub, spec)
+            consumer = PullConsumer(self._nc, sub, spec, self._arrived, self._schedule_top_up)
+            await consumer.start()
+            self._consumers[spec.durable] = consumer
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick(), name="pull-requests")
         await self._top_up()
@@ -239,7 +242,9 @@ class NatsLink:
             log.warning("disconnected from NATS")
 
     async def _on_reconnected(self) -> None:
-        log.warning("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc else "?")
+        url = self._nc.connected_url if self._nc else None
+        # Host and port only: the URL's user info may hold a password.
+        log.warning("reconnected to NATS at %s", f"{url.hostname}:{url.port}" if url else "?")
         # A restarted server has forgotten the waiting requests: ask afresh.
         for consumer in self._consumers.values():
             consumer.forget()

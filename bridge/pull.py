@@ -23,16 +23,17 @@ import logging
 import time
 from typing import Any, Callable
 
+from nats.js.api import StatusCode
+
+from actorbus.bridge.layout import ConsumerSpec
 from actorbus.config import SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
 
 #: Statuses that end a request in the ordinary way: no messages, expired.
-_QUIET = {"404", "408"}
+_QUIET = {StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT}
 #: Least time between two warnings about the same status.
 _WARN_EVERY = 5.0
-#: The server's idle heartbeat for a waiting request.
-_HEARTBEAT = "100"
 #: A request not ended this long after its expiry is taken as lost.
 _LOST_AFTER = 2.0
 
@@ -55,15 +56,16 @@ class PullConsumer:
     a request before it was filled (so there is room to ask again).
     """
 
-    def __init__(self, nc: Any, sub: SubscriptionConfig,
+    def __init__(self, nc: Any, sub: SubscriptionConfig, consumer: ConsumerSpec,
                  on_messages: Callable[[SubscriptionConfig, list[Any]], None],
                  on_request_ended: Callable[[], None]) -> None:
         self._nc = nc
         self._sub = sub
+        self.consumer = consumer
         self._on_messages = on_messages
         self._on_request_ended = on_request_ended
         self._warned_at: dict[str, float] = {}
-        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{sub.stream}.{sub.durable}"
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{consumer.stream}.{consumer.durable}"
         self._inbox = nc.new_inbox()
         self._subscription: Any = None
         self._requests: collections.deque[_Request] = collections.deque()
@@ -73,8 +75,8 @@ class PullConsumer:
 
     @property
     def name(self) -> str:
-        """The subscription's name."""
-        return self._sub.name
+        """The durable consumer's name."""
+        return self.consumer.durable
 
     @property
     def pending(self) -> int:
@@ -141,7 +143,7 @@ class PullConsumer:
             self._on_messages(self._sub, arrived)
 
     def _status(self, msg: Any, code: str, description: str) -> None:
-        if code == _HEARTBEAT:
+        if code == StatusCode.CONTROL_MESSAGE:  # the server's idle heartbeat
             return
         number = msg.subject.rsplit(".", 1)[-1]
         for request in self._requests:

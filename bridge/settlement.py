@@ -1,15 +1,27 @@
 """The delivery contract as one decision: given an outcome, ack, nak or term."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED
+from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, OutcomeKind
+from actorbus.config import SettlementPolicy
 
-ACK = "ack"
-NAK = "nak"
-TERM = "term"
-DEAD_LETTER = "dead_letter"  #: publish to the dead-letter subject, then term
+
+class Action(enum.StrEnum):
+    """What the Bridge tells JetStream about one message."""
+
+    ACK = "ack"
+    NAK = "nak"
+    TERM = "term"
+    DEAD_LETTER = "dead_letter"  #: publish to the dead-letter subject, then term
+
+
+ACK = Action.ACK
+NAK = Action.NAK
+TERM = Action.TERM
+DEAD_LETTER = Action.DEAD_LETTER
 
 ENVELOPE_FAILED = "Envelope message processing failed, will be redelivered"
 REGULAR_FAILED = "Regular message processing failed, marking as processed"
@@ -19,30 +31,33 @@ ENVELOPE_EXHAUSTED = "Envelope message failed on its last allowed delivery, dead
 
 
 @dataclass(frozen=True, slots=True)
-class Settlement:
+class Decision:
     """What to tell JetStream about one message, and the warning to log, if any."""
 
-    action: str
+    action: Action
     delay: float | None = None
     warning: str | None = None
 
 
-def settle(kind: str, *, envelope: bool, nak_delay: float, last_delivery: bool = False) -> Settlement:
-    """Envelopes are redelivered after a failure (at-least-once); plain messages are not.
+def decide(kind: OutcomeKind, policy: SettlementPolicy, *, nak_delay: float,
+           last_delivery: bool = False) -> Decision:
+    """The delivery contract: under ``NACK_ON_ERROR`` (envelopes) a failure is
+    redelivered (at-least-once); under ``ACK`` (plain messages) it is not.
 
-    An envelope failing on its last allowed delivery (``max_deliver``) is
-    dead-lettered: JetStream would never deliver it again, nor drop it.
+    A redelivered message failing on its last allowed delivery (``max_deliver``)
+    is dead-lettered: JetStream would never deliver it again, nor drop it.
     """
     if kind == SUCCEEDED:
-        return Settlement(ACK)
-    if envelope and last_delivery and kind in (FAILED, UNDELIVERED):
-        return Settlement(DEAD_LETTER, None, ENVELOPE_EXHAUSTED)
+        return Decision(ACK)
+    redeliver = policy.redelivers
+    if redeliver and last_delivery and kind in (FAILED, UNDELIVERED):
+        return Decision(DEAD_LETTER, None, ENVELOPE_EXHAUSTED)
     if kind == FAILED:
-        return Settlement(NAK, nak_delay, ENVELOPE_FAILED) if envelope else \
-            Settlement(ACK, None, REGULAR_FAILED)
+        return Decision(NAK, nak_delay, ENVELOPE_FAILED) if redeliver else \
+            Decision(ACK, None, REGULAR_FAILED)
     if kind == UNDELIVERED:
-        return Settlement(NAK, nak_delay, ENVELOPE_UNDELIVERED) if envelope else \
-            Settlement(ACK, None, REGULAR_UNDELIVERED)
+        return Decision(NAK, nak_delay, ENVELOPE_UNDELIVERED) if redeliver else \
+            Decision(ACK, None, REGULAR_UNDELIVERED)
     raise ValueError(f"unknown outcome kind {kind!r}")
 
 
@@ -50,7 +65,7 @@ class Order(NamedTuple):
     """One message to settle, as the Bridge hands it to its NATS link (one per message: a tuple)."""
 
     msg: Any  # nats.aio.msg.Msg
-    action: str
+    action: Action
     delay: float | None = None
     dead_letter_subject: str | None = None
     dead_letter_headers: dict[str, str] | None = None

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             stats = wait_until(lambda: (lambda s: s if s["acked"] >= MESSAGES else None)(
                 bus.stats()), 30.0, f"{MESSAGES} acks")
-            members = {pid: name for name, pid in bus.pids.items() if name.startswith("aggregate-")}
+            members = {pid: name for name, pid in bus.pids.items() if name.startswith("member-")}
         counts: Counter[int] = Counter()
         for path in Path(records).glob("pids-*.txt"):
             for line in path.read_text().splitlines():

@@ -30,7 +30,7 @@ def handle(msg: Message) -> None:
 
 def members(bus: EventBus) -> dict[str, int]:
     """The pool members' pids as of the last ``stats()``."""
-    return {name: pid for name, pid in sorted(bus.pids.items()) if name.startswith("aggregate-")}
+    return {name: pid for name, pid in sorted(bus.pids.items()) if name.startswith("member-")}
 
 
 def publish_batch(orders: EventBus, metrics: EventBus, batch: int) -> None:
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         publish_batch(orders, metrics, 1)
         wait_until(lambda: orders.stats()["processed"] > 0 and metrics.stats()["processed"] > 0,
                    10.0, "processing to begin", interval=0.01)
-        victims = {"orders": before["orders"]["aggregate-1"],
-                   "metrics": before["metrics"]["aggregate-0"]}
+        victims = {"orders": before["orders"]["member-1"],
+                   "metrics": before["metrics"]["member-0"]}
         for bus_name, pid in victims.items():
             os.kill(pid, signal.SIGKILL)
             print(f"{bus_name}: SIGKILLed pool member pid {pid}")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for member in before[name]:
             mark = "  (restarted)" if member in changed else ""
             print(f"  {member}: pid {before[name][member]} -> {after[name][member]}{mark}")
-        expected = ["aggregate-1"] if name == "orders" else sorted(before[name])
+        expected = ["member-1"] if name == "orders" else sorted(before[name])
         if sorted(changed) != expected or stats["acked"] < total:
             ok = False
     print(f"supervision_tree: {'OK' if ok else 'UNEXPECTED'} "

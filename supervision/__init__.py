@@ -1,5 +1,8 @@
-"""Supervision: the root Supervisor actor and the restart policies it applies."""
-from actorbus.supervision.policies import (ESCALATE, STOP, AllForOne, Backoff, OneForOne,
-                                           SupervisionTree)
+"""Supervision: the root Supervisor actor and the restart policies it applies.
 
-__all__ = ["OneForOne", "AllForOne", "Backoff", "SupervisionTree", "ESCALATE", "STOP"]
+The policies themselves are configuration values in :mod:`actorbus.policies`
+(a leaf of the import graph); they are imported from here by users.
+"""
+from actorbus.policies import AllForOne, Backoff, OneForOne, RestartPolicy, SupervisionTree
+
+__all__ = ["OneForOne", "AllForOne", "Backoff", "SupervisionTree", "RestartPolicy"]

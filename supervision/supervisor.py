@@ -8,26 +8,37 @@ creates it there and sends it :class:`StartBus`, exactly as the
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import os
 import signal
 from collections import Counter
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (BridgeChanged, BridgeReady, BusStarted, BusStopped, Halt,
-                                      MemberDied, RouterChanged,
-                                      HandlerRegistered, MemberRestarted, PoolFailed, PoolReady,
-                                      RegisterHandler, RequestFailed, StartBridge, StartBus,
-                                      StartPool, Stats, StatsRequest, StopBus, Subscribe,
-                                      Subscribed)
+from actorbus.actors.messages import (MEMBER_PREFIX, ActorState, BridgeChanged, BridgeReady, BusStarted,
+                                      BusStopped, Halt, HandlerRegistered, MemberDied,
+                                      MemberRestarted, PoolFailed, PoolReady, RegisterHandler,
+                                      RequestFailed, RestartDue, RouterChanged, StartBridge,
+                                      StartBus, StartPool, Stats, StatsRequest, StopBus, Subscribe,
+                                      Subscribed, member_name)
 from actorbus.actors.router import Router
 from actorbus.bridge.actor import Bridge
-from actorbus.supervision.restarts import RestartBudget
+from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.policies import RestartBudget
 
 log = logging.getLogger("actorbus.supervision")
 
-_RESTART_BRIDGE = "actorbus-restart-bridge"
-_RESTART_ROUTER = "actorbus-restart-router"
+_BRIDGE = "bridge"
+_ROUTER = "router"
+
+
+class SupervisorPhase(enum.Enum):
+    """Where the Supervisor is in its life."""
+
+    IDLE = enum.auto()       # created; no StartBus yet
+    RUNNING = enum.auto()    # started (or starting): relaying requests, restarting children
+    STOPPING = enum.auto()   # the actor system is shutting down: children's exits are expected
+    FAILED = enum.auto()     # past the root's restart limit: the bus has stopped processing
 
 
 class Supervisor(BusActor):
@@ -35,7 +46,8 @@ class Supervisor(BusActor):
 
     def __init__(self) -> None:
         super().__init__()
-        self._config = None
+        self._phase = SupervisorPhase.IDLE
+        self._config: BusConfig | None = None
         self._bridge = None
         self._router = None
         self._pids: dict[str, int] = {}
@@ -43,8 +55,8 @@ class Supervisor(BusActor):
         # (the facade, the program's own actors) may number requests alike.
         self._waiting: dict[int, tuple[object, int]] = {}
         self._relay_ids = 0
-        self._subscribing: dict[int, object] = {}    # request id → SubscriptionConfig
-        self._subscribed: list = []                  # what a restarted Bridge resumes
+        self._subscribing: dict[int, SubscriptionConfig] = {}    # by request id
+        self._subscribed: list[SubscriptionConfig] = []          # what a restarted Bridge resumes
         self._budget = RestartBudget()
         self._bridge_incarnation = 0
         self._router_restarts_pending = False
@@ -52,25 +64,25 @@ class Supervisor(BusActor):
         self._last_counts: dict[str, int] = {}       # as of the last Stats relayed
         self._carried: Counter[str] = Counter()      # counted by Bridges that have died
         self._start_request: int | None = None
-        self._shutting_down = False
         self._restarts: Counter[str] = Counter()    # by level: bridge, router, pool
-        self._states: dict[str, str] = {}            # actor → starting, running, restarting, stopped
-        self._failure: str | None = None
+        self._states: dict[str, ActorState] = {}
+        self._failure: str | None = None             # why, once FAILED
 
     # ------------------------------------------------------------ start
     def receiveMsg_StartBus(self, message: StartBus, sender) -> None:
-        if self._config is not None:
+        if self._phase is not SupervisorPhase.IDLE:
             self.send(sender, RequestFailed(message.request_id, "this Supervisor is already started"))
             return
+        self._phase = SupervisorPhase.RUNNING
         self._config = message.config
         self._budget = RestartBudget(self._config.supervision.root)
         self._start_request = self._accept(message, sender)
         self._pids["supervisor"] = os.getpid()
         self._bridge = self.createActor(Bridge)
-        self._states["bridge"] = "starting"
+        self._states["bridge"] = ActorState.STARTING
         if self._config.pool_size > 0:
             self._router = self.createActor(Router)
-            self._states["router"] = "starting"
+            self._states["router"] = ActorState.STARTING
             self.send(self._router, StartPool(self._config.pool_size, self._bridge,
                                               policy=self._config.supervision.pool))
         else:
@@ -78,10 +90,10 @@ class Supervisor(BusActor):
 
     def receiveMsg_PoolReady(self, message: PoolReady, sender) -> None:
         self._pids["router"] = message.router_pid
-        self._states["router"] = "running"
+        self._states["router"] = ActorState.RUNNING
         for index, pid in enumerate(message.pids):
-            self._pids[f"aggregate-{index}"] = pid
-            self._states[f"aggregate-{index}"] = "running"
+            self._pids[member_name(index)] = pid
+            self._states[member_name(index)] = ActorState.RUNNING
         if self._router_restarts_pending:
             self._resume_pool()
             return
@@ -90,7 +102,7 @@ class Supervisor(BusActor):
 
     def receiveMsg_BridgeReady(self, message: BridgeReady, sender) -> None:
         self._pids["bridge"] = message.pid
-        self._states["bridge"] = "running"
+        self._states["bridge"] = ActorState.RUNNING
         if message.request_id < 0:   # a restarted Bridge: resume every durable consumer
             self._restarts["bridge"] += 1
             log.warning("the Bridge restarted (pid %d); resuming %d subscription(s)",
@@ -107,7 +119,7 @@ class Supervisor(BusActor):
         if self._router is None:
             self.send(self._bridge, Subscribe(request_id, message.subscription))
             return
-        self.send(self._router, RegisterHandler(request_id, message.subscription.handler_spec()))
+        self.send(self._router, RegisterHandler(request_id, message.subscription))
 
     def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender) -> None:
         subscription = self._subscribing.get(message.request_id)
@@ -135,12 +147,12 @@ class Supervisor(BusActor):
 
     # ------------------------------------------------------------ the pool's health
     def receiveMsg_MemberDied(self, message: MemberDied, sender) -> None:
-        self._states[f"aggregate-{message.index}"] = "restarting"
+        self._states[member_name(message.index)] = ActorState.RESTARTING
 
     def receiveMsg_MemberRestarted(self, message: MemberRestarted, sender) -> None:
         self._restarts["pool"] += 1
-        self._pids[f"aggregate-{message.index}"] = message.pid
-        self._states[f"aggregate-{message.index}"] = "running"
+        self._pids[member_name(message.index)] = message.pid
+        self._states[member_name(message.index)] = ActorState.RUNNING
         log.warning("pool member %d restarted (pid %d); %d message(s) re-sent to it",
                     message.index, message.pid, message.resent)
 
@@ -172,30 +184,30 @@ class Supervisor(BusActor):
 
     # ------------------------------------------------------------ failures
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:
-        self._shutting_down = True
+        self._phase = SupervisorPhase.STOPPING
 
     def receiveMsg_ChildActorExited(self, message, sender) -> None:
-        if self._shutting_down:
+        if self._phase is SupervisorPhase.STOPPING:
             return
         if self._router is not None and message.childAddress == self._router:
             self._router_exited()
             return
         if self._bridge is None or message.childAddress != self._bridge:
             return  # a late or repeated notice about an actor already replaced
-        self._states["bridge"] = "restarting"
+        self._states["bridge"] = ActorState.RESTARTING
         # Its counters die with it: keep what it last reported.
         self._carried.update({k: v for k, v in self._last_counts.items() if k != "in_flight"})
         self._last_counts = {}
         log.error("the Bridge (pid %s) exited; JetStream redelivers what it had not acked",
                   self._pids.get("bridge"))
         self._bridge = None
-        self._restart_later("the Bridge", _RESTART_BRIDGE)
+        self._restart_later("the Bridge", _BRIDGE)
 
     def _router_exited(self) -> None:
-        self._states = {name: ("restarting" if name == "router" or name.startswith("aggregate-")
+        self._states = {name: (ActorState.RESTARTING if name == "router" or name.startswith(MEMBER_PREFIX)
                                else state) for name, state in self._states.items()}
         # Its pool would linger as orphans: end it; the Bridge re-sends what it held.
-        orphans = [pid for name, pid in self._pids.items() if name.startswith("aggregate-")]
+        orphans = [pid for name, pid in self._pids.items() if name.startswith(MEMBER_PREFIX)]
         log.error("the Router (pid %s) exited; ending its pool %s", self._pids.get("router"), orphans)
         for pid in orphans:
             try:
@@ -203,12 +215,12 @@ class Supervisor(BusActor):
             except ProcessLookupError:
                 pass
         self._router = None
-        self._restart_later("the Router", _RESTART_ROUTER)
+        self._restart_later("the Router", _ROUTER)
 
-    def _restart_later(self, what: str, payload: str) -> None:
+    def _restart_later(self, what: str, target: str) -> None:
         decision = self._budget.record()
         if decision.allowed:
-            self.wakeupAfter(decision.delay, payload=payload)
+            self.wakeupAfter(decision.delay, payload=RestartDue(target))
         else:
             self._give_up(self._budget.exhausted(what, decision))
 
@@ -216,19 +228,18 @@ class Supervisor(BusActor):
         # Handlers first (ordered before any dispatch to the members), then the Bridge.
         self._router_restarts_pending = False
         for subscription in self._subscribed:
-            self.send(self._router, RegisterHandler(self._next_internal_id(),
-                                                    subscription.handler_spec()))
+            self.send(self._router, RegisterHandler(self._next_internal_id(), subscription))
         self._restarts["router"] += 1
         self.send(self._bridge, RouterChanged(self._router))
 
     def receiveMsg_WakeupMessage(self, message, sender) -> None:
-        if message.payload == _RESTART_ROUTER and not (self._shutting_down or self._failure):
+        if not isinstance(message.payload, RestartDue) or self._phase is not SupervisorPhase.RUNNING:
+            return
+        if message.payload.target == _ROUTER:
             self._router_restarts_pending = True
             self._router = self.createActor(Router)
             self.send(self._router, StartPool(self._config.pool_size, self._bridge,
                                               policy=self._config.supervision.pool))
-            return
-        if message.payload != _RESTART_BRIDGE or self._shutting_down or self._failure:
             return
         self._bridge_incarnation += 1
         self._bridge = self.createActor(Bridge)
@@ -239,8 +250,9 @@ class Supervisor(BusActor):
 
     def _give_up(self, reason: str) -> None:
         # The root has no parent to escalate to: stop, never keep acking while broken.
+        self._phase = SupervisorPhase.FAILED
         self._failure = reason
-        self._states = {name: "stopped" for name in self._states}
+        self._states = {name: ActorState.STOPPED for name in self._states}
         log.error("the bus stops: %s; nothing more is fetched or settled", reason)
         if self._bridge is not None:
             self.send(self._bridge, Halt(reason))

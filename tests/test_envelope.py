@@ -5,7 +5,8 @@ import msgpack
 import pytest
 
 from actorbus import Envelope, InvalidEnvelope
-from actorbus.bridge.envelope import decode_envelope
+from actorbus.codecs import EnvelopeFormat
+from actorbus.envelope import decode_envelope
 
 VALID = dict(event_id="e-1", aggregate_id="order-1", event_type="OrderPlaced", event_version=1,
              timestamp="2026-11-25T10:00:00Z", payload=b"x")
@@ -59,13 +60,27 @@ def test_invalid_fields_are_named(changes, field):
 
 
 @pytest.mark.parametrize("data, problem", [
-    (b"\xc1garbage", "not valid msgpack"),
-    (msgpack.packb([1, 2]), "expected a msgpack map"),
+    (b"\xc1garbage", r"not valid msgpack: 8 bytes starting c1 67 61 72 62 61 67 65; expected a "
+                     r"msgpack map"),
+    (b"\x81\xc1", r"not valid msgpack.*: 2 bytes starting 81 c1"),
+    (msgpack.packb([1, 2]), r"expected a msgpack map, got a msgpack list: 3 bytes starting 92 01 02"),
     (msgpack.packb({"event_id": msgpack.ExtType(5, b"x")}), "extension type 5"),
 ])
-def test_bytes_that_are_no_envelope_are_rejected(data, problem):
+def test_bytes_that_are_no_envelope_are_rejected_saying_what_they_were(data, problem):
     with pytest.raises(InvalidEnvelope, match=problem):
-        decode_envelope(data)
+        decode_envelope(data, EnvelopeFormat.MSGPACK)
+
+
+def test_bytes_in_no_known_encoding_name_the_encodings_and_show_the_bytes():
+    with pytest.raises(InvalidEnvelope, match=r"not an envelope in any known encoding: expected a "
+                                              r"msgpack map, got 4 bytes starting c0 ad be ef"):
+        decode_envelope(b"\xc0\xad\xbe\xef")
+
+
+def test_envelope_decode_is_the_inverse_of_encode():
+    envelope = Envelope.create("order-1", "OrderPlaced", b"{}", trace_id="t-1")
+    assert Envelope.decode(envelope.encode()) == envelope
+    assert Envelope.decode(envelope.encode(EnvelopeFormat.MSGPACK), EnvelopeFormat.MSGPACK) == envelope
 
 
 def test_oversize_input_is_rejected_before_decoding():

@@ -43,7 +43,7 @@ def test_per_key_order_one_actor_per_aggregate(make_bus, records):
     for aggregate, seqs in seen.items():
         assert seqs == list(range(100)), f"{aggregate} handled out of order"
         assert len(pids[aggregate]) == 1, f"{aggregate} handled by several processes"
-    aggregate_pids = {pid for name, pid in bus.pids.items() if name.startswith("aggregate-")}
+    aggregate_pids = {pid for name, pid in bus.pids.items() if name.startswith("member-")}
     assert set().union(*pids.values()) <= aggregate_pids
 
 

@@ -8,6 +8,7 @@ import time
 import nats
 
 from actorbus.bridge.jetstream import ensure_consumer, ensure_stream
+from actorbus.bridge.layout import SingleDurable
 from actorbus.bridge.pull import PullConsumer
 from actorbus.config import SubscriptionConfig
 
@@ -19,8 +20,9 @@ async def _consumer(url: str, sub: SubscriptionConfig, on_messages, on_request_e
     try:
         js = nc.jetstream()
         await ensure_stream(js, sub)
-        await ensure_consumer(js, sub)
-        consumer = PullConsumer(nc, sub, on_messages, on_request_ended)
+        (spec,) = SingleDurable().consumers(sub)
+        await ensure_consumer(js, sub, spec)
+        consumer = PullConsumer(nc, sub, spec, on_messages, on_request_ended)
         await consumer.start()
         yield js, consumer
         await consumer.stop()

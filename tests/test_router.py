@@ -7,10 +7,10 @@ from collections import defaultdict
 import pytest
 from thespian.actors import Actor, ActorSystem
 
-from actorbus.actors.aggregate import AggregateActor
+from actorbus.actors.member import PoolMember
 from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, Completion, Delivery, Dispatch,
                                       HandlerRegistered, Outcome, PoolReady, RegisterHandler,
-                                      StartAggregate, StartPool)
+                                      StartMember, StartPool)
 from actorbus.actors.router import Router
 from actorbus.config import SubscriptionConfig
 from tests.support import read_records
@@ -46,7 +46,7 @@ def test_router_routes_by_key_in_dispatch_sequence_order(system, records):
     router = system.createActor(Router)
     assert isinstance(system.ask(router, StartPool(3, bridge), 5), PoolReady)
     spec = SubscriptionConfig("orders.>", "tests.handlers:record", envelope=False,
-                              durable="orders").handler_spec()
+                              durable="orders")
     assert isinstance(system.ask(router, RegisterHandler(7, spec), 5), HandlerRegistered)
 
     keys = [f"k{i}" for i in range(6)]
@@ -80,8 +80,8 @@ class CollectingRouter(Actor):
 
     def receiveMessage(self, message, sender):
         if isinstance(message, tuple) and message[0] == "start":
-            self.member = self.createActor(AggregateActor)
-            self.send(self.member, StartAggregate(0, (message[1],)))
+            self.member = self.createActor(PoolMember)
+            self.send(self.member, StartMember(0, (message[1],)))
         elif isinstance(message, Dispatch):
             self.send(self.member, message)
         elif isinstance(message, Completion):
@@ -93,7 +93,7 @@ class CollectingRouter(Actor):
 def test_member_handles_its_dispatches_in_their_sequence_order(system, records):
     router = system.createActor(CollectingRouter)
     spec = SubscriptionConfig("orders.>", "tests.handlers:record", envelope=False,
-                              durable="orders").handler_spec()
+                              durable="orders")
     system.tell(router, ("start", spec))
     # The transport handed them over in the order 3, 1, 2.
     system.tell(router, Dispatch((delivery(5, "a", 2), delivery(6, "a", 3)), sequence=3))

@@ -16,7 +16,7 @@ import pytest
 from actorbus import BusError, Envelope
 from actorbus.runtime import process_alive
 from actorbus.supervision import AllForOne, Backoff, OneForOne
-from actorbus.supervision.restarts import RestartBudget
+from actorbus.policies import RestartBudget
 from tests import handlers
 from tests.support import consumer_info, publish_spread, read_records, wait_for
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 def member_pids(bus) -> dict[str, int]:
     bus.stats()  # refreshes bus.pids
-    return {name: pid for name, pid in bus.pids.items() if name.startswith("aggregate-")}
+    return {name: pid for name, pid in bus.pids.items() if name.startswith("member-")}
 
 
 def wait_for_restart(bus, name: str, old_pid: int, timeout: float = 30.0) -> int:
@@ -52,7 +52,7 @@ def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records)
         if stats["acked"] >= total:
             break
         running = sorted(pid for name, pid in bus.pids.items()
-                         if name.startswith("aggregate-") and stats["actors"].get(name) == "running")
+                         if name.startswith("member-") and stats["actors"].get(name) == "running")
         if stats["processed"] < total * 0.9 and running:   # keep killing until nearly done
             try:
                 os.kill(rng.choice(running), signal.SIGKILL)
@@ -86,10 +86,10 @@ def test_restart_delays_follow_the_backoff(make_bus, records):
     bus.subscribe("orders.>", handlers.record, durable="orders")
     delays = []
     for _ in range(3):
-        pid = member_pids(bus)["aggregate-0"]
+        pid = member_pids(bus)["member-0"]
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        wait_for_restart(bus, "aggregate-0", pid)
+        wait_for_restart(bus, "member-0", pid)
         delays.append(time.monotonic() - killed_at)
 
     print("restart delays (s):", [round(d, 3) for d in delays])
@@ -107,16 +107,16 @@ def test_restarted_member_gets_what_its_predecessor_held(make_bus, records, nats
         bus.publish_envelope("orders.a", Envelope.create("a", "T", str(seq).encode()))
     started = wait_for(lambda: [r for r in read_records(records) if r.kind == "started"],
                        what="the first handler to start")
-    victim = member_pids(bus)["aggregate-0"]
+    victim = member_pids(bus)["member-0"]
     os.kill(victim, signal.SIGKILL)
-    wait_for_restart(bus, "aggregate-0", victim)
+    wait_for_restart(bus, "member-0", victim)
     (records / handlers.RELEASE_MARKER).touch()
 
     stats = wait_for(lambda: (lambda s: s if s["acked"] >= 3 else None)(bus.stats()),
                      what="all three acked")
     done = [r for r in read_records(records) if r.kind == "ok"]
     assert [r.data for r in done] == ["0", "1", "2"]          # re-sent in the original order
-    assert {r.pid for r in done} == {member_pids(bus)["aggregate-0"]}
+    assert {r.pid for r in done} == {member_pids(bus)["member-0"]}
     assert started[0].pid == victim and stats["restarts"] == 1 and stats["naked"] == 0
 
 
@@ -127,9 +127,9 @@ def test_past_max_restarts_the_bus_stops_and_acks_nothing_more(make_bus, records
     bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
     wait_for(lambda: bus.stats()["acked"] == 1, what="the first ack")
 
-    first = member_pids(bus)["aggregate-0"]
+    first = member_pids(bus)["member-0"]
     os.kill(first, signal.SIGKILL)
-    second = wait_for_restart(bus, "aggregate-0", first)
+    second = wait_for_restart(bus, "member-0", first)
     os.kill(second, signal.SIGKILL)
 
     def stopped():
@@ -201,7 +201,7 @@ def test_killed_bridge_is_restarted_and_no_envelope_is_lost(make_bus, records):
 def test_hung_handler_is_ended_and_its_message_retried(make_bus, records):
     bus = make_bus(pool_size=1, supervision=OneForOne(backoff=Backoff(initial=0.01, maximum=0.1)))
     bus.subscribe("orders.>", handlers.hang_first_delivery, durable="orders", processing_timeout=0.5)
-    hung_pid = member_pids(bus)["aggregate-0"]
+    hung_pid = member_pids(bus)["member-0"]
     bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
     bus.publish_envelope("orders.a", Envelope.create("a", "T", b"1"))
 
@@ -255,7 +255,7 @@ def test_killed_router_is_restarted_with_a_new_pool_and_no_envelope_is_lost(make
     print(f"{total} envelopes across a Router SIGKILL: {duplicates} duplicate handlings")
     assert stats["restarts"] == stats["restarts_router"] == 1 and bus.pids["router"] != old["router"]
     assert set(stats["actors"].values()) == {"running"}
-    for name in ("aggregate-0", "aggregate-1"):
+    for name in ("member-0", "member-1"):
         assert not process_alive(old[name]), f"the old {name} outlived its Router"
 
 
@@ -264,12 +264,12 @@ def test_all_for_one_restarts_every_member(make_bus, records):
     bus.subscribe("orders.>", handlers.record, durable="orders")
     before = member_pids(bus)
 
-    os.kill(before["aggregate-0"], signal.SIGKILL)
+    os.kill(before["member-0"], signal.SIGKILL)
 
     after = wait_for(lambda: (lambda now: now if all(now[n] != before[n] for n in before)
                               and set(bus.stats()["actors"].values()) == {"running"} else None)(
         member_pids(bus)), what="both members restarted")
-    assert not process_alive(before["aggregate-1"])  # the survivor was restarted too
+    assert not process_alive(before["member-1"])  # the survivor was restarted too
     assert bus.stats()["restarts_pool"] == 2
     bus.publish_envelope("orders.a", Envelope.create("a", "T", b"0"))
     wait_for(lambda: bus.stats()["acked"] == 1, what="the restarted pool to work")

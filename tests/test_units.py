@@ -8,7 +8,8 @@ from actorbus.actors.handlers import HandlerError, handler_reference
 from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, Delivery
 from actorbus.actors.processing import HandlerTable
 from actorbus.bridge.jetstream import subject_covers
-from actorbus.bridge.settlement import (ACK, ENVELOPE_FAILED, NAK, REGULAR_FAILED, settle)
+from actorbus.bridge.settlement import ACK, ENVELOPE_FAILED, NAK, REGULAR_FAILED, decide
+from actorbus.config import SettlementPolicy
 from actorbus.config import BusConfig, ConfigurationError, SubscriptionConfig
 from actorbus.supervision import Backoff, OneForOne
 from tests import handlers
@@ -19,15 +20,15 @@ def sub(**changes) -> SubscriptionConfig:
 
 
 def test_settlement_follows_the_contract():
-    assert settle(SUCCEEDED, envelope=True, nak_delay=1.0).action == ACK
-    assert settle(SUCCEEDED, envelope=False, nak_delay=1.0).action == ACK
-    failed_envelope = settle(FAILED, envelope=True, nak_delay=1.5)
+    assert decide(SUCCEEDED, SettlementPolicy.NACK_ON_ERROR, nak_delay=1.0).action == ACK
+    assert decide(SUCCEEDED, SettlementPolicy.ACK, nak_delay=1.0).action == ACK
+    failed_envelope = decide(FAILED, SettlementPolicy.NACK_ON_ERROR, nak_delay=1.5)
     assert (failed_envelope.action, failed_envelope.delay, failed_envelope.warning) == \
         (NAK, 1.5, ENVELOPE_FAILED)
-    failed_plain = settle(FAILED, envelope=False, nak_delay=1.5)
+    failed_plain = decide(FAILED, SettlementPolicy.ACK, nak_delay=1.5)
     assert (failed_plain.action, failed_plain.warning) == (ACK, REGULAR_FAILED)
-    assert settle(UNDELIVERED, envelope=True, nak_delay=1.0).action == NAK
-    assert settle(UNDELIVERED, envelope=False, nak_delay=1.0).action == ACK
+    assert decide(UNDELIVERED, SettlementPolicy.NACK_ON_ERROR, nak_delay=1.0).action == NAK
+    assert decide(UNDELIVERED, SettlementPolicy.ACK, nak_delay=1.0).action == ACK
 
 
 def test_nak_delay_grows_exponentially_to_its_cap():
@@ -121,7 +122,7 @@ def delivery(token: int, data: bytes, subscription: str = "s") -> Delivery:
 def test_handler_table_retries_in_place_and_keeps_order():
     calls.clear()
     spec = sub(durable="s", envelope=False, handler="tests.test_units:flaky", retries=2,
-               retry_backoff=0.01).handler_spec()
+               retry_backoff=0.01)
     slept: list[float] = []
     table = HandlerTable([spec], sleep=slept.append)
 
@@ -137,7 +138,7 @@ def test_handler_table_retries_in_place_and_keeps_order():
 
 def test_handler_table_decodes_envelopes_and_fails_bad_ones():
     from actorbus import Envelope
-    spec = sub(durable="s", handler="tests.test_units:flaky", retries=0).handler_spec()
+    spec = sub(durable="s", handler="tests.test_units:flaky", retries=0)
     table = HandlerTable([spec])
     good = Envelope.create("k", "T", b"ok").encode()
     outcomes = table.process([delivery(1, good), delivery(2, b"\xc1")])
@@ -183,7 +184,7 @@ def keyed(token: int, key: str | None, data: str) -> Delivery:
 def test_aggregate_instances_keep_state_per_id_and_are_rebuilt_after_passivation():
     calls.clear()
     Tally.made.clear()
-    spec = sub(durable="s", envelope=False, handler="tests.test_units:Tally", retries=0).handler_spec()
+    spec = sub(durable="s", envelope=False, handler="tests.test_units:Tally", retries=0)
     table = HandlerTable([spec])
     outcomes = table.process([keyed(1, "a", "1"), keyed(2, "b", "2"), keyed(3, "a", "3"),
                               keyed(4, "c", "4"),   # a third id: "b", least recently used, goes

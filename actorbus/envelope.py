@@ -1,8 +1,10 @@
-"""The envelope: a domain event as a msgpack map, validated on both ends.
+"""The envelope: a domain event, validated on both ends.
 
 Encoding and decoding are strict on purpose: an envelope that does not
 validate can never be processed successfully, so it is rejected with an
 :class:`InvalidEnvelope` naming the field instead of reaching a handler.
+The wire encodings are codecs (:mod:`actorbus.codecs`); this module
+knows the fields.
 """
 from __future__ import annotations
 
@@ -11,9 +13,8 @@ import datetime as _dt
 import uuid
 from typing import Any, Mapping
 
-import msgpack
-
-from actorbus.bridge.extraction import is_valid_id
+from actorbus.codecs import CodecError, EnvelopeFormat, codec_for, CODECS
+from actorbus.ids import is_valid_id
 
 #: Largest encoded envelope accepted by :func:`decode_envelope` by default.
 DEFAULT_MAX_ENVELOPE_BYTES = 1024 * 1024
@@ -78,26 +79,31 @@ class Envelope:
             **optional,
         )
 
-    def encode(self) -> bytes:
-        """The wire form: a msgpack map, optional fields left out when unset."""
-        return encode_envelope(self)
+    def encode(self, format: EnvelopeFormat = EnvelopeFormat.MSGPACK) -> bytes:
+        """The wire form in ``format`` (msgpack by default), optional fields left out when unset."""
+        return encode_envelope(self, format)
+
+    @classmethod
+    def decode(cls, data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *,
+               max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> "Envelope":
+        """Decode and validate ``data``; raise :class:`InvalidEnvelope` naming what is wrong."""
+        return decode_envelope(data, format, max_bytes=max_bytes)
 
 
-def encode_envelope(envelope: Envelope) -> bytes:
-    """Encode ``envelope`` as a msgpack map."""
-    wire = {f.name: getattr(envelope, f.name) for f in dataclasses.fields(Envelope)}
+def encode_envelope(envelope: Envelope, format: EnvelopeFormat = EnvelopeFormat.MSGPACK) -> bytes:
+    """Encode ``envelope`` in ``format`` (a concrete one: ``AUTO`` has nothing to write)."""
+    if format is EnvelopeFormat.AUTO:
+        raise ValueError("encode needs a concrete envelope format, not 'auto'")
+    wire = {name: getattr(envelope, name) for name in _FIELDS}
     wire = {k: (dict(v) if k == "metadata" else v) for k, v in wire.items() if v is not None}
-    return msgpack.packb(wire, use_bin_type=True)
+    return CODECS[EnvelopeFormat(format)].encode(wire)
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise InvalidEnvelope("<envelope>", f"msgpack extension type {code} is not allowed")
-
-
-def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
-                    validated: bool = False) -> Envelope:
+def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *,
+                    max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES, validated: bool = False) -> Envelope:
     """Decode and validate an envelope; raise :class:`InvalidEnvelope` on anything wrong.
 
+    ``format`` fixes the encoding (``AUTO``: recognised by the first bytes).
     ``validated=True`` skips the field checks for bytes that already passed
     them (the Bridge validates before dispatching; the pool decodes again).
     """
@@ -106,13 +112,10 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
     if len(data) > max_bytes:
         raise InvalidEnvelope("<envelope>", f"{len(data)} bytes is over the {max_bytes}-byte limit")
     try:
-        wire = msgpack.unpackb(data, raw=False, ext_hook=_reject_ext, strict_map_key=True)
-    except InvalidEnvelope:
-        raise
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise InvalidEnvelope("<envelope>", f"not valid msgpack ({exc})") from None
-    if not isinstance(wire, dict):
-        raise InvalidEnvelope("<envelope>", f"expected a msgpack map, got {type(wire).__name__}")
+        codec = codec_for(data, format)
+        wire = codec.decode(data)
+    except CodecError as exc:
+        raise InvalidEnvelope("<envelope>", str(exc)) from None
     for name in _REQUIRED_FIELDS:
         if name not in wire:
             raise InvalidEnvelope(name, "missing")

@@ -5,15 +5,15 @@ import logging
 import os
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (AggregateReady, Completion, Dispatch, RegisterHandler,
-                                      StartAggregate)
+from actorbus.actors.messages import (Completion, Dispatch, MemberReady, RegisterHandler,
+                                      StartMember)
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.watchdog import Watchdog
 
 log = logging.getLogger("actorbus.actors")
 
 
-class AggregateActor(BusActor):
+class PoolMember(BusActor):
     """Handles each :class:`Dispatch` in order and answers its sender with one :class:`Completion`."""
 
     def __init__(self) -> None:
@@ -26,14 +26,14 @@ class AggregateActor(BusActor):
         self._next_sequence = 1
         self._early: dict[int, Dispatch] = {}
 
-    def receiveMsg_StartAggregate(self, message: StartAggregate, sender) -> None:
+    def receiveMsg_StartMember(self, message: StartMember, sender) -> None:
         self._index = message.index
-        for spec in message.handlers:
-            self._table.register(spec)
-        self.send(sender, AggregateReady(message.index, os.getpid()))
+        for subscription in message.subscriptions:
+            self._table.register(subscription)
+        self.send(sender, MemberReady(message.index, os.getpid()))
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
-        self._table.register(message.spec)
+        self._table.register(message.subscription)
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
         # The transport may hand dispatches over out of order: handle them in the Router's.
