@@ -151,9 +151,10 @@ def _adjusted_init(self: Any, af: int, socktype: int, proto: int, baseaddr: Any,
 def _install() -> None:
     """Wrap ``IPActorAddress.__init__`` once, after checking Thespian's shape (under ``_lock``)."""
     global _original_init
-    if _original_init is not None:
-        return
     from thespian.system.transport import IPBase, TCPTransport
+
+    if IPBase.IPActorAddress.__init__ is _adjusted_init:
+        return  # already installed: never wrap the wrapper
 
     version = _thespian_version()
     cls = IPBase.IPActorAddress
