@@ -4,9 +4,10 @@ Under ``multiprocTCPBase`` every actor, Thespian's admin, its logger and the
 program that starts the system each listen on a TCP socket, and Thespian
 unpickles whatever arrives there: whoever reaches one of those ports runs
 code in that process. Thespian (the same code from 3.10.7 to 4.0.1, the
-latest release) binds every one of them to ``('', port)``, all interfaces: ``IPBase.IPActorAddress`` sets
-``bindname = ('', port)`` for every "external" address, and every address
-the TCP transport listens on is made external. It advertises the address of
+latest release) binds every one of them to ``('', port)``, all interfaces:
+``IPBase.IPActorAddress`` sets ``bindname = ('', port)`` for every
+"external" address, and every address the TCP transport listens on is made
+external. It advertises the address of
 the interface that routes towards 8.8.8.8, or ``$THESPIAN_BASE_IPADDR``.
 No capability changes the bind address: ``Admin Routing``, ``Outbound
 Only`` and ``Convention Address.IPv4`` choose who talks to whom, and
