@@ -14,7 +14,7 @@ from actorbus.envelope import Envelope
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.metrics import MetricsServer
 from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
-from actorbus.runtime import make_runtime
+from actorbus.runtime import ProcessRuntime, SimpleRuntime, make_runtime
 from actorbus.supervision.supervisor import Supervisor
 
 log = logging.getLogger("actorbus.bus")
@@ -33,7 +33,9 @@ class EventBus:
     """Consume JetStream subscriptions on a supervised actor pool, and publish.
 
     Starts at construction (connects, builds the pool) and stops at
-    :meth:`stop` or the end of a ``with`` block::
+    :meth:`stop` or the end of a ``with`` block. Its actor processes and
+    metrics endpoint listen on 127.0.0.1 unless ``transport_host`` (or
+    ``$ACTORBUS_TRANSPORT_HOST``) and ``metrics_host`` say otherwise::
 
         with EventBus(servers=url, pool_size=8) as bus:
             bus.subscribe("orders.>", handle, envelope=True, durable="orders")
@@ -43,7 +45,8 @@ class EventBus:
                  pool_size: int = 8, runtime: str = "processes", supervision: Any = None, *,
                  window: int = BusConfig.window, connect_timeout: float = 5.0, name: str = "actorbus",
                  admin_port: int | None = None, log_config: dict | None = None,
-                 request_timeout: float = 30.0, metrics_port: int | None = None) -> None:
+                 request_timeout: float = 30.0, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1", transport_host: str | None = None) -> None:
         self.config = BusConfig(servers=tuple(servers) if isinstance(servers, list) else servers,
                                 pool_size=pool_size, runtime=runtime, window=window,
                                 connect_timeout=connect_timeout, name=name, supervision=supervision)
@@ -56,7 +59,7 @@ class EventBus:
         self._metrics: MetricsServer | None = None
         # The metrics endpoint reads stats from its own thread: one request at a time.
         self._request_lock = threading.Lock()
-        self._runtime = make_runtime(runtime, admin_port, log_config)
+        self._runtime = make_runtime(runtime, admin_port, log_config, transport_host)
         try:
             self._supervisor = self._runtime.create(Supervisor)
             started = self._request(lambda rid: StartBus(rid, self.config), BusStarted,
@@ -64,7 +67,7 @@ class EventBus:
             self._pids = dict(started.pids)
             self._publisher = Publisher(self.config)
             if metrics_port is not None:
-                self._metrics = MetricsServer(self.stats, metrics_port)
+                self._metrics = MetricsServer(self.stats, metrics_port, addr=metrics_host)
         except BaseException:
             if self._publisher is not None:
                 self._publisher.close()
@@ -146,6 +149,11 @@ class EventBus:
         """The process id of each actor (``supervisor``, ``bridge``, ``router``, ``member-<i>``),
         as of the last ``stats()`` call."""
         return dict(self._pids)
+
+    @property
+    def runtime(self) -> ProcessRuntime | SimpleRuntime:
+        """The actor system under the bus (``runtime.pids()``: Thespian's processes)."""
+        return self._runtime
 
     def stop(self, timeout: float = 10.0) -> None:
         """Drain and shut down: stop fetching, wait up to ``timeout`` seconds for the

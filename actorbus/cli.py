@@ -68,10 +68,12 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Plain messages without an aggregate id to publish.")
 @click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
               help="Serve Prometheus metrics on this port while the demo runs.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics endpoint listens on.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, keyless: int,
-         metrics_port: int | None, debug: bool) -> None:
+         metrics_port: int | None, metrics_host: str, debug: bool) -> None:
     """Run an embedded nats-server and a process pool, inject failures, check the results.
 
     Exits 0 when every envelope was handled in order per aggregate and
@@ -80,7 +82,8 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
     def work() -> int:
         from actorbus.demo import run_demo
         return run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
-                        keyless=keyless, console=Console(), metrics_port=metrics_port)
+                        keyless=keyless, console=Console(), metrics_port=metrics_port,
+                        metrics_host=metrics_host)
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 
@@ -90,12 +93,14 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
 @click.option("--servers", default=None, help="NATS URL(s), comma-separated; overrides the topology's.")
 @click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
               help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default=None,
+              help="Address the metrics endpoint listens on [default: the topology's, else 127.0.0.1].")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds to let in-flight messages finish on SIGTERM or Ctrl-C.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: int | None,
-        drain_timeout: float, debug: bool) -> None:
+        metrics_host: str | None, drain_timeout: float, debug: bool) -> None:
     """Run TOPOLOGY (package.module:name, an actorbus Topology) until SIGTERM or
     Ctrl-C, then drain: stop fetching, let in-flight messages finish, stop.
 
@@ -108,7 +113,9 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
             sys.path.insert(0, os.getcwd())  # like python -m: modules beside you import
         console = Console()
         loaded = load_topology(topology)
-        overrides = {"metrics_port": metrics_port} if metrics_port is not None else {}
+        overrides = {name: value for name, value in (("metrics_port", metrics_port),
+                                                      ("metrics_host", metrics_host))
+                     if value is not None}
         bus = loaded.start(servers, **overrides)
         console.print(f"running {topology}: {len(loaded.subscriptions)} subscription(s), "
                       f"{len(bus.pids)} actor processes; SIGTERM or Ctrl-C drains and stops")

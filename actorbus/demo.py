@@ -294,7 +294,7 @@ def _wait(bus: EventBus, total: int, console: Console) -> tuple[dict[str, int], 
 
 def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
              keyless: int = 5000, console: Console | None = None,
-             metrics_port: int | None = None) -> int:
+             metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
     """Run the demo end to end and print its summary; return 0 if every check passed, else 1.
 
     Raises ``ValueError`` for impossible arguments and lets errors of the
@@ -321,9 +321,10 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
     with _environment(env), _log_to(log_path), NatsServer() as server:
         console.print(f"nats-server pid {server.pid} at {server.url}")
         with EventBus(servers=server.url, pool_size=pool_size, runtime="processes",
-                      log_config=log_config(log_path), metrics_port=metrics_port) as bus:
+                      log_config=log_config(log_path), metrics_port=metrics_port,
+                      metrics_host=metrics_host) as bus:
             if metrics_port is not None:
-                console.print(f"metrics at http://127.0.0.1:{metrics_port}/metrics")
+                console.print(f"metrics at http://{metrics_host}:{metrics_port}/metrics")
             bus.subscribe(f"{ORDERS_SUBJECT}.>", "actorbus.demo:handle_order", envelope=True,
                           durable="demo-orders", stream="DEMO_ORDERS", retries=3,
                           retry_backoff=0.01, nak_delay=0.2)

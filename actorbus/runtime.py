@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 from thespian.actors import ActorSystem
 
 from actorbus.ports import free_port
+from actorbus.transport_binding import hold_transport_host, resolve_transport_host
 
 log = logging.getLogger("actorbus.runtime")
 
@@ -29,13 +30,28 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class ProcessRuntime:
-    """A multiprocTCPBase actor system on its own admin port."""
+    """A multiprocTCPBase actor system on its own admin port, listening on
+    ``transport_host`` (loopback unless asked otherwise: see
+    :mod:`actorbus.transport_binding`)."""
 
-    def __init__(self, admin_port: int | None = None, log_config: dict | None = None) -> None:
+    def __init__(self, admin_port: int | None = None, log_config: dict | None = None,
+                 transport_host: str | None = None) -> None:
         self.admin_port = admin_port or free_port()
+        self.transport_host = resolve_transport_host(transport_host)
+        # Before the system starts: its admin, logger and actors are forked
+        # from this process (and from each other) and inherit the binding.
+        self._release_transport = hold_transport_host(self.transport_host)
         before = set(descendants(os.getpid()))
-        self._system = ActorSystem("multiprocTCPBase", {"Admin Port": self.admin_port},
-                                   logDefs=log_config, transientUnique=True)
+        try:
+            # Fork, Thespian's default, said out loud: the binding reaches the
+            # actor processes by inheritance, a spawned process would not have it.
+            self._system = ActorSystem("multiprocTCPBase",
+                                       {"Admin Port": self.admin_port,
+                                        "Process Startup Method": "fork"},
+                                       logDefs=log_config, transientUnique=True)
+        except BaseException:
+            self._release_transport()
+            raise
         # Thespian starts its admin from a child of this process that begins a
         # session of its own (so the group id is that child's pid) and forks
         # again; the admin, its logger and every actor stay in that process
@@ -43,6 +59,21 @@ class ProcessRuntime:
         # longer our descendants.
         self._roots = [pid for pid in descendants(os.getpid()) if pid not in before]
         self._groups = {pid for pid in self._roots if _session_of(pid) == pid}
+
+    def pids(self) -> list[int]:
+        """Every live process of this actor system: Thespian's admin and logger and
+        every actor (Linux ``/proc``); not this process."""
+        found = {pid for root in self._roots for pid in (root, *descendants(root))}
+        if self._groups:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        if os.getpgid(int(entry)) in self._groups:
+                            found.add(int(entry))
+                    except OSError:
+                        continue  # gone meanwhile
+        found.discard(os.getpid())
+        return sorted(pid for pid in found if process_alive(pid))
 
     def create(self, actor_class: type) -> Any:
         """Create a top-level actor."""
@@ -73,6 +104,7 @@ class ProcessRuntime:
                 except ProcessLookupError:
                     pass  # the group is empty: everything exited
             multiprocessing.active_children()  # reap the admin
+            self._release_transport()
 
 
 class SimpleRuntime:
@@ -88,6 +120,10 @@ class SimpleRuntime:
                                         name="actorbus-simple-runtime", daemon=True)
         self._thread.start()
         ready.result(30)
+
+    def pids(self) -> list[int]:
+        """None: the actors run on a thread of this process."""
+        return []
 
     def create(self, actor_class: type) -> Any:
         """Create a top-level actor."""
@@ -144,15 +180,18 @@ class SimpleRuntime:
                 future.set_exception(exc)
 
 
-def make_runtime(name: str, admin_port: int | None = None,
-                 log_config: dict | None = None) -> ProcessRuntime | SimpleRuntime:
+def make_runtime(name: str, admin_port: int | None = None, log_config: dict | None = None,
+                 transport_host: str | None = None) -> ProcessRuntime | SimpleRuntime:
     """The runtime called ``name``: ``"processes"`` or ``"simple"``."""
     if name == "processes":
-        return ProcessRuntime(admin_port, log_config)
+        return ProcessRuntime(admin_port, log_config, transport_host)
     if name == "simple":
         if log_config is not None:
             log.warning("log_config is for the processes runtime; with runtime='simple' the "
                         "actors log through this program's own logging configuration")
+        if transport_host is not None:
+            log.warning("transport_host is for the processes runtime; with runtime='simple' "
+                        "nothing listens")
         return SimpleRuntime()
     raise ValueError(f"unknown runtime {name!r}: use 'processes' or 'simple'")
 

@@ -26,6 +26,7 @@ from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.ports import free_port
 from actorbus.runtime import descendants, kill_leftovers, process_alive
 from actorbus.supervision.supervisor import Supervisor
+from actorbus.transport_binding import hold_transport_host, resolve_transport_host
 
 SUBJECT = "embed.events"
 MESSAGES = 25
@@ -84,12 +85,17 @@ class Monitor(ActorTypeDispatcher):
 # ---------------------------------------------------------------- the program
 @contextlib.contextmanager
 def actor_system() -> Iterator[ActorSystem]:
-    """A multiprocTCPBase system on a free admin port, shut down on exit."""
-    asys = ActorSystem("multiprocTCPBase", {"Admin Port": free_port()}, transientUnique=True)
+    """A multiprocTCPBase system on a free admin port and on loopback only (as
+    EventBus's), shut down on exit."""
+    release = hold_transport_host(resolve_transport_host())  # before the system forks
     try:
-        yield asys
+        asys = ActorSystem("multiprocTCPBase", {"Admin Port": free_port()}, transientUnique=True)
+        try:
+            yield asys
+        finally:
+            asys.shutdown()
     finally:
-        asys.shutdown()
+        release()
 
 
 def ask(asys: ActorSystem, address: Any, message: Any, expected: type, timeout: float = 30.0) -> Any:
