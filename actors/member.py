@@ -8,6 +8,7 @@ from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (Completion, Dispatch, MemberReady, RegisterHandler,
                                       StartMember)
 from actorbus.actors.processing import HandlerTable
+from actorbus.actors.sequencing import Resequencer
 from actorbus.actors.watchdog import Watchdog
 
 log = logging.getLogger("actorbus.actors")
@@ -23,8 +24,7 @@ class PoolMember(BusActor):
         # Tokens reach a member in increasing order (the Router keeps the
         # Bridge's order), so anything at or below the last one is a copy.
         self._last_token = 0
-        self._next_sequence = 1
-        self._early: dict[int, Dispatch] = {}
+        self._dispatches: Resequencer[Dispatch] = Resequencer()
 
     def receiveMsg_StartMember(self, message: StartMember, sender) -> None:
         self._index = message.index
@@ -37,10 +37,8 @@ class PoolMember(BusActor):
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
         # The transport may hand dispatches over out of order: handle them in the Router's.
-        self._early[message.sequence] = message
-        while self._next_sequence in self._early:
-            self._handle(self._early.pop(self._next_sequence), sender)
-            self._next_sequence += 1
+        for dispatch in self._dispatches.arrived(message.sequence, message):
+            self._handle(dispatch, sender)
 
     def _handle(self, message: Dispatch, sender) -> None:
         fresh = [d for d in message.deliveries if d.token > self._last_token]

@@ -60,6 +60,10 @@ class Dispatch:
     def __repr__(self) -> str:
         return f"Dispatch(#{self.sequence}, {len(self.deliveries)} deliveries)"
 
+    def undelivered(self, reason: str) -> Completion:
+        """A completion that fails every delivery of this dispatch as never handled."""
+        return Completion.of(Outcome(d.token, UNDELIVERED, reason, 0) for d in self.deliveries)
+
 
 class OutcomeKind(enum.StrEnum):
     """What became of a delivery, in one word."""

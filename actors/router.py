@@ -27,6 +27,7 @@ from actorbus.actors.messages import (UNDELIVERED, BridgeChanged, Completion, De
                                       Outcome, PoolFailed, PoolReady, RegisterHandler, RestartDue,
                                       StartMember, StartPool)
 from actorbus.actors.routing import pool_index
+from actorbus.actors.sequencing import Resequencer
 from actorbus.config import SubscriptionConfig
 from actorbus.policies import RestartBudget
 
@@ -84,8 +85,7 @@ class Router(BusActor):
         self._max_resends = 3
         self._resends: dict[int, int] = {}      # token → times re-sent
         self._phase = RouterPhase.RUNNING
-        self._next_sequence = 1
-        self._early: dict[int, Dispatch] = {}
+        self._dispatches: Resequencer[Dispatch] = Resequencer()   # the Bridge's, by its numbers
         self._member_of_key: dict[str, int] = {}   # routing key → pool index, remembered
 
     # ------------------------------------------------------------ set-up
@@ -120,19 +120,12 @@ class Router(BusActor):
         # dispatched still runs; its completions are unknown to the new Bridge
         # and JetStream redelivers those messages after AckWait.
         self._bridge = message.bridge
-        self._next_sequence = 1
-        self._early.clear()
+        self._dispatches.reset()
 
     # ------------------------------------------------------------ hot path
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
-        if message.sequence != self._next_sequence:
-            self._early[message.sequence] = message
-            return
-        self._route(message)
-        self._next_sequence += 1
-        while self._next_sequence in self._early:
-            self._route(self._early.pop(self._next_sequence))
-            self._next_sequence += 1
+        for dispatch in self._dispatches.arrived(message.sequence, message):
+            self._route(dispatch)
 
     def _route(self, message: Dispatch) -> None:
         size = len(self._members)
@@ -186,7 +179,7 @@ class Router(BusActor):
             self._send_next(member)
         depths = tuple(len(m.held) for m in self._members)
         self.send(self._bridge, dataclasses.replace(message, queue_depths=depths,
-                                                    routed=self._next_sequence - 1))
+                                                    routed=self._dispatches.next - 1))
 
     # ------------------------------------------------------------ failures
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:
@@ -288,9 +281,8 @@ class Router(BusActor):
                 self._resends.pop(delivery.token, None)
             member.outstanding = max(0, member.outstanding - 1)
             self._send_next(member)
-        self.send(self._bridge, Completion.of(
-            Outcome(d.token, UNDELIVERED, f"pool member failed on dispatch: {message.details}", 0)
-            for d in returned.deliveries))
+        self.send(self._bridge,
+                  returned.undelivered(f"pool member failed on dispatch: {message.details}"))
 
     def _member_index(self, address) -> int | None:
         # Thespian addresses are not hashable: a linear search over the pool.

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from thespian.actors import ThespianWatch
+from thespian.actors import PoisonMessage, ThespianWatch
 
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeReady, BusStopped,
@@ -313,9 +313,7 @@ class Bridge(BusActor):
     def _returned(self, message: PoisonMessage) -> None:
         returned = message.poisonMessage
         if isinstance(returned, Dispatch):
-            self._complete(Completion.of(
-                Outcome(d.token, UNDELIVERED, f"the Router failed: {message.details}", 0)
-                for d in returned.deliveries))
+            self._complete(returned.undelivered(f"the Router failed: {message.details}"))
 
     # ------------------------------------------------------------ stats, stop
     def _stats(self) -> dict[str, int]:
@@ -391,6 +389,7 @@ class Bridge(BusActor):
             self._link.close(timeout)
             self._counts.update(self._link.counts())
             self._link = None
+            self._mailbox.close()   # only the link's thread wrote to it
         if len(self._inflight):
             log.info("stopped with %d message(s) in flight; JetStream will redeliver them",
                      len(self._inflight))
