@@ -5,9 +5,6 @@ plain failures not.
 """
 import logging
 
-# A library adds no handlers of its own; the application decides where logs go.
-logging.getLogger("actorbus").addHandler(logging.NullHandler())
-
 from actorbus.aggregate import Aggregate
 from actorbus.envelope import Envelope, InvalidEnvelope
 from actorbus.bridge.extraction import extract_aggregate_id
@@ -16,6 +13,9 @@ from actorbus.config import ConfigurationError
 from actorbus.message import Message
 from actorbus.publisher import PublishError, PublishResult
 from actorbus.topology import Subscription, Topology
+
+# A library adds no handlers of its own; the application decides where logs go.
+logging.getLogger("actorbus").addHandler(logging.NullHandler())
 
 __all__ = ["EventBus", "Aggregate", "Envelope", "Message", "InvalidEnvelope",
            "extract_aggregate_id", "BusError", "ConfigurationError", "PublishError",

@@ -136,23 +136,6 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 
 
-def _import_benchmarks():
-    """``benchmarks.run``: installed, or from the source tree beside this package."""
-    try:
-        from benchmarks import run
-    except ImportError:
-        from pathlib import Path
-
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "benchmarks" / "run.py").is_file():
-            raise click.ClickException(
-                "the benchmarks package is not available: run `actorbus bench` from a source "
-                "checkout (pip install -e '.[bench]')") from None
-        sys.path.insert(0, str(root))
-        from benchmarks import run
-    return run
-
-
 @main.command()
 @click.option("--messages", type=click.IntRange(min=1), default=100000, show_default=True,
               help="Envelopes pre-published and consumed by each variant.")
@@ -182,9 +165,9 @@ def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: st
                                  param_hint="--pools") from None
 
     def work() -> int:
-        return _import_benchmarks().run_bench(messages=messages, keys=keys, cpu_us=cpu_us,
-                                              pools=sizes, json_path=json_path, quick=quick,
-                                              console=Console())
+        from actorbus.benchmarks import run
+        return run.run_bench(messages=messages, keys=keys, cpu_us=cpu_us, pools=sizes,
+                             json_path=json_path, quick=quick, console=Console())
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 

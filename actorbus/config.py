@@ -59,17 +59,17 @@ class SubscriptionConfig:
     #: The body is an envelope: decoded, validated, invalid ones dead-lettered. Also
     #: picks the default ``settlement`` (envelopes redelivered, plain messages not).
     envelope: bool = True
-    settlement: SettlementPolicy | None = None
+    settlement: SettlementPolicy = None  # type: ignore[assignment]  # None: derived at construction
     envelope_format: EnvelopeFormat = EnvelopeFormat.AUTO
-    durable: str | None = None
-    stream: str | None = None
+    durable: str = None  # type: ignore[assignment]  # None: derived at construction
+    stream: str = None  # type: ignore[assignment]  # None: derived at construction
     storage: str | None = None
     ack_wait: float = 30.0
     max_deliver: int = 5
     max_ack_pending: int = 4096
     #: In-place retries before a failure counts (None: 3 when failures are redelivered, else 0;
     #: more than 0 on an at-most-once subscription means the handler must be idempotent).
-    retries: int | None = None
+    retries: int = None  # type: ignore[assignment]  # None: derived at construction
     retry_backoff: float = 0.05
     retry_backoff_max: float = 1.0
     nak_delay: float = 0.5
@@ -78,17 +78,17 @@ class SubscriptionConfig:
     pull_expires: float = 5.0
     max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
     key_from_subject: bool = False
-    dead_letter_subject: str | None = None
-    dead_letter_stream: str | None = None
+    dead_letter_subject: str = None  # type: ignore[assignment]  # None: derived at construction
+    dead_letter_stream: str = None  # type: ignore[assignment]  # None: derived at construction
     processing_timeout: float | None = None
 
     def __post_init__(self) -> None:
         _check_subject(self.subject)
         try:
-            if self.settlement is None:
-                object.__setattr__(self, "settlement", SettlementPolicy.NACK_ON_ERROR
-                                   if self.envelope else SettlementPolicy.ACK)
-            object.__setattr__(self, "settlement", SettlementPolicy(self.settlement))
+            settlement = SettlementPolicy(self.settlement if self.settlement is not None else
+                                          SettlementPolicy.NACK_ON_ERROR if self.envelope else
+                                          SettlementPolicy.ACK)
+            object.__setattr__(self, "settlement", settlement)
         except ValueError:
             raise ConfigurationError(f"settlement must be one of "
                                      f"{[str(p) for p in SettlementPolicy]}, got {self.settlement!r}") from None
@@ -132,7 +132,7 @@ class SubscriptionConfig:
     @property
     def name(self) -> str:
         """The subscription's name within a bus: its durable consumer's name."""
-        return self.durable  # type: ignore[return-value]
+        return self.durable
 
     @property
     def storage_type(self) -> str:
@@ -163,7 +163,7 @@ class BusConfig:
     connect_timeout: float = 5.0
     name: str = "actorbus"
     #: A policy for both levels, or a :class:`SupervisionTree`; normalised to a tree.
-    supervision: SupervisionTree | None = None
+    supervision: SupervisionTree = None  # type: ignore[assignment]  # None: the defaults
 
     def __post_init__(self) -> None:
         if isinstance(self.servers, str):

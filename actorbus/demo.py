@@ -184,7 +184,7 @@ def check_records(directory: Path, envelopes: int, aggregates: int) -> Check:
             if (aggregate, seq) not in seen:
                 result.missing.append((aggregate, seq))
     for aggregate, seqs in sorted(first_order.items()):
-        for before, after in zip(seqs, seqs[1:]):
+        for before, after in zip(seqs, seqs[1:], strict=False):
             if after <= before:
                 result.order_violations.append(f"{aggregate}: {after} handled after {before}")
     result.multi_process = sorted(a for a, p in pids.items() if len(p) > 1)

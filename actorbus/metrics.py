@@ -72,7 +72,7 @@ class BusCollector:
                                           labels=("subscription",))
         for sub, tally in subscriptions.items():
             cumulative, buckets = 0, []
-            for bound, count in zip((*DURATION_BUCKETS, float("inf")), tally["buckets"]):
+            for bound, count in zip((*DURATION_BUCKETS, float("inf")), tally["buckets"], strict=True):
                 cumulative += count
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             durations.add_metric((sub,), buckets, tally["duration_sum"])

@@ -89,7 +89,7 @@ class Publisher:
             acks = await asyncio.gather(
                 *(self._js.publish(subject, data, headers=headers, timeout=self._timeout)
                   for subject, data, headers in chunk), return_exceptions=True)
-            for (subject, _, _), ack in zip(chunk, acks):
+            for (subject, _, _), ack in zip(chunk, acks, strict=True):
                 if isinstance(ack, BaseException):
                     results.append(PublishResult(subject, None, f"{type(ack).__name__}: {ack}"))
                 else:

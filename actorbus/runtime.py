@@ -25,8 +25,6 @@ from actorbus.transport_binding import hold_transport_host, resolve_transport_ho
 
 log = logging.getLogger("actorbus.runtime")
 
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class ProcessRuntime:
@@ -74,6 +72,11 @@ class ProcessRuntime:
                         continue  # gone meanwhile
         found.discard(os.getpid())
         return sorted(pid for pid in found if process_alive(pid))
+
+    @property
+    def system(self) -> ActorSystem:
+        """The Thespian ActorSystem itself."""
+        return self._system
 
     def create(self, actor_class: type) -> Any:
         """Create a top-level actor."""
@@ -252,25 +255,6 @@ def _session_of(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
-
-
-def process_rss(pid: int) -> int:
-    """Resident memory of ``pid`` in bytes (Linux ``/proc``); 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) ``pid`` has used, in seconds (Linux ``/proc``); 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def process_alive(pid: int) -> bool:

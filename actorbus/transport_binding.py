@@ -138,6 +138,7 @@ def hold_transport_host(host: str) -> Callable[[], None]:
 
 def _adjusted_init(self: Any, af: int, socktype: int, proto: int, baseaddr: Any, port: Any,
                    external: Any = False) -> None:
+    assert _original_init is not None  # installed before this replaces it
     host = _host
     if host is None or not external or af != socket.AF_INET:
         _original_init(self, af, socktype, proto, baseaddr, port, external)

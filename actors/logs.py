@@ -21,4 +21,4 @@ def adopt_actor_process_root() -> None:
             if isinstance(logger, logging.Logger) and isinstance(logger.parent, logging.RootLogger) \
                     and logger.parent is not root:
                 logger.parent = root
-                logger._cache.clear()  # isEnabledFor answers cached under the old root
+                logger._cache.clear()  # type: ignore[attr-defined]  # isEnabledFor answers cached under the old root

@@ -122,7 +122,7 @@ class Completion:
 
     def outcomes(self) -> Iterator[Outcome]:
         """Every outcome in full: the first-try successes, then the others."""
-        for token, seconds in zip(self.succeeded, self.seconds):
+        for token, seconds in zip(self.succeeded, self.seconds, strict=True):
             yield Outcome(token, SUCCEEDED, None, 1, seconds)
         yield from self.others
 

@@ -104,8 +104,10 @@ class Router(BusActor):
         member.pid = message.pid
         if member.restarting:
             self._resume(message.index, member)
-        elif all(m.pid is not None for m in self._members):
-            self.send(self._supervisor, PoolReady(tuple(m.pid for m in self._members), os.getpid()))
+        else:
+            pids = [m.pid for m in self._members]
+            if all(pid is not None for pid in pids):
+                self.send(self._supervisor, PoolReady(tuple(pids), os.getpid()))  # type: ignore[arg-type]
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
         self._subscriptions.append(message.subscription)
@@ -138,8 +140,10 @@ class Router(BusActor):
                 index = pool_index(delivery.routing_key, delivery.keyless_slot, size)
             else:
                 # Hashing in Python costs about a microsecond a key; ids recur.
-                index = members.get(delivery.routing_key)
-                if index is None:
+                remembered = members.get(delivery.routing_key)
+                if remembered is not None:
+                    index = remembered
+                else:
                     index = members[delivery.routing_key] = pool_index(delivery.routing_key, None,
                                                                        size)
             groups[index].append(delivery)
@@ -257,7 +261,7 @@ class Router(BusActor):
         member.waiting = resend
         if exhausted:
             self.send(self._bridge, Completion.of(exhausted))
-        self.send(self._supervisor, MemberRestarted(index, member.pid, len(resend)))
+        self.send(self._supervisor, MemberRestarted(index, member.pid or 0, len(resend)))
         self._send_next(member)
 
     def _fail(self, reason: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.message import Message
-from actorbus.runtime import process_cpu_seconds
-from benchmarks.common import RECORD_DIR_ENV, RECORDER, RssSampler
+from actorbus.benchmarks.procfs import process_cpu_seconds
+from actorbus.benchmarks.common import RECORD_DIR_ENV, RECORDER, RssSampler
 
 #: How often completion is polled through ``bus.stats()``, in seconds.
 POLL_INTERVAL = 0.05
@@ -42,7 +42,9 @@ def consume(params: dict) -> dict:
     log_path = Path(params.get("log_path") or tempfile.mktemp(prefix="actorbus-bench-", suffix=".log"))
     with EventBus(servers=params["url"], pool_size=params["pool"], runtime="processes",
                   log_config=_log_config(log_path)) as bus:
-        pids = lambda: [os.getpid(), *bus.pids.values()]
+        def pids() -> list[int]:
+            return [os.getpid(), *bus.pids.values()]
+
         with RssSampler(pids) as rss:
             started = time.perf_counter()
             bus.subscribe(params["subject"], handle, envelope=True, durable=params["durable"],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgpack
 from actorbus.envelope import Envelope, decode_envelope
-from actorbus.runtime import process_rss
+from actorbus.benchmarks.procfs import process_rss
 
 #: Where handlers write their records. Set before an EventBus is built, so the
 #: forked actor processes inherit it.
@@ -82,7 +82,7 @@ def busy_loop(microseconds: float) -> None:
 def handle_raw(data: bytes) -> None:
     """The work of the single-process peers: decode the envelope, then :meth:`Recorder.handle`.
 
-    (In actorbus the Bridge decodes the envelope; see :mod:`benchmarks.actorbus_variant`.)
+    (In actorbus the Bridge decodes the envelope; see :mod:`actorbus.benchmarks.actorbus_variant`.)
     """
     envelope = decode_envelope(data)
     RECORDER.handle(envelope.aggregate_id, envelope.payload)

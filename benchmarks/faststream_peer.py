@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import FETCH_BATCH, RssSampler, handle_raw
+from actorbus.benchmarks.common import FETCH_BATCH, RssSampler, handle_raw
 
 NOTES = (f"FastStream PullSub(batch_size={FETCH_BATCH}), AckPolicy.ACK (after handler), "
          "logger=None (no per-message logging)")

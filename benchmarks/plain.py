@@ -10,7 +10,7 @@ import nats
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from benchmarks.common import FETCH_BATCH, RssSampler, handle_raw
+from actorbus.benchmarks.common import FETCH_BATCH, RssSampler, handle_raw
 
 NOTES = f"nats-py pull consumer, fetch({FETCH_BATCH}) + ack per message, one task"
 

@@ -5,7 +5,7 @@
    payload msgpack ``{"seq": <per-key sequence>}``) with nats-py ``js.publish``,
    pipelined in chunks.
 2. Consume all of them with each variant, each on a fresh durable consumer of
-   that stream, in a fresh process (:mod:`benchmarks.worker`): the plain nats-py
+   that stream, in a fresh process (:mod:`actorbus.benchmarks.worker`): the plain nats-py
    pull loop, the FastStream pull subscriber, actorbus with each pool size.
    ``msgs_per_s`` covers the consume phase only; the records give the per-key
    order check.
@@ -32,8 +32,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from actorbus.server import NatsServer
-from benchmarks import faststream_peer, report
-from benchmarks.common import (
+from actorbus.benchmarks import faststream_peer, report
+from actorbus.benchmarks.common import (
     STREAM,
     SUBJECT,
     check_order,
@@ -117,12 +117,12 @@ def _worker_env() -> dict[str, str]:
 
 
 def _run_worker(params: dict[str, Any], work_dir: Path, *, pace: dict | None = None) -> dict[str, Any]:
-    """Run :mod:`benchmarks.worker` with ``params``; with ``pace``, publish paced once it is ready."""
+    """Run :mod:`actorbus.benchmarks.worker` with ``params``; with ``pace``, publish paced once it is ready."""
     name = params["durable"]
     params_path = work_dir / f"{name}.params.json"
     result_path = work_dir / f"{name}.result.json"
     params_path.write_text(json.dumps(params), encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", str(params_path),
+    process = subprocess.Popen([sys.executable, "-m", "actorbus.benchmarks.worker", str(params_path),
                                 str(result_path)], env=_worker_env(), cwd=str(ROOT),
                                stdin=subprocess.DEVNULL)
     try:

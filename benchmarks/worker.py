@@ -1,4 +1,4 @@
-"""One variant's consume run in a fresh process: ``python -m benchmarks.worker PARAMS.json RESULT.json``.
+"""One variant's consume run in a fresh process: ``python -m actorbus.benchmarks.worker PARAMS.json RESULT.json``.
 
 A fresh process per variant keeps each one's peak RSS its own and leaves
 nothing behind in the orchestrator. The record directory and the busy-loop
@@ -14,10 +14,10 @@ import signal
 import sys
 import traceback
 
-from benchmarks.common import CPU_US_ENV, RECORD_DIR_ENV
+from actorbus.benchmarks.common import CPU_US_ENV, RECORD_DIR_ENV
 
-MODULES = {"plain": "benchmarks.plain", "faststream": "benchmarks.faststream_peer",
-           "actorbus": "benchmarks.actorbus_variant"}
+MODULES = {"plain": "actorbus.benchmarks.plain", "faststream": "actorbus.benchmarks.faststream_peer",
+           "actorbus": "actorbus.benchmarks.actorbus_variant"}
 
 
 def _interrupt(signum, frame):

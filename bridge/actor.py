@@ -246,6 +246,7 @@ class Bridge(BusActor):
                 continue
             if delivery_count > 1:
                 tally["redelivered"] += 1
+            aggregate_id: str | None
             if sub.envelope:
                 try:
                     aggregate_id = decode_envelope(msg.data, sub.envelope_format,
@@ -261,10 +262,11 @@ class Bridge(BusActor):
                 aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
                                                     use_subject=sub.key_from_subject)
             keyless_slot = None
-            routing_key = aggregate_id
             if aggregate_id is None:
                 keyless_slot = next_keyless_slot()
                 routing_key = keyless_routing_key(keyless_slot)
+            else:
+                routing_key = aggregate_id
             entry = InFlight(msg, sub, now)
             entry.delivery = delivery = Delivery(
                 self._inflight.add(entry), sub.name, msg.subject, msg.data, msg.headers,
@@ -277,7 +279,7 @@ class Bridge(BusActor):
         actions: list[Order] = []
         pop = self._inflight.pop
         # The common case first: handled on the first attempt, so ack.
-        for token, seconds in zip(completion.succeeded, completion.seconds):
+        for token, seconds in zip(completion.succeeded, completion.seconds, strict=True):
             entry = pop(token)
             if entry is not None:
                 tally = self._tallies[entry.subscription.name]
@@ -318,10 +320,10 @@ class Bridge(BusActor):
     # ------------------------------------------------------------ stats, stop
     def _stats(self) -> dict[str, int]:
         # Per-message counts live per subscription; the totals are their sums.
-        counts = Counter(self._counts)
+        totals = Counter(self._counts)
         for tally in self._tallies.values():
-            counts.update(tally.counts)
-        counts = dict(counts)
+            totals.update(tally.counts)
+        counts = dict(totals)
         if self._link is not None:
             counts.update(self._link.counts())
         counts["in_flight"] = len(self._inflight)

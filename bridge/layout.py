@@ -35,4 +35,4 @@ class SingleDurable:
 
     def consumers(self, sub: SubscriptionConfig) -> tuple[ConsumerSpec, ...]:
         """The one consumer of ``sub``."""
-        return (ConsumerSpec(sub.stream, sub.durable, (sub.subject,)),)  # type: ignore[arg-type]
+        return (ConsumerSpec(sub.stream, sub.durable, (sub.subject,)),)

@@ -150,7 +150,7 @@ class NatsLink:
                 consumer.forget(now)
             await self._top_up()
 
-    def _track(self, work: Any, items: list[Any]) -> None:
+    def _track(self, work: Any, items: list[Any] | None) -> None:
         # Kept until done, so that closing waits for what was already handed over.
         task = asyncio.ensure_future(work(items))
         self._settling.add(task)

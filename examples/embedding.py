@@ -20,13 +20,10 @@ from typing import Any, Iterator
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
 from actorbus import Message
-from actorbus.actors.messages import (BusStarted, BusStopped, StartBus, Stats, StatsRequest, StopBus,
-                                      Subscribe, Subscribed)
-from actorbus.config import BusConfig, SubscriptionConfig
-from actorbus.ports import free_port
-from actorbus.runtime import descendants, kill_leftovers, process_alive
-from actorbus.supervision.supervisor import Supervisor
-from actorbus.transport_binding import hold_transport_host, resolve_transport_host
+from actorbus.embedding import (BusConfig, BusStarted, BusStopped, StartBus, Stats, StatsRequest,
+                                StopBus, Subscribe, Subscribed, SubscriptionConfig, Supervisor,
+                                actor_system)
+from actorbus.runtime import process_alive
 
 SUBJECT = "embed.events"
 MESSAGES = 25
@@ -83,21 +80,6 @@ class Monitor(ActorTypeDispatcher):
 
 
 # ---------------------------------------------------------------- the program
-@contextlib.contextmanager
-def actor_system() -> Iterator[ActorSystem]:
-    """A multiprocTCPBase system on a free admin port and on loopback only (as
-    EventBus's), shut down on exit."""
-    release = hold_transport_host(resolve_transport_host())  # before the system forks
-    try:
-        asys = ActorSystem("multiprocTCPBase", {"Admin Port": free_port()}, transientUnique=True)
-        try:
-            yield asys
-        finally:
-            asys.shutdown()
-    finally:
-        release()
-
-
 def ask(asys: ActorSystem, address: Any, message: Any, expected: type, timeout: float = 30.0) -> Any:
     """Ask and return the reply of type ``expected`` (same request id), skipping stale replies."""
     deadline = time.monotonic() + timeout
@@ -130,51 +112,42 @@ def main(argv: list[str] | None = None) -> int:
     ids = itertools.count(1)
     pids: set[int] = set()
     with nats_url(args.servers) as url:
-        before = set(descendants(os.getpid()))
+        # Shut down on exit, and every process it started ended by pid.
         with actor_system() as asys:
-            try:
-                monitor = asys.createActor(Monitor)
-                supervisor = asys.createActor(Supervisor)
-                watching = asys.ask(monitor, Watch(supervisor), 10.0)
-                pids.add(watching.pid)
-                started = ask(asys, supervisor,
-                              StartBus(next(ids), BusConfig(servers=url, pool_size=2)), BusStarted)
-                pids.update(started.pids.values())
-                print(f"bus started in our ActorSystem: {dict(sorted(started.pids.items()))}")
-                print(f"our Monitor actor runs in pid {watching.pid}")
-                sub = SubscriptionConfig(subject=SUBJECT, handler="examples.embedding:handle",
-                                         envelope=False, durable="embedded")
-                subscribed = ask(asys, supervisor, Subscribe(next(ids), sub), Subscribed)
-                print(f"subscribed: stream {subscribed.stream}, durable {subscribed.durable}")
+            monitor = asys.createActor(Monitor)
+            supervisor = asys.createActor(Supervisor)
+            watching = asys.ask(monitor, Watch(supervisor), 10.0)
+            pids.add(watching.pid)
+            started = ask(asys, supervisor,
+                          StartBus(next(ids), BusConfig(servers=url, pool_size=2)), BusStarted)
+            pids.update(started.pids.values())
+            print(f"bus started in our ActorSystem: {dict(sorted(started.pids.items()))}")
+            print(f"our Monitor actor runs in pid {watching.pid}")
+            sub = SubscriptionConfig(subject=SUBJECT, handler="examples.embedding:handle",
+                                     envelope=False, durable="embedded")
+            subscribed = ask(asys, supervisor, Subscribe(next(ids), sub), Subscribed)
+            print(f"subscribed: stream {subscribed.stream}, durable {subscribed.durable}")
 
-                asyncio.run(_publish(url, MESSAGES))
-                deadline = time.monotonic() + 20.0
-                while True:
-                    view = asys.ask(monitor, MonitorQuery(), 10.0)
-                    if isinstance(view, Stats):
-                        pids.update(view.pids.values())
-                        if view.counts.get("acked", 0) >= MESSAGES:
-                            break
-                    if time.monotonic() > deadline:
-                        print(f"not all acked in time: {view!r}", file=sys.stderr)
-                        return 1
-                    time.sleep(0.1)
-                counts = view.counts
-                print(f"monitor's view: received {counts.get('received')}, processed "
-                      f"{counts.get('processed')}, acked {counts.get('acked')}, "
-                      f"failed {counts.get('failed', 0)}; actors {dict(sorted(view.states.items()))}")
-                ask(asys, supervisor, StopBus(next(ids), 10.0), BusStopped, timeout=20.0)
-                print("bus stopped")
-            finally:
-                # Everything the actor system started (admin, logger, actors) is below us now.
-                pids.update(set(descendants(os.getpid())) - before)
-        pids.discard(os.getpid())
-        import multiprocessing
-        multiprocessing.active_children()            # reap the admin's parent, if it is ours
-        killed = kill_leftovers(pids)  # a grace period, then SIGKILL by pid
+            asyncio.run(_publish(url, MESSAGES))
+            deadline = time.monotonic() + 20.0
+            while True:
+                view = asys.ask(monitor, MonitorQuery(), 10.0)
+                if isinstance(view, Stats):
+                    pids.update(view.pids.values())
+                    if view.counts.get("acked", 0) >= MESSAGES:
+                        break
+                if time.monotonic() > deadline:
+                    print(f"not all acked in time: {view!r}", file=sys.stderr)
+                    return 1
+                time.sleep(0.1)
+            counts = view.counts
+            print(f"monitor's view: received {counts.get('received')}, processed "
+                  f"{counts.get('processed')}, acked {counts.get('acked')}, "
+                  f"failed {counts.get('failed', 0)}; actors {dict(sorted(view.states.items()))}")
+            ask(asys, supervisor, StopBus(next(ids), 10.0), BusStopped, timeout=20.0)
+            print("bus stopped")
     left = [pid for pid in sorted(pids) if process_alive(pid)]
-    print(f"after shutdown: {len(pids)} actor-system processes checked, "
-          f"{len(killed)} had to be killed, {len(left)} left")
+    print(f"after shutdown: {len(pids)} actor processes checked, {len(left)} left")
     ok = counts.get("acked", 0) >= MESSAGES and not left
     print(f"embedding: {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1

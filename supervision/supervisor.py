@@ -98,6 +98,7 @@ class Supervisor(BusActor):
             self._resume_pool()
             return
         # Only now may the Bridge fetch: a key is never handled before its actor exists.
+        assert self._config is not None and self._start_request is not None  # StartBus came first
         self.send(self._bridge, StartBridge(self._start_request, self._config, self._router))
 
     def receiveMsg_BridgeReady(self, message: BridgeReady, sender) -> None:
@@ -136,9 +137,9 @@ class Supervisor(BusActor):
     def receiveMsg_Stats(self, message: Stats, sender) -> None:
         if sender is not None:
             self._last_counts = dict(message.counts)
-        counts = Counter(message.counts)
-        counts.update(self._carried)
-        counts = dict(counts)
+        totals = Counter(message.counts)
+        totals.update(self._carried)
+        counts = dict(totals)
         counts["restarts"] = sum(self._restarts.values())
         for level in ("bridge", "router", "pool"):
             counts[f"restarts_{level}"] = self._restarts[level]
@@ -235,6 +236,7 @@ class Supervisor(BusActor):
     def receiveMsg_WakeupMessage(self, message, sender) -> None:
         if not isinstance(message.payload, RestartDue) or self._phase is not SupervisorPhase.RUNNING:
             return
+        assert self._config is not None  # RUNNING: StartBus came first
         if message.payload.target == _ROUTER:
             self._router_restarts_pending = True
             self._router = self.createActor(Router)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import nats
 
-from actorbus.runtime import process_rss
+from actorbus.benchmarks.procfs import process_rss
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
