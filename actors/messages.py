@@ -71,11 +71,14 @@ class OutcomeKind(enum.StrEnum):
     SUCCEEDED = "succeeded"      #: the handler returned
     FAILED = "failed"            #: the handler raised on every attempt
     UNDELIVERED = "undelivered"  #: it never reached a handler (hand-off failed)
+    #: not handled: an older message of its key failed and is due to come back first
+    DEFERRED = "deferred"
 
 
 SUCCEEDED = OutcomeKind.SUCCEEDED
 FAILED = OutcomeKind.FAILED
 UNDELIVERED = OutcomeKind.UNDELIVERED
+DEFERRED = OutcomeKind.DEFERRED
 
 
 class Outcome(NamedTuple):

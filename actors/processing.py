@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 from actorbus.actors.handlers import HandlerError, resolve_handler
 from actorbus.actors.instances import AggregateInstances
-from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, Delivery, Outcome
+from actorbus.actors.messages import DEFERRED, FAILED, SUCCEEDED, UNDELIVERED, Delivery, Outcome
 from actorbus.actors.watchdog import Watchdog
 from actorbus.aggregate import Aggregate
 from actorbus.config import SubscriptionConfig
@@ -32,6 +32,8 @@ class HandlerTable:
                  sleep: Callable[[float], Any] = time.sleep, watchdog: Watchdog | None = None):
         self._watchdog = watchdog
         self._subscriptions: dict[str, SubscriptionConfig] = {}
+        # (subscription, aggregate id) → stream sequence of its failed message due to come back.
+        self._blocked: dict[tuple[str, str | None], int] = {}
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sleep = sleep
@@ -44,8 +46,35 @@ class HandlerTable:
         self._handlers.pop(subscription.name, None)
 
     def process(self, deliveries: Iterable[Delivery]) -> tuple[Outcome, ...]:
-        """Handle ``deliveries`` strictly in order; one outcome each."""
-        return tuple(self.process_one(delivery) for delivery in deliveries)
+        """Handle ``deliveries`` strictly in order; one outcome each.
+
+        Once a message of an aggregate fails and is due to come back
+        (redelivered after a nak), the later messages of that aggregate are
+        not handled but ``DEFERRED``, until the failed one comes back and
+        succeeds: its successes must follow stream order.
+        """
+        outcomes = []
+        blocked = self._blocked
+        for delivery in deliveries:
+            key = (delivery.subscription, delivery.aggregate_id)
+            failed_at = blocked.get(key) if blocked and delivery.aggregate_id is not None else None
+            if failed_at is not None and delivery.stream_sequence > failed_at:
+                outcomes.append(Outcome(delivery.token, DEFERRED,
+                                        f"waits for sequence {failed_at} of its aggregate", 0))
+                continue
+            outcome = self.process_one(delivery)
+            if delivery.aggregate_id is not None and outcome.kind != SUCCEEDED and \
+                    self._comes_back(delivery):
+                blocked[key] = delivery.stream_sequence
+            elif failed_at is not None and delivery.stream_sequence == failed_at:
+                del blocked[key]   # the failed one came back and is settled now
+            outcomes.append(outcome)
+        return tuple(outcomes)
+
+    def _comes_back(self, delivery: Delivery) -> bool:
+        spec = self._subscriptions.get(delivery.subscription)
+        return spec is not None and spec.settlement.redelivers and \
+            not spec.is_last_delivery(delivery.delivery_count)
 
     def process_one(self, delivery: Delivery) -> Outcome:
         """Handle one delivery with in-place retries; never raises."""

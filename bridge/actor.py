@@ -17,7 +17,8 @@ from typing import Any
 from thespian.actors import PoisonMessage, ThespianWatch
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeReady, BusStopped,
+from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, UNDELIVERED, BridgeReady,
+                                      BusStopped,
                                       Completion, Delivery, Dispatch, DrainDeadline, Halt,
                                       Outcome, PollMailbox, ProgressTick, RequestFailed,
                                       RouterChanged, StartBridge, Stats, StatsRequest, StopBus,
@@ -30,7 +31,10 @@ from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.mailbox import Mailbox
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.bridge.nats_link import NatsLink
-from actorbus.bridge.settlement import ACK, DEAD_LETTER, Order, dead_letter_headers, decide
+from actorbus.bridge.ordering import KeyOrder
+from actorbus.bridge.recovery import RecoveredMsg
+from actorbus.bridge.settlement import (ACK, DEAD_LETTER, NAK, Action, Order, dead_letter_headers,
+                                        decide)
 from actorbus.bridge.tally import SubscriptionTally
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.envelope import InvalidEnvelope, decode_envelope
@@ -57,6 +61,14 @@ INCARNATION_SHIFT = 40
 CLOSE_TIMEOUT = 5.0
 #: The same when the actor system ends the Bridge (no drain was asked for).
 EXIT_CLOSE_TIMEOUT = 2.0
+
+#: The delivery count a recovered message is handled with: it was delivered at least once,
+#: to a Bridge that is gone (or over a connection that was cut), and may have been handled.
+RECOVERED_DELIVERY_COUNT = 2
+
+#: Seconds past two AckWaits after which a recovered message's redelivery is no longer
+#: expected (it was acked after all): its record is dropped.
+RECOVERED_RECORD_GRACE = 5.0
 
 _OUTCOME_COUNTERS = {SUCCEEDED: "processed", FAILED: "failed", UNDELIVERED: "undelivered"}
 
@@ -96,6 +108,12 @@ class Bridge(BusActor):
         self._routed = 0          # how many of them it has routed, as last heard
         self._unsent: list[Delivery] = []
         self._drain: tuple[int, Any] | None = None   # (request id, who asked) while DRAINING
+        # Per subscription: open, waiting and held sequences by key (per-key order under
+        # redelivery), and what recovery read back: sequence → its entry while handled,
+        # then the time it was handled (its redelivery is acked without handling).
+        self._orders: dict[str, KeyOrder[Delivery]] = {}
+        self._recovered: dict[str, dict[int, InFlight | float]] = {}
+        self._last_held = 0
 
     def watch(self) -> ThespianWatch | None:
         """The mailbox's descriptor while connected (multiprocTCPBase)."""
@@ -120,9 +138,10 @@ class Bridge(BusActor):
         if message.queue_depths:
             self._queue_depths = message.queue_depths
         self._routed = max(self._routed, message.routed)
-        self._complete(message)
+        self._handle_now(self._complete(message))
         self._dispatch()
-        if self._phase is BridgePhase.DRAINING and not len(self._inflight):
+        self._report_held()
+        if self._phase is BridgePhase.DRAINING and not self._busy():
             self._finish_drain()
 
     def receiveMsg_StartBridge(self, message: StartBridge, sender) -> None:
@@ -185,6 +204,8 @@ class Bridge(BusActor):
         if self._direct is not None:
             self._direct.register(sub)
         self._subscriptions[sub.name] = sub
+        self._orders.setdefault(sub.name, KeyOrder())
+        self._recovered.setdefault(sub.name, {})
         self._tallies.setdefault(sub.name, SubscriptionTally("envelope" if sub.envelope else "plain"))
         try:
             self._link.subscribe(sub)
@@ -203,20 +224,30 @@ class Bridge(BusActor):
             self._mailbox.drain()
             return
         deliveries: list[Delivery] = []
-        rejected: list[Order] = []
-        for name, msgs in self._mailbox.drain():
-            sub = self._subscriptions.get(name)
-            if sub is not None:
-                self._take(sub, msgs, deliveries, rejected)
-        if rejected and self._link is not None:
-            self._link.settle(rejected)
-        if not deliveries:
-            return
-        if self._direct is not None:
-            self._complete(Completion.of(self._direct.process(deliveries)))
-        else:
-            self._unsent.extend(deliveries)
-            self._dispatch()
+        orders: list[Order] = []
+        for arrival in self._mailbox.drain():
+            sub = self._subscriptions.get(arrival.subscription)
+            if sub is None:
+                continue
+            if arrival.recovered:
+                self._take_recovered(sub, arrival.messages, deliveries)
+            else:
+                self._take(sub, arrival.messages, deliveries, orders)
+        if orders and self._link is not None:
+            self._link.settle(orders)
+        self._handle_now(deliveries)
+        self._report_held()
+
+    def _handle_now(self, deliveries: list[Delivery]) -> None:
+        """Send ``deliveries`` to the pool (or, without one, handle them here), in order."""
+        while deliveries:
+            if self._direct is None:
+                self._unsent.extend(deliveries)
+                self._dispatch()
+                return
+            # Handling may free held deliveries: those go next, round after round.
+            completion = Completion.of(self._direct.process(deliveries))
+            deliveries = self._complete(completion)
 
     def _dispatch(self, *, even_if_behind: bool = False) -> None:
         # Thespian sends to one target one at a time, each waiting for the
@@ -233,11 +264,14 @@ class Bridge(BusActor):
         self.send(self._router, Dispatch(deliveries, self._dispatches))
 
     def _take(self, sub: SubscriptionConfig, msgs: list, deliveries: list[Delivery],
-              rejected: list[Order]) -> None:
-        """Record each message in flight and add its delivery; invalid envelopes go to ``rejected``."""
+              orders: list[Order]) -> None:
+        """Record each message in flight and add its delivery, unless it is held for per-key
+        order; invalid envelopes and redeliveries already handled in recovery go to ``orders``."""
         tally = self._tallies[sub.name].counts
         tally["received"] += len(msgs)
         now = time.monotonic()
+        order = self._orders[sub.name]
+        recovered = self._recovered[sub.name]
         for msg in msgs:
             try:
                 delivery_count, stream_sequence = delivery_numbers(msg.reply)
@@ -246,52 +280,178 @@ class Bridge(BusActor):
                 continue
             if delivery_count > 1:
                 tally["redelivered"] += 1
-            aggregate_id: str | None
-            if sub.envelope:
-                try:
-                    aggregate_id = decode_envelope(msg.data, sub.envelope_format,
-                                                   max_bytes=sub.max_envelope_bytes).aggregate_id
-                except InvalidEnvelope as exc:
-                    # It can never succeed: redelivering it would only loop.
-                    log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
-                              msg.subject, sub.stream, stream_sequence, exc, sub.dead_letter_subject)
-                    self._counts["invalid"] += 1
-                    rejected.append(_dead_letter(msg, sub, stream_sequence, delivery_count, str(exc)))
-                    continue
-            else:
-                aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
-                                                    use_subject=sub.key_from_subject)
-            keyless_slot = None
-            if aggregate_id is None:
-                keyless_slot = next_keyless_slot()
-                routing_key = keyless_routing_key(keyless_slot)
-            else:
-                routing_key = aggregate_id
+            if recovered and stream_sequence in recovered:
+                self._redelivered_after_recovery(sub, msg, stream_sequence, orders)
+                continue
+            try:
+                aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
+            except InvalidEnvelope as exc:
+                # It can never succeed: redelivering it would only loop.
+                log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
+                          msg.subject, sub.stream, stream_sequence, exc, sub.dead_letter_subject)
+                self._counts["invalid"] += 1
+                orders.append(_dead_letter(msg, sub, stream_sequence, delivery_count, str(exc)))
+                continue
             entry = InFlight(msg, sub, now)
-            entry.delivery = delivery = Delivery(
-                self._inflight.add(entry), sub.name, msg.subject, msg.data, msg.headers,
-                routing_key, aggregate_id, keyless_slot, delivery_count, stream_sequence)
-            deliveries.append(delivery)
+            delivery = self._delivery(entry, sub, msg.subject, msg.data, msg.headers,
+                                      aggregate_id, delivery_count, stream_sequence)
+            if aggregate_id is None:
+                deliveries.append(delivery)
+            elif order.admit(aggregate_id, stream_sequence, delivery):
+                deliveries.append(delivery)
+                # A redelivery that others waited for: they go right behind it.
+                self._release(sub.name, aggregate_id, deliveries)
+            else:
+                entry.held = True
+                tally["held_for_order"] += 1
 
-    def _complete(self, completion: Completion) -> None:
+    def _take_recovered(self, sub: SubscriptionConfig, msgs: list[RecoveredMsg],
+                        deliveries: list[Delivery]) -> None:
+        """Dispatch what recovery read back, in stream order, ahead of anything newer of its keys.
+
+        Only messages with an aggregate id are handled: keyless ones carry no
+        order promise and JetStream redelivers them anyway. What this Bridge
+        still has in flight (after a reconnect) is left to that delivery.
+        """
+        order = self._orders[sub.name]
+        recovered = self._recovered[sub.name]
+        now = time.monotonic()
+        for msg in msgs:
+            try:
+                aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
+            except InvalidEnvelope:
+                continue   # its redelivery is dead-lettered
+            if aggregate_id is None or order.is_open(aggregate_id, msg.sequence):
+                continue
+            entry = InFlight(msg, sub, now, recovered=True)
+            delivery = self._delivery(entry, sub, msg.subject, msg.data, msg.headers, aggregate_id,
+                                      RECOVERED_DELIVERY_COUNT, msg.sequence)
+            recovered[msg.sequence] = entry
+            self._tallies[sub.name].counts["recovered"] += 1
+            if order.admit(aggregate_id, msg.sequence, delivery):
+                deliveries.append(delivery)
+            else:
+                entry.held = True
+
+    def _aggregate_id(self, sub: SubscriptionConfig, subject: str, data: bytes,
+                      headers: Any) -> str | None:
+        if sub.envelope:
+            return decode_envelope(data, sub.envelope_format,
+                                   max_bytes=sub.max_envelope_bytes).aggregate_id
+        return extract_aggregate_id(data, headers, None, subject, use_subject=sub.key_from_subject)
+
+    def _delivery(self, entry: InFlight, sub: SubscriptionConfig, subject: str, data: bytes,
+                  headers: Any, aggregate_id: str | None, delivery_count: int,
+                  stream_sequence: int) -> Delivery:
+        keyless_slot = None
+        if aggregate_id is None:
+            keyless_slot = next_keyless_slot()
+            routing_key = keyless_routing_key(keyless_slot)
+        else:
+            routing_key = aggregate_id
+        entry.delivery = Delivery(self._inflight.add(entry), sub.name, subject, data, headers,
+                                  routing_key, aggregate_id, keyless_slot, delivery_count,
+                                  stream_sequence)
+        return entry.delivery
+
+    def _redelivered_after_recovery(self, sub: SubscriptionConfig, msg: Any, sequence: int,
+                                    orders: list[Order]) -> None:
+        """A redelivery of a message recovery read back: settled by that handling, not handled again."""
+        state = self._recovered[sub.name][sequence]
+        if isinstance(state, InFlight):   # still being handled: settled with its outcome
+            state.attached = [*(state.attached or ()), msg]
+            return
+        del self._recovered[sub.name][sequence]
+        self._tallies[sub.name].counts["duplicates_skipped"] += 1
+        orders.append(Order(msg, ACK))
+
+    def _complete(self, completion: Completion) -> list[Delivery]:
+        """Settle what the completion reports; return the held deliveries it frees."""
         if self._phase is BridgePhase.HALTED:
-            return  # broken: everything stays un-acked for JetStream to redeliver
+            return []  # broken: everything stays un-acked for JetStream to redeliver
         actions: list[Order] = []
+        freed: list[Delivery] = []
         pop = self._inflight.pop
         # The common case first: handled on the first attempt, so ack.
         for token, seconds in zip(completion.succeeded, completion.seconds, strict=True):
             entry = pop(token)
-            if entry is not None:
-                tally = self._tallies[entry.subscription.name]
-                tally.counts["processed"] += 1
-                tally.observe(seconds)
+            if entry is None:
+                continue
+            tally = self._tallies[entry.subscription.name]
+            tally.counts["processed"] += 1
+            tally.observe(seconds)
+            if entry.recovered:
+                self._recovered_done(entry, ACK, None, actions)
+            else:
                 actions.append(Order(entry.msg, ACK))
+            if entry.delivery.aggregate_id is not None:
+                self._resolve(entry, freed)
         for outcome in completion.others:
             entry = pop(outcome.token)
-            if entry is not None:
-                actions.append(self._decide(entry, outcome))
+            if entry is None:
+                continue
+            if outcome.kind == DEFERRED:
+                self._hold_again(entry)
+                continue
+            order = self._decide(entry, outcome)
+            key = entry.delivery.aggregate_id
+            redelivered = order.action in (NAK,) or (entry.recovered and order.action != ACK)
+            if entry.recovered:
+                self._recovered_done(entry, order.action, order.delay, actions)
+            else:
+                actions.append(order)
+            if key is None:
+                continue
+            if redelivered:
+                # Due to come back: newer messages of its key wait for it.
+                self._orders[entry.subscription.name].wait(key, entry.delivery.stream_sequence)
+            else:
+                self._resolve(entry, freed)
         if actions and self._link is not None:
             self._link.settle(actions)
+        return freed
+
+    def _resolve(self, entry: InFlight, freed: list[Delivery]) -> None:
+        name, key = entry.subscription.name, entry.delivery.aggregate_id
+        self._orders[name].resolve(key, entry.delivery.stream_sequence)
+        self._release(name, key, freed)
+
+    def _release(self, subscription: str, key: str, freed: list[Delivery]) -> None:
+        """Add the held deliveries of ``key`` that nothing older waits for any more to ``freed``."""
+        for delivery in self._orders[subscription].released(key):
+            entry = self._inflight.pop(delivery.token)
+            if entry is not None:
+                # A new token: members drop tokens at or below the last they saw, and
+                # newer messages have been dispatched while this one was held.
+                entry.delivery = delivery._replace(token=self._inflight.add(entry))
+                entry.held = False
+                freed.append(entry.delivery)
+
+    def _hold_again(self, entry: InFlight) -> None:
+        """The pool deferred it behind an older failure of its key: hold it (in flight again)."""
+        delivery = entry.delivery._replace(token=self._inflight.add(entry))
+        entry.delivery, entry.held = delivery, True
+        self._orders[entry.subscription.name].hold(delivery.aggregate_id, delivery.stream_sequence,
+                                                  delivery)
+
+    def _recovered_done(self, entry: InFlight, action: Action, delay: float | None,
+                        actions: list[Order]) -> None:
+        """A recovered message was handled: its redeliveries are settled by how it went."""
+        recovered = self._recovered[entry.subscription.name]
+        sequence = entry.delivery.stream_sequence
+        done = action == ACK
+        if done:
+            # Its redelivery is acked without handling (unless it came already).
+            recovered[sequence] = time.monotonic()
+        else:
+            recovered.pop(sequence, None)   # its redelivery is handled as any other
+        for msg in entry.attached or ():
+            if done:
+                recovered.pop(sequence, None)
+                self._tallies[entry.subscription.name].counts["duplicates_skipped"] += 1
+                actions.append(Order(msg, ACK))
+            else:
+                actions.append(Order(msg, NAK, delay))
 
     def _decide(self, entry: InFlight, outcome: Outcome) -> Order:
         sub, delivery = entry.subscription, entry.delivery
@@ -312,10 +472,20 @@ class Bridge(BusActor):
                                 outcome.error)
         return Order(entry.msg, decision.action, decision.delay)
 
+    def _held(self) -> int:
+        return sum(order.held for order in self._orders.values())
+
+    def _report_held(self) -> None:
+        held = self._held()
+        if held != self._last_held and self._link is not None:
+            self._last_held = held
+            self._link.set_held(held)
+
     def _returned(self, message: PoisonMessage) -> None:
         returned = message.poisonMessage
         if isinstance(returned, Dispatch):
-            self._complete(returned.undelivered(f"the Router failed: {message.details}"))
+            self._handle_now(self._complete(
+                returned.undelivered(f"the Router failed: {message.details}")))
 
     # ------------------------------------------------------------ stats, stop
     def _stats(self) -> dict[str, int]:
@@ -327,13 +497,18 @@ class Bridge(BusActor):
         if self._link is not None:
             counts.update(self._link.counts())
         counts["in_flight"] = len(self._inflight)
+        counts["held"] = self._held()
         return counts
+
+    def _busy(self) -> int:
+        """Messages in flight that a completion is still due for (held ones are not)."""
+        return len(self._inflight) - self._held()
 
     def _resend_to(self, router) -> None:
         # The old pool's work is lost with it: send everything in flight to the
         # new Router, in the order it was fetched, numbered from 1 again.
         self._router = router
-        deliveries = [e.delivery for e in self._inflight.entries()]
+        deliveries = [e.delivery for e in self._inflight.entries() if not e.held]
         self._dispatches = self._routed = 0
         log.warning("the Router was restarted; re-sending %d message(s) in flight", len(deliveries))
         self._unsent = deliveries
@@ -343,12 +518,30 @@ class Bridge(BusActor):
         # Handlers still running past half their AckWait: keep JetStream from redelivering.
         if self._link is None:
             return
-        due = self._inflight.due_for_progress(time.monotonic())
+        now = time.monotonic()
+        due = self._inflight.due_for_progress(now)
         if due and self._phase is not BridgePhase.HALTED:
-            self._link.touch([entry.msg for entry in due])
+            # A recovered message has no delivery of its own: its redeliveries are kept alive.
+            msgs = [msg for entry in due
+                    for msg in ((entry.attached or ()) if entry.recovered else (entry.msg,))]
+            if msgs:
+                self._link.touch(msgs)
+        self._forget_recovered(now)
         # Not held back for long, whatever the Router last said.
         self._dispatch(even_if_behind=True)
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
+
+    def _forget_recovered(self, now: float) -> None:
+        # A redelivery comes within an AckWait of the first delivery: one that has not
+        # come by now never will (the message was acked after all).
+        for name, recovered in self._recovered.items():
+            if not recovered:
+                continue
+            horizon = 2 * self._subscriptions[name].ack_wait + RECOVERED_RECORD_GRACE
+            stale = [seq for seq, state in recovered.items()
+                     if not isinstance(state, InFlight) and now - state > horizon]
+            for seq in stale:
+                del recovered[seq]
 
     def _halt(self, reason: str) -> None:
         log.error("halted: %s; %d message(s) in flight stay un-acked", reason, len(self._inflight))
@@ -367,9 +560,9 @@ class Bridge(BusActor):
         self._dispatch(even_if_behind=True)   # fetched before the stop: let it complete
         if self._link is not None:
             self._link.stop_fetching()
-        if len(self._inflight) and not halted:
+        if self._busy() and not halted:
             log.info("draining %d message(s) in flight, for up to %.1fs",
-                     len(self._inflight), message.timeout)
+                     self._busy(), message.timeout)
             self.wakeupAfter(message.timeout, payload=DrainDeadline())
         else:
             self._finish_drain()

@@ -16,6 +16,13 @@ class InFlight:
     # Its Delivery (set once the token is known): what is dispatched, and
     # re-sent after a Router restart; it holds the delivery count and sequence.
     delivery: Any = None
+    #: Held back for per-key order (see :mod:`actorbus.bridge.ordering`), not dispatched.
+    held: bool = False
+    #: Read back from the stream by recovery: there is nothing to ack for it itself.
+    recovered: bool = False
+    #: Redeliveries of a recovered message that arrived while it was being handled:
+    #: settled by its outcome.
+    attached: list[Any] | None = None
 
 
 class InFlightTable:
@@ -30,6 +37,10 @@ class InFlightTable:
         token = next(self._tokens)
         self._entries[token] = entry
         return token
+
+    def get(self, token: int) -> InFlight | None:
+        """The entry of ``token``, or None if it was already settled."""
+        return self._entries.get(token)
 
     def pop(self, token: int) -> InFlight | None:
         """Remove and return the entry, or None if it was already settled."""

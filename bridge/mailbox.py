@@ -9,7 +9,16 @@ from __future__ import annotations
 import socket
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Arrival(NamedTuple):
+    """What the NATS thread leaves for the Bridge: messages of one subscription that came
+    together, either delivered by its consumer or (``recovered``) read back from the stream."""
+
+    subscription: str
+    messages: list[Any]
+    recovered: bool = False
 
 
 class Mailbox:

@@ -21,8 +21,9 @@ from actorbus.bridge.connection import connect_options
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.layout import ConsumerLayout, SingleDurable
 from actorbus.bridge.loop_thread import LoopThread
-from actorbus.bridge.mailbox import Mailbox
+from actorbus.bridge.mailbox import Arrival, Mailbox
 from actorbus.bridge.pull import PullConsumer
+from actorbus.bridge.recovery import read_gap
 from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK, TERM, Order
 from actorbus.config import BusConfig, SubscriptionConfig
 
@@ -50,6 +51,7 @@ class NatsLink:
         self._settling: set[asyncio.Task] = set()
         self._closing = False
         self._outstanding = 0
+        self._held = 0   # of the outstanding, held back by the Bridge for per-key order
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
 
@@ -75,6 +77,18 @@ class NatsLink:
     def touch(self, msgs: list[Any]) -> None:
         """Tell JetStream these messages are still being worked on (``in_progress``)."""
         self._thread.call_soon(self._track, self._touch, msgs)
+
+    def set_held(self, held: int) -> None:
+        """How many delivered messages the Bridge holds back for per-key order.
+
+        They stay un-acked until an older message of their key comes back,
+        and that message must still be fetched: held messages do not use up
+        the window (up to one window's worth of them).
+        """
+        self._thread.call_soon(self._set_held, held)
+
+    def _set_held(self, held: int) -> None:
+        self._held = held
 
     def counts(self) -> dict[str, int]:
         """Done so far: acked, naked, termed, dead_lettered, in_progress, settle_errors."""
@@ -108,15 +122,37 @@ class NatsLink:
         for spec in self._layout.consumers(sub):
             await ensure_consumer(self._js, sub, spec)
             consumer = PullConsumer(self._nc, sub, spec, self._arrived, self._schedule_top_up)
+            consumer.recovering = True
             await consumer.start()
             self._consumers[spec.durable] = consumer
+            await self._recover(consumer)
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick(), name="pull-requests")
         await self._top_up()
 
     def _arrived(self, sub: SubscriptionConfig, msgs: list[Any]) -> None:
         self._outstanding += len(msgs)
-        self._mailbox.put((sub.name, msgs))
+        self._mailbox.put(Arrival(sub.name, msgs))
+
+    async def _recover(self, consumer: PullConsumer) -> None:
+        """Hand over the consumer's un-acked gap, read from the stream, before anything it delivers."""
+        spec = consumer.consumer
+        try:
+            gap = await read_gap(self._js, spec)
+        except Exception as exc:
+            log.warning("could not read the un-acked messages of %s back from stream %s (%s: %s); "
+                        "per-key order is not guaranteed for their redeliveries", spec.durable,
+                        spec.stream, type(exc).__name__, exc)
+        else:
+            if gap.messages:
+                log.info("recovering %d message(s) of durable %s between its ack floor %d and its "
+                         "delivered sequence %d (read in %.3fs)", len(gap.messages), spec.durable,
+                         gap.ack_floor, gap.delivered, gap.seconds)
+                with self._counts_lock:
+                    self._counts["recovered"] += len(gap.messages)
+                    self._counts["recoveries"] += 1
+                self._mailbox.put(Arrival(consumer.subscription, gap.messages, recovered=True))
+        consumer.resume()
 
     def _schedule_top_up(self) -> None:
         self._track(lambda _: self._top_up(), None)
@@ -125,9 +161,12 @@ class NatsLink:
         """Keep each consumer's requests topped up, within what the window leaves."""
         if self._closing or not self._consumers or self._nc.is_closed:
             return
-        room = self._window - self._outstanding - sum(c.pending for c in self._consumers.values())
+        room = self._window - self._outstanding + min(self._held, self._window) - \
+            sum(c.pending for c in self._consumers.values())
         share = max(1, self._window // len(self._consumers))
         for consumer in list(self._consumers.values()):
+            if consumer.recovering:
+                continue
             limit = max(1, min(consumer.batch_size, share))
             wanted = min(limit - consumer.pending, room)
             # Ask in runs of at least half the limit: fewer, larger requests.
@@ -245,7 +284,12 @@ class NatsLink:
         url = self._nc.connected_url if self._nc else None
         # Host and port only: the URL's user info may hold a password.
         log.warning("reconnected to NATS at %s", f"{url.hostname}:{url.port}" if url else "?")
-        # A restarted server has forgotten the waiting requests: ask afresh.
-        for consumer in self._consumers.values():
+        # A restarted server has forgotten the waiting requests: ask afresh, once what the
+        # cut connection left un-acked has been read back (its acks may have been lost).
+        consumers = list(self._consumers.values())
+        for consumer in consumers:
             consumer.forget()
+            consumer.recovering = True
+        for consumer in consumers:
+            await self._recover(consumer)
         await self._top_up()

@@ -71,7 +71,10 @@ class PullConsumer:
         self._requests: collections.deque[_Request] = collections.deque()
         self._numbers = 0
         self._arrived: list[Any] = []
+        self._deferred: list[Any] = []
         self.requested = 0  # asked for, neither arrived nor ended
+        #: While True no request is made and arrivals are kept back (see :meth:`resume`).
+        self.recovering = False
 
     @property
     def name(self) -> str:
@@ -79,9 +82,14 @@ class PullConsumer:
         return self.consumer.durable
 
     @property
+    def subscription(self) -> str:
+        """The name of the subscription it serves."""
+        return self._sub.name
+
+    @property
     def pending(self) -> int:
         """Messages asked for and not yet handed over: requested, or arrived and about to go."""
-        return self.requested + len(self._arrived)
+        return self.requested + len(self._arrived) + len(self._deferred)
 
     @property
     def batch_size(self) -> int:
@@ -139,8 +147,18 @@ class PullConsumer:
 
     def _hand_over(self) -> None:
         arrived, self._arrived = self._arrived, []
-        if arrived:
+        if self.recovering:
+            # Kept back: what recovery reads must reach the Bridge first.
+            self._deferred.extend(arrived)
+        elif arrived:
             self._on_messages(self._sub, arrived)
+
+    def resume(self) -> None:
+        """Recovery is over: hand over what arrived meanwhile, and let requests be made."""
+        self.recovering = False
+        deferred, self._deferred = self._deferred, []
+        if deferred:
+            self._on_messages(self._sub, deferred)
 
     def _status(self, msg: Any, code: str, description: str) -> None:
         if code == StatusCode.CONTROL_MESSAGE:  # the server's idle heartbeat

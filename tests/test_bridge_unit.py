@@ -16,10 +16,12 @@ import pytest
 from thespian.actors import Actor, ActorSystem
 
 from actorbus import Envelope
-from actorbus.actors.messages import (FAILED, SUCCEEDED, BridgeReady, BusStopped, Completion,
+from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, BridgeReady, BusStopped, Completion,
                                       Dispatch, Halt, Outcome, StartBridge, StopBus, Subscribe,
                                       Subscribed)
 from actorbus.bridge.actor import Bridge
+from actorbus.bridge.mailbox import Arrival
+from actorbus.bridge.recovery import RecoveredMsg
 from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK
 from actorbus.config import BusConfig, SubscriptionConfig
 
@@ -43,6 +45,7 @@ class FakeLink:
     settled: list[Any] = field(default_factory=list)
     fetching: bool = True
     closed: bool = False
+    held: int = 0
 
     def attach(self, config: BusConfig, mailbox: Any) -> "FakeLink":
         self.mailbox = mailbox
@@ -63,6 +66,9 @@ class FakeLink:
     def counts(self) -> dict[str, int]:
         return {}
 
+    def set_held(self, held: int) -> None:
+        self.held = held
+
     def stop_fetching(self) -> None:
         self.fetching = False
 
@@ -71,7 +77,10 @@ class FakeLink:
 
     # ------------------------------------------------------------ the test plays JetStream
     def deliver(self, sub: str, *msgs: FakeMsg) -> None:
-        self.mailbox.put((sub, list(msgs)))
+        self.mailbox.put(Arrival(sub, list(msgs)))
+
+    def recover(self, sub: str, *msgs: RecoveredMsg) -> None:
+        self.mailbox.put(Arrival(sub, list(msgs), recovered=True))
 
     def actions(self) -> list[tuple[str, Any]]:
         return [(order.msg.subject, order.action) for order in self.settled]
@@ -205,3 +214,71 @@ def test_a_halted_bridge_settles_nothing_more(bridge):
     system.tell(actor, Completion.of([Outcome(delivery.token, SUCCEEDED)]))
     system.listen(0.02)
     assert link.settled == [] and not link.fetching
+
+
+# ---------------------------------------------------------------- per-key order under redelivery
+def stats_of(system, actor) -> dict:
+    from actorbus.actors.messages import Stats, StatsRequest
+    reply = system.ask(actor, StatsRequest(99), 5)
+    assert isinstance(reply, Stats)
+    return {**reply.counts, **{k: v for t in reply.by_subscription.values()
+                               for k, v in t["counts"].items()}}
+
+
+def test_a_naked_message_holds_back_newer_ones_of_its_key_until_it_comes_back(bridge):
+    system, actor, router, link = bridge
+    link.deliver("orders", msg("orders.a", envelope("a", b"1"), 1), msg("orders.a", envelope("a", b"2"), 2))
+    first, second = dispatched(system, router, 2)
+    # The member failed seq 1 and deferred seq 2 behind it.
+    system.tell(actor, Completion.of([Outcome(first.token, FAILED, "boom"),
+                                      Outcome(second.token, DEFERRED, "waits")]))
+    system.listen(0.02)
+    assert link.actions() == [("orders.a", NAK)]
+    # Newer messages of that key wait too; another key goes ahead.
+    link.deliver("orders", msg("orders.a", envelope("a", b"3"), 3), msg("orders.b", envelope("b", b"4"), 4))
+    assert [d.stream_sequence for d in dispatched(system, router, 3)][2:] == [4]
+    stats = stats_of(system, actor)
+    assert stats["held"] == 2 and stats["held_for_order"] == 1 and link.held == 2
+    # Seq 1 comes back: it goes first, then what waited for it, in stream order, under new tokens.
+    link.deliver("orders", msg("orders.a", envelope("a", b"1"), 1, delivered=2))
+    later = dispatched(system, router, 6)[3:]
+    assert [d.stream_sequence for d in later] == [1, 2, 3]
+    assert later[1].token != second.token
+    assert stats_of(system, actor)["held"] == 0 and link.held == 0
+
+
+def test_recovered_messages_go_first_and_their_redeliveries_are_acked_without_handling(bridge):
+    system, actor, router, link = bridge
+    link.recover("orders", RecoveredMsg("orders.a", envelope("a", b"1"), None, 1),
+                 RecoveredMsg("orders.k", b"keyless bytes are not recovered", None, 2),
+                 RecoveredMsg("orders.a", envelope("a", b"3"), None, 3))
+    link.deliver("orders", msg("orders.a", envelope("a", b"4"), 4))
+    deliveries = dispatched(system, router, 3)
+    assert [(d.stream_sequence, d.delivery_count) for d in deliveries] == [(1, 2), (3, 2), (4, 1)]
+    one, three, four = deliveries
+    # Seq 3's redelivery arrives while its recovered copy is being handled: settled by it.
+    link.deliver("orders", msg("orders.a", envelope("a", b"3"), 3, delivered=2))
+    system.listen(0.02)
+    system.tell(actor, Completion.of([Outcome(t, SUCCEEDED) for t in (one.token, three.token, four.token)]))
+    system.listen(0.02)
+    assert link.actions() == [("orders.a", ACK), ("orders.a", ACK)]   # seq 3's redelivery, seq 4
+    # Seq 1's redelivery comes later: acked, not handled again.
+    link.deliver("orders", msg("orders.a", envelope("a", b"1"), 1, delivered=2))
+    system.listen(0.02)
+    assert len(dispatched(system, router, 3)) == 3
+    assert [order.msg.reply.split(".")[5] for order in link.settled] == ["3", "4", "1"]
+    assert stats_of(system, actor)["duplicates_skipped"] == 2
+
+
+def test_a_recovered_message_that_fails_is_handled_again_on_its_redelivery(bridge):
+    system, actor, router, link = bridge
+    link.recover("orders", RecoveredMsg("orders.a", envelope("a", b"1"), None, 1))
+    (recovered,) = dispatched(system, router, 1)
+    system.tell(actor, Completion.of([Outcome(recovered.token, FAILED, "boom")]))
+    system.listen(0.02)
+    assert link.settled == []   # nothing to settle: the durable still owes its redelivery
+    link.deliver("orders", msg("orders.a", envelope("a", b"2"), 2))
+    system.listen(0.02)
+    assert len(dispatched(system, router, 1)) == 1   # seq 2 waits for seq 1
+    link.deliver("orders", msg("orders.a", envelope("a", b"1"), 1, delivered=2))
+    assert [d.stream_sequence for d in dispatched(system, router, 3)] == [1, 1, 2]
