@@ -259,7 +259,7 @@ class Bridge(BusActor):
                     continue
             else:
                 aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
-                                                    use_subject=sub.key_from_subject)
+                                                    key_from_subject=sub.key_from_subject)
             keyless_slot = None
             routing_key = aggregate_id
             if aggregate_id is None:
