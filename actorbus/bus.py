@@ -21,8 +21,8 @@ log = logging.getLogger("actorbus.bus")
 
 #: The counters ``stats()`` always has.
 STAT_KEYS = ("received", "processed", "failed", "acked", "naked", "dead_lettered", "restarts",
-             "in_flight", "redelivered", "retried", "undelivered", "invalid", "termed",
-             "settle_errors", "in_progress", "restarts_bridge", "restarts_router", "restarts_pool")
+             "in_flight", "redelivered", "retried", "undelivered", "invalid", "invalid_keys",
+             "termed", "settle_errors", "in_progress", "restarts_bridge", "restarts_router", "restarts_pool")
 
 
 class BusError(RuntimeError):
@@ -121,7 +121,8 @@ class EventBus:
     def stats(self) -> dict[str, Any]:
         """Counters: received, processed, failed, acked, naked, dead_lettered, restarts,
         in_flight; also redelivered (delivery count > 1), retried (in-place retries),
-        undelivered (never reached a handler), invalid (rejected envelopes), termed,
+        undelivered (never reached a handler), invalid (rejected envelopes), invalid_keys
+        (an aggregate-id header that is not a valid id: the message went round-robin), termed,
         settle_errors (acks/naks that did not reach the server), in_progress
         (signals sent for long-running handlers); ``restarts`` split by level as
         restarts_bridge, restarts_router, restarts_pool; ``actors``, each

@@ -25,7 +25,7 @@ from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeRead
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
-from actorbus.bridge.extraction import extract_aggregate_id
+from actorbus.bridge.extraction import extract_aggregate_id, invalid_id_header
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.mailbox import Mailbox
 from actorbus.bridge.metadata import delivery_numbers
@@ -57,6 +57,10 @@ INCARNATION_SHIFT = 40
 CLOSE_TIMEOUT = 5.0
 #: The same when the actor system ends the Bridge (no drain was asked for).
 EXIT_CLOSE_TIMEOUT = 2.0
+
+#: Seconds between two warnings about invalid aggregate-id headers on one subscription:
+#: a publisher that gets the header wrong gets it wrong on every message.
+INVALID_KEY_WARNING_INTERVAL = 60.0
 
 _OUTCOME_COUNTERS = {SUCCEEDED: "processed", FAILED: "failed", UNDELIVERED: "undelivered"}
 
@@ -96,6 +100,7 @@ class Bridge(BusActor):
         self._routed = 0          # how many of them it has routed, as last heard
         self._unsent: list[Delivery] = []
         self._drain: tuple[int, Any] | None = None   # (request id, who asked) while DRAINING
+        self._invalid_key_warned: dict[str, float] = {}   # subscription → last warning (monotonic)
 
     def watch(self) -> ThespianWatch | None:
         """The mailbox's descriptor while connected (multiprocTCPBase)."""
@@ -260,6 +265,8 @@ class Bridge(BusActor):
             else:
                 aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
                                                     key_from_subject=sub.key_from_subject)
+                if aggregate_id is None and msg.headers:
+                    self._note_invalid_key(sub, msg, tally, now)
             keyless_slot = None
             routing_key = aggregate_id
             if aggregate_id is None:
@@ -270,6 +277,20 @@ class Bridge(BusActor):
                 self._inflight.add(entry), sub.name, msg.subject, msg.data, msg.headers,
                 routing_key, aggregate_id, keyless_slot, delivery_count, stream_sequence)
             deliveries.append(delivery)
+
+    def _note_invalid_key(self, sub: SubscriptionConfig, msg, tally, now: float) -> None:
+        """Count a message whose aggregate-id header is not a valid id; warn now and then."""
+        bad = invalid_id_header(msg.headers)
+        if bad is None:
+            return
+        tally["invalid_keys"] += 1
+        last = self._invalid_key_warned.get(sub.name)
+        if last is None or now - last >= INVALID_KEY_WARNING_INTERVAL:
+            self._invalid_key_warned[sub.name] = now
+            log.warning("invalid aggregate id in header %s=%r on %s (subscription %s): not a valid "
+                        "id (1-256 bytes of [A-Za-z0-9:_-./]); the message goes round-robin as a "
+                        "keyless one (warned at most once a minute per subscription, counted in "
+                        "stats()['invalid_keys'])", bad[0], bad[1], msg.subject, sub.name)
 
     def _complete(self, completion: Completion) -> None:
         if self._phase is BridgePhase.HALTED:

@@ -186,3 +186,23 @@ def test_slow_handler_backpressure_keeps_memory_flat_and_loses_nothing(make_bus,
     print(f"process-tree RSS over {total} messages: {early / 2**20:.1f} MiB at most in the first "
           f"quarter, {late / 2**20:.1f} MiB at most in the last ({len(samples)} samples)")
     assert late <= early * 1.15, (early, late)
+
+
+def test_an_invalid_id_header_is_counted_and_warned_once_per_minute(make_bus, records, log_file):
+    bus = make_bus(pool_size=2)
+    bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
+    for n in range(3):
+        bus.publish("metrics.cpu", str(n).encode(), headers={"X-Aggregate-ID": "host 1; drop"})
+    bus.publish("metrics.cpu", b"ok", headers={"X-Aggregate-ID": "host-2"})
+    bus.publish("metrics.cpu", b"none")
+
+    stats = wait_for_stats(bus, "acked", 5)
+
+    assert stats["invalid_keys"] == 3
+    assert stats["subscriptions"]["metrics"]["counts"]["invalid_keys"] == 3
+    warnings = wait_for(lambda: [line for line in log_file.read_text().splitlines()
+                                 if "invalid aggregate id in header" in line],
+                        what="the invalid-key warning")
+    assert len(warnings) == 1, warnings
+    assert "X-Aggregate-ID='host 1; drop'" in warnings[0]
+    assert "metrics.cpu" in warnings[0] and "round-robin" in warnings[0]
