@@ -147,6 +147,30 @@ def test_plain_failure_is_acked_once_and_never_redelivered(make_bus, records, lo
     assert "Regular message processing failed, marking as processed: subject=metrics.cpu" in log
 
 
+def test_plain_handler_runs_once_by_default_and_retries_only_when_asked(make_bus, records,
+                                                                      log_file, nats_server):
+    # No ``retries`` given: at-most-once means the handler runs exactly once.
+    bus = make_bus(pool_size=2)
+    bus.subscribe("metrics.>", handlers.always_fail, envelope=False, durable="metrics")
+    bus.subscribe("jobs.>", handlers.always_fail, envelope=False, durable="jobs", retries=2,
+                  retry_backoff=0.001)
+    bus.publish("metrics.cpu", b"1")
+    bus.publish("jobs.run", b"2")
+
+    stats = wait_for_stats(bus, "acked", 2)
+
+    assert stats["failed"] == 2 and stats["naked"] == 0 and stats["retried"] == 2
+    wait_for(lambda: consumer_info(nats_server.url, "METRICS", "metrics").num_ack_pending == 0,
+             what="the ack on the server")
+    runs = Counter(r.subject for r in read_records(records))
+    assert runs == {"metrics.cpu": 1, "jobs.run": 3}
+    assert {r.attempt for r in read_records(records) if r.subject == "jobs.run"} == {1, 2, 3}
+    log = wait_for(lambda: log_file.exists() and log_file.read_text().count(
+        "Regular message processing failed, marking as processed") == 2 and log_file.read_text(),
+        what="both warnings")
+    assert "Regular message processing failed, marking as processed: subject=metrics.cpu" in log
+
+
 def test_storage_type_follows_the_kind_unless_set(make_bus, nats_server):
     bus = make_bus(pool_size=1)
     bus.subscribe("orders.>", handlers.record, envelope=True, durable="orders")
