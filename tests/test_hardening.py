@@ -112,6 +112,22 @@ def test_existing_stream_with_conflicting_settings_is_refused(make_bus, nats_ser
         bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
 
 
+def test_a_durable_is_never_silently_refiltered(make_bus, nats_server):
+    first = make_bus(pool_size=1)
+    first.subscribe("bank.>", handlers.record, durable="x", stream="BANK")
+    first.stop()
+
+    second = make_bus(pool_size=1)
+    with pytest.raises(BusError) as refused:
+        second.subscribe("bank.withdrawals", handlers.record, durable="x", stream="BANK")
+
+    message = str(refused.value)
+    assert "'x'" in message and "'bank.>'" in message and "'bank.withdrawals'" in message
+    assert "nats consumer rm BANK x" in message and "another durable name" in message
+    config = consumer_info(nats_server.url, "BANK", "x").config
+    assert config.filter_subject == "bank.>" and not config.filter_subjects
+
+
 def test_publishing_an_envelope_twice_stores_it_once(make_bus, nats_server):
     bus = make_bus(pool_size=1)
     bus.subscribe("orders.>", handlers.record, durable="orders")
