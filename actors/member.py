@@ -5,8 +5,9 @@ import logging
 import os
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (Completion, Dispatch, MemberReady, RegisterHandler,
-                                      StartMember)
+from actorbus.actors.handlers import HandlerError
+from actorbus.actors.messages import (Completion, Dispatch, HandlerRegistered, MemberReady,
+                                      RegisterHandler, StartMember)
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.watchdog import Watchdog
 
@@ -34,6 +35,13 @@ class PoolMember(BusActor):
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
         self._table.register(message.subscription)
+        error = None
+        try:
+            self._table.resolve(message.subscription.name)
+        except HandlerError as exc:
+            error = f"pool member {self._index} (pid {os.getpid()}): {exc}"
+            log.error("subscription %s: %s", message.subscription.name, error)
+        self.send(sender, HandlerRegistered(message.request_id, error, self._index))
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
         # The transport may hand dispatches over out of order: handle them in the Router's.

@@ -290,9 +290,17 @@ class RegisterHandler:
 
 @dataclass(frozen=True, slots=True)
 class HandlerRegistered:
-    """Router → Supervisor: every pool member has the handler."""
+    """Pool member → Router → Supervisor: the handler is resolved where it will run.
+
+    A member answers once it has imported the handler; the Router answers
+    the Supervisor once every member has. ``error`` is set when a member
+    could not import it (the module is on the host's ``sys.path`` only, or
+    raises on import): the subscription is refused before anything is fetched.
+    """
 
     request_id: int
+    error: str | None = None
+    member: int = -1
 
 
 @dataclass(frozen=True, slots=True)

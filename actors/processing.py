@@ -43,6 +43,14 @@ class HandlerTable:
         self._subscriptions[subscription.name] = subscription
         self._handlers.pop(subscription.name, None)
 
+    def resolve(self, name: str) -> None:
+        """Import the handler of subscription ``name`` now; raise :class:`HandlerError` if it fails.
+
+        Called when a subscription is registered, so that a handler that does
+        not import here fails ``subscribe`` instead of every delivery.
+        """
+        self._handler(self._subscriptions[name])
+
     def process(self, deliveries: Iterable[Delivery]) -> tuple[Outcome, ...]:
         """Handle ``deliveries`` strictly in order; one outcome each."""
         return tuple(self.process_one(delivery) for delivery in deliveries)

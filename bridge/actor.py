@@ -22,6 +22,7 @@ from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, BridgeRead
                                       Outcome, PollMailbox, ProgressTick, RequestFailed,
                                       RouterChanged, StartBridge, Stats, StatsRequest, StopBus,
                                       Subscribe, Subscribed)
+from actorbus.actors.handlers import HandlerError
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
@@ -189,6 +190,14 @@ class Bridge(BusActor):
             return
         if self._direct is not None:
             self._direct.register(sub)
+            try:   # here the Bridge is the pool: a handler it cannot import fails subscribe
+                self._direct.resolve(sub.name)
+            except HandlerError as exc:
+                log.error("subscribing %s: %s", sub.subject, exc)
+                self.send(sender, RequestFailed(
+                    message.request_id, f"the Bridge (pid {os.getpid()}) cannot run handler "
+                                        f"{sub.handler}: {exc}"))
+                return
         self._subscriptions[sub.name] = sub
         self._tallies.setdefault(sub.name, SubscriptionTally("envelope" if sub.envelope else "plain"))
         try:

@@ -309,3 +309,27 @@ def test_stateful_aggregates_keep_state_per_id_across_interleaving(make_bus, rec
     # Counter keeps two instances per actor: ids come and go (passivate, then
     # __init__ restores the count), and every id still counts 1..8 on its own.
     assert counts == {f"agg-{a}": [f"count={n}" for n in range(1, 9)] for a in range(5)}
+
+
+@pytest.mark.parametrize("pool_size", [2, 0])
+def test_a_handler_the_pool_cannot_import_fails_subscribe(make_bus, tmp_path, monkeypatch,
+                                                          nats_server, pool_size):
+    bus = make_bus(pool_size=pool_size)
+    # Only on the host's sys.path, and only after the actor processes started.
+    # A name of its own per run: the actor processes fork from this one, and would
+    # inherit a module an earlier run imported here.
+    module = f"host_only_handlers_{pool_size}"
+    host_only = tmp_path / "host_only"
+    host_only.mkdir()
+    (host_only / f"{module}.py").write_text("def handle(msg):\n    pass\n")
+    monkeypatch.syspath_prepend(str(host_only))
+
+    with pytest.raises(BusError) as refused:
+        bus.subscribe("metrics.>", f"{module}:handle", envelope=False, durable="metrics")
+
+    message = str(refused.value)
+    assert f"{module}:handle" in message and f"No module named '{module}'" in message
+    # Refused before anything was fetched: no consumer was made.
+    with pytest.raises(Exception, match="consumer not found|stream not found"):
+        consumer_info(nats_server.url, "METRICS", "metrics")
+    assert bus.stats()["received"] == 0
