@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from actorbus.actors.base import BusActor
 from actorbus.actors.handlers import HandlerError
@@ -12,6 +13,11 @@ from actorbus.actors.processing import HandlerTable
 from actorbus.actors.watchdog import Watchdog
 
 log = logging.getLogger("actorbus.actors")
+
+#: Seconds of handler time after which a member reports what it has finished of a
+#: dispatch, so a slow handler does not hold back the acks of the deliveries before
+#: it. With fast handlers a dispatch is still answered by one Completion.
+REPORT_INTERVAL = 0.05
 
 
 class PoolMember(BusActor):
@@ -57,8 +63,16 @@ class PoolMember(BusActor):
                         self._index, len(message.deliveries) - len(fresh))
         if fresh:
             self._last_token = fresh[-1].token
+        done = []
+        reported_at = time.monotonic()
+        for position, delivery in enumerate(fresh):
+            done.append(self._table.process_one(delivery))
+            if position + 1 < len(fresh) and time.monotonic() - reported_at >= REPORT_INTERVAL:
+                self.send(sender, Completion.of(done, self._index, final=False))
+                done = []
+                reported_at = time.monotonic()
         # Answered even when empty: the Router counts the dispatch outstanding until it is.
-        self.send(sender, Completion.of(self._table.process(fresh), self._index))
+        self.send(sender, Completion.of(done, self._index))
 
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:
         self._table.close()

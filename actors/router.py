@@ -212,8 +212,9 @@ class Router(BusActor):
                     resends.pop(token, None)
             if member.suspects:
                 member.suspects.difference_update(message.tokens())
-            member.outstanding = max(0, member.outstanding - 1)
-            self._send_next(member)
+            if message.final:   # a partial report settles messages, not the dispatch
+                member.outstanding = max(0, member.outstanding - 1)
+                self._send_next(member)
         depths = tuple(len(m.held) for m in self._members)
         self.send(self._bridge, dataclasses.replace(message, queue_depths=depths,
                                                     routed=self._next_sequence - 1))

@@ -1,6 +1,7 @@
 """The delivery contract end to end: multiprocTCPBase actors and a real nats-server."""
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 
 import pytest
@@ -9,7 +10,7 @@ from actorbus import BusError, Envelope, EventBus
 from actorbus.actors.handlers import HandlerError
 from actorbus.ports import free_port
 from tests import handlers
-from tests.support import (consumer_info, read_records, stream_info, wait_for, wait_for_stats)
+from tests.support import (consumer_info, create_stream, read_records, stream_info, wait_for, wait_for_stats)
 
 pytestmark = pytest.mark.integration
 
@@ -94,6 +95,26 @@ def test_ack_waits_for_the_handler_to_finish(make_bus, records, nats_server):
     wait_for_stats(bus, "acked", 1)
     wait_for(lambda: consumer_info(nats_server.url, "ORDERS", "orders").num_ack_pending == 0,
              what="the server to see the ack")
+
+
+def test_a_slow_batch_is_acked_as_it_goes_not_at_its_end(make_bus, records, nats_server):
+    # Stored before subscribing: the ten reach the key's member in one dispatch.
+    create_stream(nats_server.url, "ORDERS", ["orders.>"], storage="file")
+    bus = make_bus(pool_size=2)
+    publish_envelopes(bus, "orders", aggregates=1, per_aggregate=10)
+    bus.subscribe("orders.>", handlers.slow_tenths, durable="orders")
+    started = time.monotonic()
+
+    stats = wait_for_stats(bus, "acked", 1, timeout=30)
+    first_ack = time.monotonic() - started
+
+    # 0.3 s a message: acked after its own handler, not after the whole batch's 3 s.
+    assert stats["in_flight"] >= 5, (first_ack, stats)
+    assert first_ack < 1.5, first_ack
+    stats = wait_for_stats(bus, "acked", 10, timeout=30)
+    assert stats["processed"] == 10
+    done = [int(r.data) for r in read_records(records)]
+    assert done == list(range(10))
 
 
 def test_envelope_failure_is_redelivered_until_it_succeeds(make_bus, records, log_file):
