@@ -100,13 +100,16 @@ class EventBus:
         return sub
 
     # ------------------------------------------------------------ publishing
-    def publish(self, subject: str, data: bytes, headers: Mapping[str, str] | None = None) -> int:
-        """Publish raw bytes to JetStream; return the stream sequence."""
+    def publish(self, subject: str, data: bytes,
+                headers: Mapping[str, str] | None = None) -> PublishResult:
+        """Publish raw bytes to JetStream; return its :class:`PublishResult` (``sequence``,
+        ``duplicate``, ``stream``). Raises :class:`PublishError`."""
         self._check_running()
         return self._publisher.publish(subject, data, headers)
 
-    def publish_envelope(self, subject: str, envelope: Envelope) -> int:
-        """Publish an envelope (with ``Nats-Msg-Id`` set to its event id); return the sequence."""
+    def publish_envelope(self, subject: str, envelope: Envelope) -> PublishResult:
+        """Publish an envelope (with ``Nats-Msg-Id`` set to its event id); return its
+        :class:`PublishResult`: ``duplicate`` is True when JetStream already had it."""
         self._check_running()
         return self._publisher.publish_envelope(subject, envelope)
 

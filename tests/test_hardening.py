@@ -23,7 +23,7 @@ def test_poison_envelope_is_dead_lettered_after_max_deliver(make_bus, records, n
     for n in range(5):
         bus.publish_envelope("orders.a", Envelope.create(f"good-{n}", "Happened", str(n).encode()))
     poison = Envelope.create("bad-1", "Happened", b"poison")
-    poison_seq = bus.publish_envelope("orders.bad", poison)
+    poison_seq = bus.publish_envelope("orders.bad", poison).sequence
     for n in range(5, 10):
         bus.publish_envelope("orders.a", Envelope.create(f"good-{n}", "Happened", str(n).encode()))
 
@@ -136,9 +136,23 @@ def test_publishing_an_envelope_twice_stores_it_once(make_bus, nats_server):
     again = bus.publish_envelope("orders.a", envelope)
     results = bus.publish_many([("orders.a", envelope), ("orders.a", Envelope.create("a", "T", b"1"))])
 
-    assert first == again
+    assert (first.ok, first.duplicate, first.stream) == (True, False, "ORDERS")
+    assert (again.duplicate, again.seq, again.stream) == (True, first.sequence, "ORDERS")
     assert [r.duplicate for r in results] == [True, False] and all(r.ok for r in results)
     assert stream_info(nats_server.url, "ORDERS").state.messages == 2
+
+
+def test_publish_tells_a_deduplicated_message_from_a_stored_one(make_bus):
+    bus = make_bus(pool_size=1)
+    bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
+    stored = bus.publish("metrics.cpu", b"1", headers={"Nats-Msg-Id": "m-1"})
+    again = bus.publish("metrics.cpu", b"1", headers={"Nats-Msg-Id": "m-1"})
+    many = bus.publish_many([("metrics.cpu", b"1", {"Nats-Msg-Id": "m-1"})])
+
+    assert (stored.sequence, stored.duplicate, stored.stream) == (1, False, "METRICS")
+    assert (again.sequence, again.duplicate, again.stream) == (1, True, "METRICS")
+    assert (many[0].seq, many[0].duplicate, many[0].stream) == (1, True, "METRICS")
+    assert type(stored) is type(many[0])
 
 
 def test_publish_failures_are_clear(make_bus):
