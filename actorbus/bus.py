@@ -21,8 +21,8 @@ log = logging.getLogger("actorbus.bus")
 
 #: The counters ``stats()`` always has.
 STAT_KEYS = ("received", "processed", "failed", "acked", "naked", "dead_lettered", "restarts",
-             "in_flight", "redelivered", "retried", "undelivered", "invalid", "termed",
-             "settle_errors", "in_progress", "restarts_bridge", "restarts_router", "restarts_pool")
+             "in_flight", "redelivered", "retried", "undelivered", "invalid", "invalid_keys",
+             "termed", "settle_errors", "in_progress", "restarts_bridge", "restarts_router", "restarts_pool")
 
 
 class BusError(RuntimeError):
@@ -100,13 +100,16 @@ class EventBus:
         return sub
 
     # ------------------------------------------------------------ publishing
-    def publish(self, subject: str, data: bytes, headers: Mapping[str, str] | None = None) -> int:
-        """Publish raw bytes to JetStream; return the stream sequence."""
+    def publish(self, subject: str, data: bytes,
+                headers: Mapping[str, str] | None = None) -> PublishResult:
+        """Publish raw bytes to JetStream; return its :class:`PublishResult` (``sequence``,
+        ``duplicate``, ``stream``). Raises :class:`PublishError`."""
         self._check_running()
         return self._publisher.publish(subject, data, headers)
 
-    def publish_envelope(self, subject: str, envelope: Envelope) -> int:
-        """Publish an envelope (with ``Nats-Msg-Id`` set to its event id); return the sequence."""
+    def publish_envelope(self, subject: str, envelope: Envelope) -> PublishResult:
+        """Publish an envelope (with ``Nats-Msg-Id`` set to its event id); return its
+        :class:`PublishResult`: ``duplicate`` is True when JetStream already had it."""
         self._check_running()
         return self._publisher.publish_envelope(subject, envelope)
 
@@ -121,7 +124,8 @@ class EventBus:
     def stats(self) -> dict[str, Any]:
         """Counters: received, processed, failed, acked, naked, dead_lettered, restarts,
         in_flight; also redelivered (delivery count > 1), retried (in-place retries),
-        undelivered (never reached a handler), invalid (rejected envelopes), termed,
+        undelivered (never reached a handler), invalid (rejected envelopes), invalid_keys
+        (an aggregate-id header that is not a valid id: the message went round-robin), termed,
         settle_errors (acks/naks that did not reach the server), in_progress
         (signals sent for long-running handlers); ``restarts`` split by level as
         restarts_bridge, restarts_router, restarts_pool; ``actors``, each

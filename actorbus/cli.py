@@ -70,10 +70,12 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Serve Prometheus metrics on this port while the demo runs.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Address the metrics endpoint listens on.")
+@click.option("--keep-files", is_flag=True,
+              help="Keep the demo's temporary folder (records and log) instead of removing it.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, keyless: int,
-         metrics_port: int | None, metrics_host: str, debug: bool) -> None:
+         metrics_port: int | None, metrics_host: str, keep_files: bool, debug: bool) -> None:
     """Run an embedded nats-server and a process pool, inject failures, check the results.
 
     Exits 0 when every envelope was handled in order per aggregate and
@@ -83,7 +85,7 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
         from actorbus.demo import run_demo
         return run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
                         keyless=keyless, console=Console(), metrics_port=metrics_port,
-                        metrics_host=metrics_host)
+                        metrics_host=metrics_host, keep_files=keep_files)
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 

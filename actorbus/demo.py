@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import signal
 import tempfile
 import time
 import zlib
@@ -36,6 +38,7 @@ from actorbus.envelope import Envelope
 from actorbus.bus import EventBus
 from actorbus.message import Message
 from actorbus.publisher import PublishError
+from actorbus.runtime import process_alive
 from actorbus.server import NatsServer
 
 #: Where the handlers write their records (set before the actor processes are forked).
@@ -51,6 +54,8 @@ METRICS_SUBJECT = "demo.metrics.cpu"
 PROCESSING_DEADLINE = 300.0
 #: Messages published per ``publish_many`` call (acknowledgements awaited together).
 _PUBLISH_CHUNK = 1000
+#: Seconds the demo lets in-flight messages finish when interrupted (and at its end).
+DRAIN_TIMEOUT = 10.0
 #: How often the processing progress polls ``bus.stats()``, in seconds.
 POLL_INTERVAL = 0.2
 
@@ -294,8 +299,12 @@ def _wait(bus: EventBus, total: int, console: Console) -> tuple[dict[str, int], 
 
 def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
              keyless: int = 5000, console: Console | None = None,
-             metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
-    """Run the demo end to end and print its summary; return 0 if every check passed, else 1.
+             metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+             keep_files: bool = False) -> int:
+    """Run the demo end to end and print its summary; return 0 if every check passed, else 1
+    (130 when interrupted: Ctrl-C or SIGTERM drains, a second one stops at once).
+
+    Its temporary folder (records, log) is removed at exit unless ``keep_files``.
 
     Raises ``ValueError`` for impossible arguments and lets errors of the
     server or the bus propagate (the CLI turns them into one line).
@@ -318,27 +327,48 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
 
     console.print(f"[bold]actorbus demo[/]: {envelopes} envelopes over {aggregates} aggregates, "
                   f"{keyless} plain messages, pool of {pool_size} actor processes")
-    with _environment(env), _log_to(log_path), NatsServer() as server:
-        console.print(f"nats-server pid {server.pid} at {server.url}")
-        with EventBus(servers=server.url, pool_size=pool_size, runtime="processes",
-                      log_config=log_config(log_path), metrics_port=metrics_port,
-                      metrics_host=metrics_host) as bus:
-            if metrics_port is not None:
-                console.print(f"metrics at http://{metrics_host}:{metrics_port}/metrics")
-            bus.subscribe(f"{ORDERS_SUBJECT}.>", "actorbus.demo:handle_order", envelope=True,
-                          durable="demo-orders", stream="DEMO_ORDERS", retries=3,
-                          retry_backoff=0.01, nak_delay=0.2)
-            bus.subscribe("demo.metrics.>", "actorbus.demo:handle_metric", envelope=False,
-                          durable="demo-metrics", stream="DEMO_METRICS")
-            console.print(f"actors up: {len(bus.pids)} processes (supervisor, bridge, router, "
-                          f"{pool_size} aggregate actors)")
-            consume_started = time.monotonic()
-            _publish(bus, envelopes, aggregates, keyless, console)
-            stats, settled = _wait(bus, total, console)
-            consume_time = time.monotonic() - consume_started
+    server = NatsServer()
+    interrupted = False
+    try:
+        with _environment(env), _log_to(log_path):
+            # Its own session: the terminal's Ctrl-C reaches the demo, which drains,
+            # not the server the drain needs; it is stopped last, below.
+            server.start()
+            console.print(f"nats-server pid {server.pid} at {server.url}")
+            bus = EventBus(servers=server.url, pool_size=pool_size, runtime="processes",
+                           log_config=log_config(log_path), metrics_port=metrics_port,
+                           metrics_host=metrics_host)
+            try:
+                if metrics_port is not None:
+                    console.print(f"metrics at http://{metrics_host}:{metrics_port}/metrics")
+                bus.subscribe(f"{ORDERS_SUBJECT}.>", "actorbus.demo:handle_order", envelope=True,
+                              durable="demo-orders", stream="DEMO_ORDERS", retries=3,
+                              retry_backoff=0.01, nak_delay=0.2)
+                bus.subscribe("demo.metrics.>", "actorbus.demo:handle_metric", envelope=False,
+                              durable="demo-metrics", stream="DEMO_METRICS")
+                console.print(f"actors up: {len(bus.pids)} processes (supervisor, bridge, router, "
+                              f"{pool_size} aggregate actors)")
+                consume_started = time.monotonic()
+                _publish(bus, envelopes, aggregates, keyless, console)
+                stats, settled = _wait(bus, total, console)
+                consume_time = time.monotonic() - consume_started
+            except KeyboardInterrupt:
+                interrupted = True
+                console.print(f"interrupted: draining (up to {DRAIN_TIMEOUT:g} s); "
+                              "Ctrl-C again stops now")
+            finally:
+                _stop(bus, console)
+            if not interrupted:
+                check = check_records(work_dir, envelopes, aggregates)
+    finally:
+        server.close()
+        if not keep_files:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    if interrupted:
+        console.print("interrupted: stopped")
+        return 130
     elapsed = time.monotonic() - started
 
-    check = check_records(work_dir, envelopes, aggregates)
     # Envelope failures are all naked (so are hand-off failures, counted as undelivered).
     envelope_failed = stats["naked"] - stats.get("undelivered", 0)
     plain_done = stats["processed"] + stats["failed"] - check.handled - envelope_failed
@@ -346,7 +376,8 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
 
     _summary(console, stats=stats, check=check, envelopes=envelopes, keyless=keyless,
              plain_done=plain_done, envelope_failed=envelope_failed, elapsed=elapsed,
-             consume_time=consume_time, log_path=log_path, work_dir=work_dir)
+             consume_time=consume_time, log_path=log_path, work_dir=work_dir,
+             keep_files=keep_files)
     if not settled:
         waiting = total - min(stats.get("acked", 0) + stats.get("termed", 0), total)
         console.print(f"[bold red]not settled within {PROCESSING_DEADLINE:g}s[/]: {waiting} "
@@ -363,9 +394,38 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
     return 0 if ok else 1
 
 
+def _stop(bus: EventBus, console: Console) -> None:
+    """Drain and stop the bus; a Ctrl-C or SIGTERM during the drain stops it at once.
+
+    Only that one signal interrupts the drain: later ones are ignored until
+    the actor system is down, so no actor process outlives the demo.
+    """
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_now(signum, frame):
+        for each in previous:
+            signal.signal(each, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        for signum in previous:
+            signal.signal(signum, stop_now)
+        try:
+            bus.stop(timeout=DRAIN_TIMEOUT)
+        except KeyboardInterrupt:
+            console.print("stopping now: the actor system is shut down without waiting; "
+                          "what was not acked is redelivered by JetStream")
+            # The interrupt may have cut the shutdown itself short: finish it.
+            if any(process_alive(pid) for pid in bus.pids.values() if pid != os.getpid()):
+                bus.runtime.shutdown(bus.pids.values())
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _summary(console: Console, *, stats: dict[str, int], check: Check, envelopes: int,
              keyless: int, plain_done: int, envelope_failed: int, elapsed: float,
-             consume_time: float, log_path: Path, work_dir: Path) -> None:
+             consume_time: float, log_path: Path, work_dir: Path, keep_files: bool) -> None:
     table = Table(title="actorbus demo", show_header=True, header_style="bold")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -399,5 +459,8 @@ def _summary(console: Console, *, stats: dict[str, int], check: Check, envelopes
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
-    console.print(f"log (WARNING+): {log_path}")
-    console.print(f"records: {work_dir}")
+    if keep_files:
+        console.print(f"log (WARNING+): {log_path}")
+        console.print(f"records: {work_dir}")
+    else:
+        console.print("log and records removed (--keep-files keeps them)")

@@ -19,12 +19,25 @@ class PublishError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """What became of one message of :meth:`Publisher.publish_many`."""
+    """What became of one published message: JetStream's acknowledgement.
+
+    ``publish`` and ``publish_envelope`` return one (or raise
+    :class:`PublishError`); ``publish_many`` returns one per message, with
+    ``error`` set instead of raising. ``duplicate`` is True when JetStream
+    already had a message with the same ``Nats-Msg-Id`` in its duplicate
+    window and stored nothing new (``sequence`` is then the stored copy's).
+    """
 
     subject: str
     sequence: int | None
     error: str | None = None
     duplicate: bool = False
+    stream: str | None = None
+
+    @property
+    def seq(self) -> int | None:
+        """``sequence``, under the name of nats-py's ``PubAck``."""
+        return self.sequence
 
     @property
     def ok(self) -> bool:
@@ -53,8 +66,9 @@ class Publisher:
                                   f"{type(exc).__name__}: {exc}") from exc
         self._js = self._nc.jetstream()
 
-    def publish(self, subject: str, data: bytes, headers: Mapping[str, str] | None = None) -> int:
-        """Publish ``data``; return its stream sequence. Raises :class:`PublishError`."""
+    def publish(self, subject: str, data: bytes,
+                headers: Mapping[str, str] | None = None) -> PublishResult:
+        """Publish ``data``; return JetStream's acknowledgement. Raises :class:`PublishError`."""
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
         try:
@@ -63,9 +77,9 @@ class Publisher:
                                  timeout=self._timeout), self._timeout + 1.0)
         except Exception as exc:
             raise PublishError(f"publishing to {subject!r} failed: {type(exc).__name__}: {exc}") from exc
-        return ack.seq
+        return _result(subject, ack)
 
-    def publish_envelope(self, subject: str, envelope: Envelope) -> int:
+    def publish_envelope(self, subject: str, envelope: Envelope) -> PublishResult:
         """Publish an envelope with ``Nats-Msg-Id: <event_id>`` so JetStream drops retried copies."""
         if not isinstance(envelope, Envelope):
             raise TypeError(f"envelope must be an Envelope, got {type(envelope).__name__}")
@@ -93,7 +107,7 @@ class Publisher:
                 if isinstance(ack, BaseException):
                     results.append(PublishResult(subject, None, f"{type(ack).__name__}: {ack}"))
                 else:
-                    results.append(PublishResult(subject, ack.seq, None, bool(ack.duplicate)))
+                    results.append(_result(subject, ack))
         return results
 
     @staticmethod
@@ -116,3 +130,8 @@ class Publisher:
         except Exception:
             pass
         self._thread.stop()
+
+
+def _result(subject: str, ack) -> PublishResult:
+    """A :class:`PublishResult` from nats-py's ``PubAck``."""
+    return PublishResult(subject, ack.seq, None, bool(ack.duplicate), ack.stream)

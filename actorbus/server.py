@@ -66,7 +66,10 @@ class NatsServer:
         self._process = subprocess.Popen(
             [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js",
              "-sd", str(self.store_dir / "jetstream")],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C meant for the program (which drains, and
+            # needs the server for that) must not reach it; it is stopped by pid.
+            start_new_session=True)
         log_file.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -54,7 +54,9 @@ def load_topology(ref: str) -> Topology:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"cannot import {module_name!r}: {exc}") from exc
+        # The usual cause: run from another folder than the one holding the module.
+        raise ValueError(f"cannot import {module_name!r}: {exc} (run it from the folder that "
+                         f"holds the module, or install it)") from exc
     try:
         value = getattr(module, name)
     except AttributeError:

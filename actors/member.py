@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (Completion, Dispatch, MemberReady, RegisterHandler,
-                                      StartMember)
+from actorbus.actors.handlers import HandlerError
+from actorbus.actors.messages import (Completion, Dispatch, HandlerRegistered, MemberReady,
+                                      RegisterHandler, StartMember)
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.sequencing import Resequencer
 from actorbus.actors.watchdog import Watchdog
 
 log = logging.getLogger("actorbus.actors")
+
+#: Seconds of handler time after which a member reports what it has finished of a
+#: dispatch, so a slow handler does not hold back the acks of the deliveries before
+#: it. With fast handlers a dispatch is still answered by one Completion.
+REPORT_INTERVAL = 0.05
 
 
 class PoolMember(BusActor):
@@ -34,6 +41,13 @@ class PoolMember(BusActor):
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
         self._table.register(message.subscription)
+        error = None
+        try:
+            self._table.resolve(message.subscription.name)
+        except HandlerError as exc:
+            error = f"pool member {self._index} (pid {os.getpid()}): {exc}"
+            log.error("subscription %s: %s", message.subscription.name, error)
+        self.send(sender, HandlerRegistered(message.request_id, error, self._index))
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
         # The transport may hand dispatches over out of order: handle them in the Router's.
@@ -47,8 +61,16 @@ class PoolMember(BusActor):
                         self._index, len(message.deliveries) - len(fresh))
         if fresh:
             self._last_token = fresh[-1].token
+        done = []
+        reported_at = time.monotonic()
+        for position, delivery in enumerate(fresh):
+            done.append(self._table.handle(delivery))
+            if position + 1 < len(fresh) and time.monotonic() - reported_at >= REPORT_INTERVAL:
+                self.send(sender, Completion.of(done, self._index, final=False))
+                done = []
+                reported_at = time.monotonic()
         # Answered even when empty: the Router counts the dispatch outstanding until it is.
-        self.send(sender, Completion.of(self._table.process(fresh), self._index))
+        self.send(sender, Completion.of(done, self._index))
 
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:
         self._table.close()

@@ -100,6 +100,11 @@ class Completion:
     every other outcome is in ``others``, in full. Build one with
     :meth:`of`, read it back with :meth:`outcomes`. ``member`` is the pool
     index of the actor that produced it.
+
+    A member working through a long dispatch reports what it has finished
+    as it goes (``final=False``), so those messages are acked without
+    waiting for the rest; the last part of a dispatch has ``final=True``
+    and only it ends the dispatch in the Router's bookkeeping.
     """
 
     succeeded: tuple[int, ...] = ()
@@ -108,9 +113,10 @@ class Completion:
     member: int = -1
     queue_depths: tuple[int, ...] = ()  # per member, as the Router forwards it
     routed: int = 0  # the Router has routed the Bridge's dispatches up to this sequence
+    final: bool = True  # the last part of its dispatch (partial reports have False)
 
     @classmethod
-    def of(cls, outcomes: Iterable[Outcome], member: int = -1) -> Completion:
+    def of(cls, outcomes: Iterable[Outcome], member: int = -1, final: bool = True) -> Completion:
         """The compact form of ``outcomes``."""
         succeeded: list[int] = []
         seconds: list[float] = []
@@ -121,7 +127,7 @@ class Completion:
                 seconds.append(outcome.seconds)
             else:
                 others.append(outcome)
-        return cls(tuple(succeeded), tuple(seconds), tuple(others), member)
+        return cls(tuple(succeeded), tuple(seconds), tuple(others), member, final=final)
 
     def outcomes(self) -> Iterator[Outcome]:
         """Every outcome in full: the first-try successes, then the others."""
@@ -139,7 +145,8 @@ class Completion:
         return len(self.succeeded) + len(self.others)
 
     def __repr__(self) -> str:
-        return f"Completion(member {self.member}, {len(self)} outcomes)"
+        part = "" if self.final else ", partial"
+        return f"Completion(member {self.member}, {len(self)} outcomes{part})"
 
 
 # ---------------------------------------------------------------- set-up
@@ -297,9 +304,17 @@ class RegisterHandler:
 
 @dataclass(frozen=True, slots=True)
 class HandlerRegistered:
-    """Router → Supervisor: every pool member has the handler."""
+    """Pool member → Router → Supervisor: the handler is resolved where it will run.
+
+    A member answers once it has imported the handler; the Router answers
+    the Supervisor once every member has. ``error`` is set when a member
+    could not import it (the module is on the host's ``sys.path`` only, or
+    raises on import): the subscription is refused before anything is fetched.
+    """
 
     request_id: int
+    error: str | None = None
+    member: int = -1
 
 
 @dataclass(frozen=True, slots=True)

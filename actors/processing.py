@@ -45,31 +45,39 @@ class HandlerTable:
         self._subscriptions[subscription.name] = subscription
         self._handlers.pop(subscription.name, None)
 
+    def resolve(self, name: str) -> None:
+        """Import the handler of subscription ``name`` now; raise :class:`HandlerError` if it fails.
+
+        Called when a subscription is registered, so that a handler that does
+        not import here fails ``subscribe`` instead of every delivery.
+        """
+        self._handler(self._subscriptions[name])
+
     def process(self, deliveries: Iterable[Delivery]) -> tuple[Outcome, ...]:
-        """Handle ``deliveries`` strictly in order; one outcome each.
+        """Handle ``deliveries`` strictly in order (see :meth:`handle`); one outcome each."""
+        return tuple(self.handle(delivery) for delivery in deliveries)
+
+    def handle(self, delivery: Delivery) -> Outcome:
+        """Handle one delivery in its aggregate's order; never raises.
 
         Once a message of an aggregate fails and is due to come back
         (redelivered after a nak), the later messages of that aggregate are
         not handled but ``DEFERRED``, until the failed one comes back and
         succeeds: its successes must follow stream order.
         """
-        outcomes = []
         blocked = self._blocked
-        for delivery in deliveries:
-            key = (delivery.subscription, delivery.aggregate_id)
-            failed_at = blocked.get(key) if blocked and delivery.aggregate_id is not None else None
-            if failed_at is not None and delivery.stream_sequence > failed_at:
-                outcomes.append(Outcome(delivery.token, DEFERRED,
-                                        f"waits for sequence {failed_at} of its aggregate", 0))
-                continue
-            outcome = self.process_one(delivery)
-            if delivery.aggregate_id is not None and outcome.kind != SUCCEEDED and \
-                    self._comes_back(delivery):
-                blocked[key] = delivery.stream_sequence
-            elif failed_at is not None and delivery.stream_sequence == failed_at:
-                del blocked[key]   # the failed one came back and is settled now
-            outcomes.append(outcome)
-        return tuple(outcomes)
+        key = (delivery.subscription, delivery.aggregate_id)
+        failed_at = blocked.get(key) if blocked and delivery.aggregate_id is not None else None
+        if failed_at is not None and delivery.stream_sequence > failed_at:
+            return Outcome(delivery.token, DEFERRED,
+                           f"waits for sequence {failed_at} of its aggregate", 0)
+        outcome = self.process_one(delivery)
+        if delivery.aggregate_id is not None and outcome.kind != SUCCEEDED and \
+                self._comes_back(delivery):
+            blocked[key] = delivery.stream_sequence
+        elif failed_at is not None and delivery.stream_sequence == failed_at:
+            del blocked[key]   # the failed one came back and is settled now
+        return outcome
 
     def _comes_back(self, delivery: Delivery) -> bool:
         spec = self._subscriptions.get(delivery.subscription)

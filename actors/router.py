@@ -87,6 +87,9 @@ class Router(BusActor):
         self._phase = RouterPhase.RUNNING
         self._dispatches: Resequencer[Dispatch] = Resequencer()   # the Bridge's, by its numbers
         self._member_of_key: dict[str, int] = {}   # routing key → pool index, remembered
+        # Registrations waiting for members:
+        # request id → [who asked, indices pending, errors, subscription name].
+        self._registering: dict[int, list] = {}
 
     # ------------------------------------------------------------ set-up
     def receiveMsg_StartPool(self, message: StartPool, sender) -> None:
@@ -110,12 +113,39 @@ class Router(BusActor):
                 self.send(self._supervisor, PoolReady(tuple(pids), os.getpid()))  # type: ignore[arg-type]
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
+        self._subscriptions = [s for s in self._subscriptions
+                               if s.name != message.subscription.name]
         self._subscriptions.append(message.subscription)
         # Sent before any later dispatch to the same member, so it arrives first.
-        for member in self._members:
+        pending = set()
+        for index, member in enumerate(self._members):
             if member.address is not None:
                 self.send(member.address, message)
-        self.send(sender, HandlerRegistered(message.request_id))
+                pending.add(index)
+        self._registering[message.request_id] = [sender, pending, [],
+                                                   message.subscription.name]
+        self._answer_registration(message.request_id)
+
+    def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender) -> None:
+        waiting = self._registering.get(message.request_id)
+        if waiting is None:
+            return
+        waiting[1].discard(message.member)
+        if message.error:
+            waiting[2].append(message.error)
+        self._answer_registration(message.request_id)
+
+    def _answer_registration(self, request_id: int) -> None:
+        """Answer the Supervisor once no member is pending; the first error refuses it."""
+        sender, pending, errors, name = self._registering[request_id]
+        if pending:
+            return
+        del self._registering[request_id]
+        error = errors[0] if errors else None
+        if error is not None:
+            # Not kept: a restarted member would only fail on it again.
+            self._subscriptions = [s for s in self._subscriptions if s.name != name]
+        self.send(sender, HandlerRegistered(request_id, error))
 
     def receiveMsg_BridgeChanged(self, message: BridgeChanged, sender) -> None:
         # A new Bridge numbers its dispatches from 1 again. What the old one
@@ -179,8 +209,9 @@ class Router(BusActor):
                     resends.pop(token, None)
             if member.suspects:
                 member.suspects.difference_update(message.tokens())
-            member.outstanding = max(0, member.outstanding - 1)
-            self._send_next(member)
+            if message.final:   # a partial report settles messages, not the dispatch
+                member.outstanding = max(0, member.outstanding - 1)
+                self._send_next(member)
         depths = tuple(len(m.held) for m in self._members)
         self.send(self._bridge, dataclasses.replace(message, queue_depths=depths,
                                                     routed=self._dispatches.next - 1))
@@ -200,6 +231,10 @@ class Router(BusActor):
                     len(member.held))
         self._bury(member)
         self.send(self._supervisor, MemberDied(index))
+        # Its restart gets every subscription with StartMember: do not wait for its answer.
+        for request_id in list(self._registering):
+            self._registering[request_id][1].discard(index)
+            self._answer_registration(request_id)
         if self._phase is RouterPhase.FAILED:
             return
         decision = self._budget.record()

@@ -23,10 +23,11 @@ from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, UNDELIVERED, 
                                       Outcome, PollMailbox, ProgressTick, RequestFailed,
                                       RouterChanged, StartBridge, Stats, StatsRequest, StopBus,
                                       Subscribe, Subscribed)
+from actorbus.actors.handlers import HandlerError
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
-from actorbus.bridge.extraction import extract_aggregate_id
+from actorbus.bridge.extraction import extract_aggregate_id, invalid_id_header
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.mailbox import Mailbox
 from actorbus.bridge.metadata import delivery_numbers
@@ -69,6 +70,10 @@ RECOVERED_DELIVERY_COUNT = 2
 #: Seconds past two AckWaits after which a recovered message's redelivery is no longer
 #: expected (it was acked after all): its record is dropped.
 RECOVERED_RECORD_GRACE = 5.0
+
+#: Seconds between two warnings about invalid aggregate-id headers on one subscription:
+#: a publisher that gets the header wrong gets it wrong on every message.
+INVALID_KEY_WARNING_INTERVAL = 60.0
 
 _OUTCOME_COUNTERS = {SUCCEEDED: "processed", FAILED: "failed", UNDELIVERED: "undelivered"}
 
@@ -114,6 +119,7 @@ class Bridge(BusActor):
         self._orders: dict[str, KeyOrder[Delivery]] = {}
         self._recovered: dict[str, dict[int, InFlight | float]] = {}
         self._last_held = 0
+        self._invalid_key_warned: dict[str, float] = {}   # subscription → last warning (monotonic)
 
     def watch(self) -> ThespianWatch | None:
         """The mailbox's descriptor while connected (multiprocTCPBase)."""
@@ -203,6 +209,14 @@ class Bridge(BusActor):
             return
         if self._direct is not None:
             self._direct.register(sub)
+            try:   # here the Bridge is the pool: a handler it cannot import fails subscribe
+                self._direct.resolve(sub.name)
+            except HandlerError as exc:
+                log.error("subscribing %s: %s", sub.subject, exc)
+                self.send(sender, RequestFailed(
+                    message.request_id, f"the Bridge (pid {os.getpid()}) cannot run handler "
+                                        f"{sub.handler}: {exc}"))
+                return
         self._subscriptions[sub.name] = sub
         self._orders.setdefault(sub.name, KeyOrder())
         self._recovered.setdefault(sub.name, {})
@@ -292,6 +306,8 @@ class Bridge(BusActor):
                 self._counts["invalid"] += 1
                 orders.append(_dead_letter(msg, sub, stream_sequence, delivery_count, str(exc)))
                 continue
+            if aggregate_id is None and not sub.envelope and msg.headers:
+                self._note_invalid_key(sub, msg, tally, now)
             entry = InFlight(msg, sub, now)
             delivery = self._delivery(entry, sub, msg.subject, msg.data, msg.headers,
                                       aggregate_id, delivery_count, stream_sequence)
@@ -338,7 +354,8 @@ class Bridge(BusActor):
         if sub.envelope:
             return decode_envelope(data, sub.envelope_format,
                                    max_bytes=sub.max_envelope_bytes).aggregate_id
-        return extract_aggregate_id(data, headers, None, subject, use_subject=sub.key_from_subject)
+        return extract_aggregate_id(data, headers, None, subject,
+                                    key_from_subject=sub.key_from_subject)
 
     def _delivery(self, entry: InFlight, sub: SubscriptionConfig, subject: str, data: bytes,
                   headers: Any, aggregate_id: str | None, delivery_count: int,
@@ -364,6 +381,20 @@ class Bridge(BusActor):
         del self._recovered[sub.name][sequence]
         self._tallies[sub.name].counts["duplicates_skipped"] += 1
         orders.append(Order(msg, ACK))
+
+    def _note_invalid_key(self, sub: SubscriptionConfig, msg, tally, now: float) -> None:
+        """Count a message whose aggregate-id header is not a valid id; warn now and then."""
+        bad = invalid_id_header(msg.headers)
+        if bad is None:
+            return
+        tally["invalid_keys"] += 1
+        last = self._invalid_key_warned.get(sub.name)
+        if last is None or now - last >= INVALID_KEY_WARNING_INTERVAL:
+            self._invalid_key_warned[sub.name] = now
+            log.warning("invalid aggregate id in header %s=%r on %s (subscription %s): not a valid "
+                        "id (1-256 bytes of [A-Za-z0-9:_-./]); the message goes round-robin as a "
+                        "keyless one (warned at most once a minute per subscription, counted in "
+                        "stats()['invalid_keys'])", bad[0], bad[1], msg.subject, sub.name)
 
     def _complete(self, completion: Completion) -> list[Delivery]:
         """Settle what the completion reports; return the held deliveries it frees."""

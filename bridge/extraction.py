@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Mapping
 
 from actorbus.codecs import CODECS
@@ -19,7 +20,8 @@ def extract_aggregate_id(
     key: str | None = None,
     subject: str | None = None,
     *,
-    use_subject: bool = False,
+    key_from_subject: bool = False,
+    use_subject: bool | None = None,
 ) -> str | None:
     """Return the aggregate id of a message, or None when it has none.
 
@@ -27,9 +29,17 @@ def extract_aggregate_id(
     an :class:`Envelope` or its encoded bytes); then the headers
     ``X-Aggregate-ID``, ``x-aggregate-id``, ``Aggregate-ID``,
     ``aggregate-id`` (then those names in any letter case); then ``key``;
-    then, only with ``use_subject``, the last subject token. A candidate
-    that is not a valid id is skipped, never used.
+    then, only with ``key_from_subject`` (the name ``subscribe`` uses for
+    the same switch), the last subject token. A candidate that is not a
+    valid id is skipped, never used.
+
+    ``use_subject`` is the deprecated name of ``key_from_subject``; it is
+    accepted, with a :class:`DeprecationWarning`, until the next release.
     """
+    if use_subject is not None:
+        warnings.warn("extract_aggregate_id(use_subject=...) is deprecated; "
+                      "use key_from_subject=...", DeprecationWarning, stacklevel=2)
+        key_from_subject = key_from_subject or use_subject
     if isinstance(data, Envelope):
         return data.aggregate_id
     # Only bytes that look like an envelope are decoded: plain payloads are not decoded in vain.
@@ -46,7 +56,7 @@ def extract_aggregate_id(
         if is_valid_id(key):
             return key
         log.debug("explicit key %r is not a valid aggregate id; ignored", key)
-    if use_subject and subject:
+    if key_from_subject and subject:
         token = subject.rsplit(".", 1)[-1]
         if is_valid_id(token):
             return token
@@ -65,4 +75,18 @@ def _from_headers(headers: Mapping[str, str]) -> str | None:
             if is_valid_id(value):
                 return value
             log.debug("header %s=%r is not a valid aggregate id; ignored", name, value)
+    return None
+
+
+def invalid_id_header(headers: Mapping[str, str] | None) -> tuple[str, str] | None:
+    """The first aggregate-id header whose value is not a valid id, as ``(name, value)``.
+
+    The Bridge asks this only when no id was found, to report a header that
+    was present but ignored (the message then goes round-robin).
+    """
+    if not headers:
+        return None
+    for name, value in headers.items():
+        if name.lower() in _HEADER_NAMES_FOLDED and not is_valid_id(value):
+            return name, value
     return None

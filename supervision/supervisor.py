@@ -123,6 +123,17 @@ class Supervisor(BusActor):
         self.send(self._router, RegisterHandler(request_id, message.subscription))
 
     def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender) -> None:
+        if message.error is not None:
+            # Refused before the Bridge subscribes: nothing is fetched for a handler
+            # the pool cannot run.
+            subscription = self._subscribing.pop(message.request_id, None)
+            if subscription is None:
+                log.error("a restarted pool could not import a handler: %s", message.error)
+                return
+            self._reply(RequestFailed(message.request_id,
+                                      f"the pool cannot run handler {subscription.handler}: "
+                                      f"{message.error}"))
+            return
         subscription = self._subscribing.get(message.request_id)
         if subscription is not None:
             self.send(self._bridge, Subscribe(message.request_id, subscription))

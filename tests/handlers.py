@@ -83,6 +83,12 @@ def slow_record(msg: Message) -> None:
     _write("ok", msg)
 
 
+def slow_tenths(msg: Message) -> None:
+    """Take 0.3 s, then record: a slow handler."""
+    time.sleep(0.3)
+    _write("ok", msg)
+
+
 def slow_count(msg: Message) -> None:
     """Take a fraction of a millisecond, record nothing: the bus's counters are the record."""
     time.sleep(0.0002)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def test_sigterm_drains_and_leaves_nothing_running(tmp_path):
         tree = with_their_groups(descendants(process.pid))
         assert len(tree) >= 5, tree  # nats-server, Thespian's admin and logger, the actors
         process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 1  # click's Abort
+        assert process.wait(60) == 130  # drained, then stopped
     finally:
         if process.poll() is None:  # the test failed: end everything it started, by pid
             for pid in with_their_groups(descendants(process.pid)) | {process.pid}:
@@ -50,9 +51,91 @@ def test_sigterm_drains_and_leaves_nothing_running(tmp_path):
                     os.kill(pid, signal.SIGKILL)
             process.wait()
         out.close()
-    assert "Aborted" in (tmp_path / "out.txt").read_text()
+    text = (tmp_path / "out.txt").read_text()
+    assert "interrupted: draining" in text and text.rstrip().endswith("interrupted: stopped")
     wait_for(lambda: not [pid for pid in tree if process_alive(pid)], timeout=20,
              what="every process of the demo to exit")
+
+
+def test_ctrl_c_on_the_demo_drains_then_stops_its_server_last(tmp_path):
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        # Its own session, like a terminal's foreground job: Ctrl-C goes to its whole group.
+        process = subprocess.Popen([ACTORBUS, "demo", "--envelopes", "200000", "--aggregates",
+                                    "100", "--keyless", "0", "--pool-size", "2"],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "actors up" in out_path.read_text(), timeout=60, what="the demo's actors")
+        server = int(re.search(r"nats-server pid (\d+)", out_path.read_text()).group(1))
+        # The server is not in the terminal's group: the Ctrl-C is the demo's to handle.
+        assert os.getpgid(server) != os.getpgid(process.pid)
+        tree = with_their_groups(descendants(process.pid)) | {server}
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(60) == 130
+    finally:
+        if process.poll() is None:
+            for pid in with_their_groups(descendants(process.pid)) | {process.pid}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+    text = out_path.read_text()
+    assert "Traceback" not in text and "stopping now" not in text
+    assert "interrupted: draining" in text and text.rstrip().endswith("interrupted: stopped")
+    assert not process_alive(server)
+    wait_for(lambda: not [pid for pid in tree if process_alive(pid)], timeout=20,
+             what="every process of the demo to exit")
+
+
+def test_a_second_signal_during_the_drain_stops_at_once_and_still_shuts_down():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from actorbus.demo import _stop
+
+    class SlowDrainBus:
+        """A bus whose drain takes until it is interrupted; its 'actor' is a real child."""
+
+        def __init__(self) -> None:
+            self.actor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            self.pids = {"member-0": self.actor.pid}
+            self.runtime = self
+            self.shut_down = False
+
+        def stop(self, timeout: float) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)   # the second signal, mid-drain
+            wait_for(lambda: False, timeout=30, what="an interrupt")
+
+        def shutdown(self, pids) -> None:
+            self.shut_down = True
+            self.actor.kill()
+            self.actor.wait()
+
+    bus = SlowDrainBus()
+    output = StringIO()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        _stop(bus, Console(file=output, width=200))
+    finally:
+        if bus.actor.poll() is None:
+            bus.actor.kill()
+            bus.actor.wait()
+    assert bus.shut_down and not process_alive(bus.actor.pid)
+    lines = [line for line in output.getvalue().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("stopping now")
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_the_demo_leaves_nothing_in_its_temp_folder(tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from actorbus.demo import run_demo; "
+         "sys.exit(run_demo(pool_size=2, envelopes=60, aggregates=6, keyless=10))"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo OK" in result.stdout
+    assert list(temp.iterdir()) == []
 
 
 def with_their_groups(pids: list[int]) -> set[int]:

@@ -23,7 +23,7 @@ def test_poison_envelope_is_dead_lettered_after_max_deliver(make_bus, records, n
     for n in range(5):
         bus.publish_envelope("orders.a", Envelope.create(f"good-{n}", "Happened", str(n).encode()))
     poison = Envelope.create("bad-1", "Happened", b"poison")
-    poison_seq = bus.publish_envelope("orders.bad", poison)
+    poison_seq = bus.publish_envelope("orders.bad", poison).sequence
     for n in range(5, 10):
         bus.publish_envelope("orders.a", Envelope.create(f"good-{n}", "Happened", str(n).encode()))
 
@@ -112,6 +112,22 @@ def test_existing_stream_with_conflicting_settings_is_refused(make_bus, nats_ser
         bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
 
 
+def test_a_durable_is_never_silently_refiltered(make_bus, nats_server):
+    first = make_bus(pool_size=1)
+    first.subscribe("bank.>", handlers.record, durable="x", stream="BANK")
+    first.stop()
+
+    second = make_bus(pool_size=1)
+    with pytest.raises(BusError) as refused:
+        second.subscribe("bank.withdrawals", handlers.record, durable="x", stream="BANK")
+
+    message = str(refused.value)
+    assert "'x'" in message and "'bank.>'" in message and "'bank.withdrawals'" in message
+    assert "nats consumer rm BANK x" in message and "another durable name" in message
+    config = consumer_info(nats_server.url, "BANK", "x").config
+    assert config.filter_subject == "bank.>" and not config.filter_subjects
+
+
 def test_publishing_an_envelope_twice_stores_it_once(make_bus, nats_server):
     bus = make_bus(pool_size=1)
     bus.subscribe("orders.>", handlers.record, durable="orders")
@@ -120,9 +136,23 @@ def test_publishing_an_envelope_twice_stores_it_once(make_bus, nats_server):
     again = bus.publish_envelope("orders.a", envelope)
     results = bus.publish_many([("orders.a", envelope), ("orders.a", Envelope.create("a", "T", b"1"))])
 
-    assert first == again
+    assert (first.ok, first.duplicate, first.stream) == (True, False, "ORDERS")
+    assert (again.duplicate, again.seq, again.stream) == (True, first.sequence, "ORDERS")
     assert [r.duplicate for r in results] == [True, False] and all(r.ok for r in results)
     assert stream_info(nats_server.url, "ORDERS").state.messages == 2
+
+
+def test_publish_tells_a_deduplicated_message_from_a_stored_one(make_bus):
+    bus = make_bus(pool_size=1)
+    bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
+    stored = bus.publish("metrics.cpu", b"1", headers={"Nats-Msg-Id": "m-1"})
+    again = bus.publish("metrics.cpu", b"1", headers={"Nats-Msg-Id": "m-1"})
+    many = bus.publish_many([("metrics.cpu", b"1", {"Nats-Msg-Id": "m-1"})])
+
+    assert (stored.sequence, stored.duplicate, stored.stream) == (1, False, "METRICS")
+    assert (again.sequence, again.duplicate, again.stream) == (1, True, "METRICS")
+    assert (many[0].seq, many[0].duplicate, many[0].stream) == (1, True, "METRICS")
+    assert type(stored) is type(many[0])
 
 
 def test_publish_failures_are_clear(make_bus):
@@ -186,3 +216,23 @@ def test_slow_handler_backpressure_keeps_memory_flat_and_loses_nothing(make_bus,
     print(f"process-tree RSS over {total} messages: {early / 2**20:.1f} MiB at most in the first "
           f"quarter, {late / 2**20:.1f} MiB at most in the last ({len(samples)} samples)")
     assert late <= early * 1.15, (early, late)
+
+
+def test_an_invalid_id_header_is_counted_and_warned_once_per_minute(make_bus, records, log_file):
+    bus = make_bus(pool_size=2)
+    bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
+    for n in range(3):
+        bus.publish("metrics.cpu", str(n).encode(), headers={"X-Aggregate-ID": "host 1; drop"})
+    bus.publish("metrics.cpu", b"ok", headers={"X-Aggregate-ID": "host-2"})
+    bus.publish("metrics.cpu", b"none")
+
+    stats = wait_for_stats(bus, "acked", 5)
+
+    assert stats["invalid_keys"] == 3
+    assert stats["subscriptions"]["metrics"]["counts"]["invalid_keys"] == 3
+    warnings = wait_for(lambda: [line for line in log_file.read_text().splitlines()
+                                 if "invalid aggregate id in header" in line],
+                        what="the invalid-key warning")
+    assert len(warnings) == 1, warnings
+    assert "X-Aggregate-ID='host 1; drop'" in warnings[0]
+    assert "metrics.cpu" in warnings[0] and "round-robin" in warnings[0]

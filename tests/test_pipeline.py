@@ -1,6 +1,7 @@
 """The delivery contract end to end: multiprocTCPBase actors and a real nats-server."""
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 
 import pytest
@@ -9,7 +10,7 @@ from actorbus import BusError, Envelope, EventBus
 from actorbus.actors.handlers import HandlerError
 from actorbus.ports import free_port
 from tests import handlers
-from tests.support import (consumer_info, read_records, stream_info, wait_for, wait_for_stats)
+from tests.support import (consumer_info, create_stream, read_records, stream_info, wait_for, wait_for_stats)
 
 pytestmark = pytest.mark.integration
 
@@ -96,6 +97,26 @@ def test_ack_waits_for_the_handler_to_finish(make_bus, records, nats_server):
              what="the server to see the ack")
 
 
+def test_a_slow_batch_is_acked_as_it_goes_not_at_its_end(make_bus, records, nats_server):
+    # Stored before subscribing: the ten reach the key's member in one dispatch.
+    create_stream(nats_server.url, "ORDERS", ["orders.>"], storage="file")
+    bus = make_bus(pool_size=2)
+    publish_envelopes(bus, "orders", aggregates=1, per_aggregate=10)
+    bus.subscribe("orders.>", handlers.slow_tenths, durable="orders")
+    started = time.monotonic()
+
+    stats = wait_for_stats(bus, "acked", 1, timeout=30)
+    first_ack = time.monotonic() - started
+
+    # 0.3 s a message: acked after its own handler, not after the whole batch's 3 s.
+    assert stats["in_flight"] >= 5, (first_ack, stats)
+    assert first_ack < 1.5, first_ack
+    stats = wait_for_stats(bus, "acked", 10, timeout=30)
+    assert stats["processed"] == 10
+    done = [int(r.data) for r in read_records(records)]
+    assert done == list(range(10))
+
+
 def test_envelope_failure_is_redelivered_until_it_succeeds(make_bus, records, log_file):
     bus = make_bus(pool_size=2)
     bus.subscribe("orders.>", handlers.fail_first_two_deliveries, durable="orders",
@@ -144,6 +165,30 @@ def test_plain_failure_is_acked_once_and_never_redelivered(make_bus, records, lo
     assert info.num_redelivered == 0
     assert [r.kind for r in read_records(records)] == ["fail"]
     log = wait_for(lambda: log_file.exists() and log_file.read_text(), what="the warning log")
+    assert "Regular message processing failed, marking as processed: subject=metrics.cpu" in log
+
+
+def test_plain_handler_runs_once_by_default_and_retries_only_when_asked(make_bus, records,
+                                                                      log_file, nats_server):
+    # No ``retries`` given: at-most-once means the handler runs exactly once.
+    bus = make_bus(pool_size=2)
+    bus.subscribe("metrics.>", handlers.always_fail, envelope=False, durable="metrics")
+    bus.subscribe("jobs.>", handlers.always_fail, envelope=False, durable="jobs", retries=2,
+                  retry_backoff=0.001)
+    bus.publish("metrics.cpu", b"1")
+    bus.publish("jobs.run", b"2")
+
+    stats = wait_for_stats(bus, "acked", 2)
+
+    assert stats["failed"] == 2 and stats["naked"] == 0 and stats["retried"] == 2
+    wait_for(lambda: consumer_info(nats_server.url, "METRICS", "metrics").num_ack_pending == 0,
+             what="the ack on the server")
+    runs = Counter(r.subject for r in read_records(records))
+    assert runs == {"metrics.cpu": 1, "jobs.run": 3}
+    assert {r.attempt for r in read_records(records) if r.subject == "jobs.run"} == {1, 2, 3}
+    log = wait_for(lambda: log_file.exists() and log_file.read_text().count(
+        "Regular message processing failed, marking as processed") == 2 and log_file.read_text(),
+        what="both warnings")
     assert "Regular message processing failed, marking as processed: subject=metrics.cpu" in log
 
 
@@ -285,3 +330,27 @@ def test_stateful_aggregates_keep_state_per_id_across_interleaving(make_bus, rec
     # Counter keeps two instances per actor: ids come and go (passivate, then
     # __init__ restores the count), and every id still counts 1..8 on its own.
     assert counts == {f"agg-{a}": [f"count={n}" for n in range(1, 9)] for a in range(5)}
+
+
+@pytest.mark.parametrize("pool_size", [2, 0])
+def test_a_handler_the_pool_cannot_import_fails_subscribe(make_bus, tmp_path, monkeypatch,
+                                                          nats_server, pool_size):
+    bus = make_bus(pool_size=pool_size)
+    # Only on the host's sys.path, and only after the actor processes started.
+    # A name of its own per run: the actor processes fork from this one, and would
+    # inherit a module an earlier run imported here.
+    module = f"host_only_handlers_{pool_size}"
+    host_only = tmp_path / "host_only"
+    host_only.mkdir()
+    (host_only / f"{module}.py").write_text("def handle(msg):\n    pass\n")
+    monkeypatch.syspath_prepend(str(host_only))
+
+    with pytest.raises(BusError) as refused:
+        bus.subscribe("metrics.>", f"{module}:handle", envelope=False, durable="metrics")
+
+    message = str(refused.value)
+    assert f"{module}:handle" in message and f"No module named '{module}'" in message
+    # Refused before anything was fetched: no consumer was made.
+    with pytest.raises(Exception, match="consumer not found|stream not found"):
+        consumer_info(nats_server.url, "METRICS", "metrics")
+    assert bus.stats()["received"] == 0

@@ -36,7 +36,8 @@ def test_header_priority(headers, expected):
 def test_key_then_subject_only_when_asked():
     assert extract_aggregate_id(b"raw", {}, "key-1", "orders.created.o-9") == "key-1"
     assert extract_aggregate_id(b"raw", {}, None, "orders.created.o-9") is None
-    assert extract_aggregate_id(b"raw", {}, None, "orders.created.o-9", use_subject=True) == "o-9"
+    assert extract_aggregate_id(b"raw", {}, None, "orders.created.o-9",
+                                key_from_subject=True) == "o-9"
     assert extract_aggregate_id(b"raw", {}, "bad key", None) is None
 
 
@@ -76,3 +77,14 @@ def test_keyless_slots_spread_strictly_round_robin():
 def test_keyed_routing_is_stable_and_ignores_the_slot_rule():
     assert pool_index("order-1", None, 8) == stable_hash("order-1") % 8
     assert keyless_routing_key(12) == "rr-12"
+
+
+def test_use_subject_is_a_deprecated_alias_of_key_from_subject():
+    with pytest.warns(DeprecationWarning, match="key_from_subject"):
+        assert extract_aggregate_id(b"raw", {}, None, "orders.created.o-9",
+                                    use_subject=True) == "o-9"
+
+
+def test_headers_alone_are_enough_data_is_keyword_optional():
+    assert extract_aggregate_id(headers={"X-Aggregate-ID": "host-1"}) == "host-1"
+    assert extract_aggregate_id(headers={"x-aggregate-id": "bad key"}) is None
