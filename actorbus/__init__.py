@@ -12,12 +12,12 @@ from actorbus.aggregate import Aggregate
 from actorbus.envelope import Envelope, InvalidEnvelope
 from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bus import BusError, EventBus
-from actorbus.config import ConfigurationError
+from actorbus.config import ConfigurationError, NatsAuth
 from actorbus.message import Message
 from actorbus.publisher import PublishError, PublishResult
 from actorbus.topology import Subscription, Topology
 
 __all__ = ["EventBus", "Aggregate", "Envelope", "Message", "InvalidEnvelope",
-           "extract_aggregate_id", "BusError", "ConfigurationError", "PublishError",
+           "extract_aggregate_id", "BusError", "ConfigurationError", "NatsAuth", "PublishError",
            "PublishResult", "Topology", "Subscription"]
 __version__ = "0.1.0"

@@ -304,6 +304,20 @@ def redact(text: str, secrets: tuple[str, ...] | list[str]) -> str:
     return text
 
 
+def resolve_auth(auth: NatsAuth | None = None, **given: str | None) -> NatsAuth:
+    """``auth`` as it is (the environment is not read), else :meth:`NatsAuth.from_env`
+    with the ``given`` settings (``user``, ``password``, ``token``, ``nkey_seed``,
+    ``creds``, ``tls_ca``, ``tls_cert``, ``tls_key``) overriding it."""
+    if auth is not None:
+        named = sorted(name for name, value in given.items() if value is not None)
+        if named:
+            raise ConfigurationError(f"give auth= or {', '.join(named)}, not both")
+        if not isinstance(auth, NatsAuth):
+            raise ConfigurationError(f"auth must be a NatsAuth, got {type(auth).__name__}")
+        return auth
+    return NatsAuth.from_env(**given)
+
+
 def servers_from_env(environ: Mapping[str, str] | None = None, default: str | None = None) -> str | None:
     """``$NATS_URL`` (as the ``nats`` CLI reads it), else ``default``."""
     env = os.environ if environ is None else environ

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from actorbus.envelope import Envelope
 from actorbus.bus import EventBus
+from actorbus.config import NatsAuth, show_servers
 from actorbus.message import Message
 from actorbus.publisher import PublishError
 from actorbus.server import NatsServer
@@ -294,8 +295,15 @@ def _wait(bus: EventBus, total: int, console: Console) -> tuple[dict[str, int], 
 
 def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
              keyless: int = 5000, console: Console | None = None,
-             metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
+             metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+             servers: str | None = None, nats: dict | None = None) -> int:
     """Run the demo end to end and print its summary; return 0 if every check passed, else 1.
+
+    ``servers`` is an existing NATS to use instead of an embedded server
+    (its streams DEMO_ORDERS and DEMO_METRICS should start empty); ``nats``
+    holds its credentials and TLS settings (:class:`EventBus` keywords),
+    the ``nats`` CLI's environment variables filling in the rest. The
+    embedded server has no authentication: neither is used with it.
 
     Raises ``ValueError`` for impossible arguments and lets errors of the
     server or the bus propagate (the CLI turns them into one line).
@@ -318,11 +326,11 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
 
     console.print(f"[bold]actorbus demo[/]: {envelopes} envelopes over {aggregates} aggregates, "
                   f"{keyless} plain messages, pool of {pool_size} actor processes")
-    with _environment(env), _log_to(log_path), NatsServer() as server:
-        console.print(f"nats-server pid {server.pid} at {server.url}")
-        with EventBus(servers=server.url, pool_size=pool_size, runtime="processes",
+    with _environment(env), _log_to(log_path), _server(servers, console) as url:
+        with EventBus(servers=url, pool_size=pool_size, runtime="processes",
                       log_config=log_config(log_path), metrics_port=metrics_port,
-                      metrics_host=metrics_host) as bus:
+                      metrics_host=metrics_host,
+                      **((nats or {}) if servers else {"auth": NatsAuth()})) as bus:
             if metrics_port is not None:
                 console.print(f"metrics at http://{metrics_host}:{metrics_port}/metrics")
             bus.subscribe(f"{ORDERS_SUBJECT}.>", "actorbus.demo:handle_order", envelope=True,
@@ -361,6 +369,18 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
         console.print(f"[red]plain messages[/]: {plain_done} handled, {keyless} published")
     console.print("[bold green]demo OK[/]" if ok else "[bold red]demo FAILED[/]")
     return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def _server(servers: str | None, console: Console) -> Iterator[str]:
+    """``servers`` as they are, or the URL of an embedded nats-server started for the demo."""
+    if servers:
+        console.print(f"NATS at {show_servers(servers)}")
+        yield servers
+        return
+    with NatsServer() as server:
+        console.print(f"nats-server pid {server.pid} at {server.url}")
+        yield server.url
 
 
 def _summary(console: Console, *, stats: dict[str, int], check: Check, envelopes: int,
