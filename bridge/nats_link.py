@@ -50,6 +50,7 @@ class NatsLink:
         self._outstanding = 0
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
+        self._violations: list[str] = []   # the server's permissions violations, latest last
 
     # ------------------------------------------------------------ any thread
     def connect(self) -> None:
@@ -66,8 +67,19 @@ class NatsLink:
                 f"{describe_error(exc, self._config.secrets())}") from None
 
     def subscribe(self, sub: SubscriptionConfig, timeout: float = 10.0) -> None:
-        """Ensure the stream and durable consumer, then start fetching for ``sub``."""
-        self._thread.run(self._subscribe(sub), timeout)
+        """Ensure the stream and durable consumer, then start fetching for ``sub``.
+
+        A JetStream API request the server refuses for lack of permission is
+        only dropped (the request then times out); the server's permissions
+        violation, reported meanwhile, is what the error says.
+        """
+        self._violations.clear()
+        try:
+            self._thread.run(self._subscribe(sub), timeout)
+        except Exception:
+            if self._violations:
+                raise PermissionError(self._violations[-1]) from None
+            raise
 
     def settle(self, actions: list[Order]) -> None:
         """Ack, nak (with delay), term or dead-letter these messages; returns at once."""
@@ -237,8 +249,11 @@ class NatsLink:
 
     async def _on_error(self, exc: Exception) -> None:
         # nats-py's texts pass through the redaction too: a secret never reaches a log.
-        log.warning("NATS error: %s: %s", type(exc).__name__,
-                    describe_error(exc, self._config.secrets()))
+        text = describe_error(exc, self._config.secrets())
+        if "permissions violation" in text.lower():
+            self._violations.append(text)
+            del self._violations[:-1]
+        log.warning("NATS error: %s: %s", type(exc).__name__, text)
 
     async def _on_disconnected(self) -> None:
         if not self._closing and self._nc is not None:
