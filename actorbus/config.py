@@ -296,10 +296,16 @@ def url_secrets(servers: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(found)
 
 
+#: Shorter secrets are not redacted from free text: masking every "b" of a message
+#: would hide the message, not a secret that short.
+MIN_REDACTED = 4
+
+
 def redact(text: str, secrets: tuple[str, ...] | list[str]) -> str:
-    """``text`` with every occurrence of each of ``secrets`` replaced by ``***``."""
+    """``text`` with every occurrence of each of ``secrets`` (of at least
+    :data:`MIN_REDACTED` characters) replaced by ``***``."""
     for secret in sorted(secrets, key=len, reverse=True):
-        if secret:
+        if secret and len(secret) >= MIN_REDACTED:
             text = text.replace(secret, MASK)
     return text
 
