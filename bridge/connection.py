@@ -117,8 +117,10 @@ async def open_connection(config: BusConfig, *, name: str, reconnect_forever: bo
 
     async def on_error(exc: Exception) -> None:
         if not connected:
-            last.append(exc)
-            del last[:-1]
+            # What the server said (authorization violation) or what TLS found
+            # (certificate verify failed) says more than the reset that follows it.
+            if _says_why(exc) or not (last and _says_why(last[-1])):
+                last[:] = [exc]
         elif error_cb is not None:
             await error_cb(exc)
 
@@ -144,6 +146,14 @@ async def open_connection(config: BusConfig, *, name: str, reconnect_forever: bo
             f"{describe_error(reason, secrets)} (tried for {tried:.0f} s)") from None
     connected = True
     return client
+
+
+def _says_why(exc: BaseException) -> bool:
+    """True for an error of the server or of TLS, not a bare network failure or timeout."""
+    if isinstance(exc, ssl.SSLError):
+        return True
+    return isinstance(exc, nats_errors.Error) and not isinstance(
+        exc, (nats_errors.TimeoutError, nats_errors.NoServersError))
 
 
 async def _abandon(client: Client) -> None:
