@@ -27,7 +27,9 @@ def nats_options(command: Callable) -> Callable:
     """The NATS connection options shared by ``run`` and ``demo``."""
     options = [
         click.option("--servers", default=None, envvar=_ARGV_SECRETS["servers"][1],
-                     show_envvar=False, help="NATS URL(s), comma-separated [env NATS_URL]."),
+                     show_envvar=False,
+                     help="NATS URL(s), comma-separated (run: overrides the topology's, which "
+                          "overrides $NATS_URL; demo: instead of an embedded server)."),
         click.option("--user", default=None, help="NATS user name (with --password) [env NATS_USER]."),
         click.option("--password", default=None, envvar=_ARGV_SECRETS["password"][1],
                      show_envvar=False, help="NATS password [env NATS_PASSWORD]."),
@@ -59,20 +61,23 @@ def hide_argv_secrets(ctx: click.Context, values: dict[str, str | None]) -> None
     """
     from actorbus.config import url_secrets
 
-    moved: dict[str, str] = {}
-    for name, (flag, variable) in _ARGV_SECRETS.items():
+    moved: dict[str, str] = {}      # flag -> its value
+    for name, (flag, _) in _ARGV_SECRETS.items():
         value = values.get(name)
         if value is None or ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
             continue
         if name == "servers" and not url_secrets(value.split(",")):
             continue
-        moved[flag] = variable
-        os.environ[variable] = value
+        moved[flag] = value
+    # Read already (or never set): not handed on to child processes.
     for _, variable in _ARGV_SECRETS.values():
-        if variable not in moved.values():
-            os.environ.pop(variable, None)  # read already: not handed to child processes
-    if not moved:
+        os.environ.pop(variable, None)
+    # Only a real command line is rewritten: a programmatic call (click's test
+    # runner, say) put nothing in this process's argv.
+    if not moved or not any(arg.split("=", 1)[0] in moved for arg in sys.orig_argv[1:]):
         return
+    for flag, value in moved.items():
+        os.environ[next(var for f, var in _ARGV_SECRETS.values() if f == flag)] = value
     argv = _without_options(list(sys.orig_argv[1:]), set(moved))
     sys.stdout.flush()
     sys.stderr.flush()
