@@ -9,7 +9,7 @@ from actorbus.aggregate import Aggregate
 from actorbus.envelope import Envelope, InvalidEnvelope
 from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bus import BusError, EventBus
-from actorbus.config import ConfigurationError
+from actorbus.config import ConfigurationError, NatsAuth
 from actorbus.message import Message
 from actorbus.publisher import PublishError, PublishResult
 from actorbus.topology import Subscription, Topology
@@ -18,6 +18,6 @@ from actorbus.topology import Subscription, Topology
 logging.getLogger("actorbus").addHandler(logging.NullHandler())
 
 __all__ = ["EventBus", "Aggregate", "Envelope", "Message", "InvalidEnvelope",
-           "extract_aggregate_id", "BusError", "ConfigurationError", "PublishError",
+           "extract_aggregate_id", "BusError", "ConfigurationError", "NatsAuth", "PublishError",
            "PublishResult", "Topology", "Subscription"]
 __version__ = "0.1.0"

@@ -11,13 +11,17 @@ from actorbus.actors.handlers import handler_reference
 from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, StartBus, Stats,
                                       StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.envelope import Envelope
-from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.config import (BusConfig, NatsAuth, SubscriptionConfig, resolve_auth,
+                             servers_from_env)
 from actorbus.metrics import MetricsServer
 from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
 from actorbus.runtime import ProcessRuntime, SimpleRuntime, make_runtime
 from actorbus.supervision.supervisor import Supervisor
 
 log = logging.getLogger("actorbus.bus")
+
+#: Where NATS is when neither ``servers`` nor ``$NATS_URL`` say.
+DEFAULT_SERVERS = "nats://127.0.0.1:4222"
 
 #: The counters ``stats()`` always has.
 STAT_KEYS = ("received", "processed", "failed", "acked", "naked", "dead_lettered", "restarts",
@@ -39,17 +43,35 @@ class EventBus:
 
         with EventBus(servers=url, pool_size=8) as bus:
             bus.subscribe("orders.>", handle, envelope=True, durable="orders")
+
+    ``servers`` defaults to ``$NATS_URL``, then ``nats://127.0.0.1:4222``.
+    A secured NATS: ``user`` with ``password``, ``token``, ``nkey_seed``
+    (an NKey seed file) or ``creds`` (a JWT creds file); ``tls_ca`` (a CA
+    file), ``tls_cert`` with ``tls_key`` (a client certificate). Settings
+    not given come from the ``nats`` CLI's environment variables
+    (``NATS_USER``, ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY``,
+    ``NATS_CA``, ``NATS_CERT``, ``NATS_KEY``); ``auth=NatsAuth(...)`` gives
+    them all at once and reads no environment.
     """
 
-    def __init__(self, servers: str | list[str] | tuple[str, ...] = "nats://127.0.0.1:4222",
+    def __init__(self, servers: str | list[str] | tuple[str, ...] | None = None,
                  pool_size: int = 8, runtime: str = "processes", supervision: Any = None, *,
                  window: int = BusConfig.window, connect_timeout: float = 5.0, name: str = "actorbus",
                  admin_port: int | None = None, log_config: dict | None = None,
                  request_timeout: float = 30.0, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1", transport_host: str | None = None) -> None:
+                 metrics_host: str = "127.0.0.1", transport_host: str | None = None,
+                 auth: NatsAuth | None = None, user: str | None = None, password: str | None = None,
+                 token: str | None = None, nkey_seed: str | None = None, creds: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
+        if servers is None:
+            servers = servers_from_env(default=DEFAULT_SERVERS)
         self.config = BusConfig(servers=tuple(servers) if isinstance(servers, list) else servers,
                                 pool_size=pool_size, runtime=runtime, window=window,
-                                connect_timeout=connect_timeout, name=name, supervision=supervision)
+                                connect_timeout=connect_timeout, name=name, supervision=supervision,
+                                auth=resolve_auth(auth, user=user, password=password, token=token,
+                                                  nkey_seed=nkey_seed, creds=creds, tls_ca=tls_ca,
+                                                  tls_cert=tls_cert, tls_key=tls_key))
         self._request_timeout = request_timeout
         self._request_ids = itertools.count(1)
         self._subscriptions: dict[str, SubscriptionConfig] = {}

@@ -9,7 +9,108 @@ import time
 from typing import Callable, Iterator
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
+
+#: The CLI's NATS settings, by EventBus keyword; the identity ones replace each other.
+_IDENTITY = ("user", "password", "token", "nkey_seed", "creds")
+_TLS = ("tls_ca", "tls_cert", "tls_key")
+#: Options whose values are secrets (``--servers`` only when a URL has user info): given
+#: on the command line, they move to these variables and the CLI runs itself again
+#: without them, before anything is started. Not for users: set NATS_* instead.
+_ARGV_SECRETS = {"password": ("--password", "_ACTORBUS_ARGV_PASSWORD"),
+                 "token": ("--token", "_ACTORBUS_ARGV_TOKEN"),
+                 "servers": ("--servers", "_ACTORBUS_ARGV_SERVERS")}
+
+
+def nats_options(command: Callable) -> Callable:
+    """The NATS connection options shared by ``run`` and ``demo``."""
+    options = [
+        click.option("--servers", default=None, envvar=_ARGV_SECRETS["servers"][1],
+                     show_envvar=False,
+                     help="NATS URL(s), comma-separated (run: overrides the topology's, which "
+                          "overrides $NATS_URL; demo: instead of an embedded server)."),
+        click.option("--user", default=None, help="NATS user name (with --password) [env NATS_USER]."),
+        click.option("--password", default=None, envvar=_ARGV_SECRETS["password"][1],
+                     show_envvar=False, help="NATS password [env NATS_PASSWORD]."),
+        click.option("--token", default=None, envvar=_ARGV_SECRETS["token"][1], show_envvar=False,
+                     help="NATS token [env NATS_USER without NATS_PASSWORD]."),
+        click.option("--nkey-seed", default=None, metavar="FILE",
+                     help="NKey seed file [env NATS_NKEY]."),
+        click.option("--creds", default=None, metavar="FILE",
+                     help="JWT user credentials file [env NATS_CREDS]."),
+        click.option("--tls-ca", default=None, metavar="FILE",
+                     help="CA certificate(s) that verify the server [env NATS_CA]."),
+        click.option("--tls-cert", default=None, metavar="FILE",
+                     help="Client certificate, for mutual TLS (with --tls-key) [env NATS_CERT]."),
+        click.option("--tls-key", default=None, metavar="FILE",
+                     help="Client certificate's key [env NATS_KEY]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def hide_argv_secrets(ctx: click.Context, values: dict[str, str | None]) -> None:
+    """If a secret came on the command line, run this command again with it in the
+    environment instead; otherwise drop the hand-over variables and return.
+
+    Every process of the bus is forked from this one and shows its command
+    line in ``/proc/<pid>/cmdline``, readable by any local user; the
+    environment (``/proc/<pid>/environ``) is readable by this user only.
+    """
+    from actorbus.config import url_secrets
+
+    moved: dict[str, str] = {}      # flag -> its value
+    for name, (flag, _) in _ARGV_SECRETS.items():
+        value = values.get(name)
+        if value is None or ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        if name == "servers" and not url_secrets(value.split(",")):
+            continue
+        moved[flag] = value
+    # Read already (or never set): not handed on to child processes.
+    for _, variable in _ARGV_SECRETS.values():
+        os.environ.pop(variable, None)
+    # Only a real command line is rewritten: a programmatic call (click's test
+    # runner, say) put nothing in this process's argv.
+    if not moved or not any(arg.split("=", 1)[0] in moved for arg in sys.orig_argv[1:]):
+        return
+    for flag, value in moved.items():
+        os.environ[next(var for f, var in _ARGV_SECRETS.values() if f == flag)] = value
+    argv = _without_options(list(sys.orig_argv[1:]), set(moved))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.orig_argv[0], *argv])
+
+
+def _without_options(argv: list[str], flags: set[str]) -> list[str]:
+    """``argv`` without ``--flag value`` and ``--flag=value`` for each of ``flags``."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--":
+            kept.append(arg)
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
+
+
+def nats_settings(ctx: click.Context, values: dict[str, str | None]) -> dict[str, str | None]:
+    """EventBus keyword arguments for the NATS options given (the environment fills the
+    rest): an identity given replaces the topology's, so its other fields go as None."""
+    given = {name: values[name] for name in _IDENTITY + _TLS if values.get(name) is not None}
+    if any(name in given for name in _IDENTITY):
+        given = {**dict.fromkeys(_IDENTITY), **given}
+    return given
 
 
 @contextlib.contextmanager
@@ -72,27 +173,38 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Address the metrics endpoint listens on.")
 @click.option("--keep-files", is_flag=True,
               help="Keep the demo's temporary folder (records and log) instead of removing it.")
+@nats_options
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, keyless: int,
-         metrics_port: int | None, metrics_host: str, keep_files: bool, debug: bool) -> None:
+         metrics_port: int | None, metrics_host: str, keep_files: bool, debug: bool,
+         servers: str | None, **nats: str | None) -> None:
     """Run an embedded nats-server and a process pool, inject failures, check the results.
 
+    With --servers the demo uses that NATS instead of its own, with the
+    credentials and TLS options given (or the nats CLI's environment variables).
     Exits 0 when every envelope was handled in order per aggregate and
     every plain message was handled once, 1 otherwise.
     """
+    hide_argv_secrets(ctx, {"servers": servers, **nats})
+    settings = nats_settings(ctx, nats)
+    if settings and not servers:
+        raise click.UsageError("credentials and TLS options are for a NATS given with --servers; "
+                               "the embedded nats-server has neither")
+
     def work() -> int:
         from actorbus.demo import run_demo
         return run_demo(pool_size=pool_size, envelopes=envelopes, aggregates=aggregates,
                         keyless=keyless, console=Console(), metrics_port=metrics_port,
-                        metrics_host=metrics_host, keep_files=keep_files)
+                        metrics_host=metrics_host, keep_files=keep_files, servers=servers,
+                        nats=settings)
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 
 
 @main.command()
 @click.argument("topology")
-@click.option("--servers", default=None, help="NATS URL(s), comma-separated; overrides the topology's.")
+@nats_options
 @click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
               help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default=None,
@@ -102,12 +214,17 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: int | None,
-        metrics_host: str | None, drain_timeout: float, debug: bool) -> None:
+        metrics_host: str | None, drain_timeout: float, debug: bool, **nats: str | None) -> None:
     """Run TOPOLOGY (package.module:name, an actorbus Topology) until SIGTERM or
     Ctrl-C, then drain: stop fetching, let in-flight messages finish, stop.
 
+    The NATS options override the topology's settings; those not given come
+    from the nats CLI's environment variables.
+
     Example: actorbus run examples.orders:topology --servers nats://127.0.0.1:4222
     """
+    hide_argv_secrets(ctx, {"servers": servers, **nats})
+
     def work() -> int:
         from actorbus.topology import load_topology
 
@@ -118,6 +235,7 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
         overrides = {name: value for name, value in (("metrics_port", metrics_port),
                                                       ("metrics_host", metrics_host))
                      if value is not None}
+        overrides.update(nats_settings(ctx, nats))
         bus = loaded.start(servers, **overrides)
         console.print(f"running {topology}: {len(loaded.subscriptions)} subscription(s), "
                       f"{len(bus.pids)} actor processes; SIGTERM or Ctrl-C drains and stops")

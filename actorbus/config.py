@@ -7,14 +7,21 @@ as a typed value; both travel pickled to the actor processes.
 from __future__ import annotations
 
 import enum
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Mapping
+from urllib.parse import urlsplit
 
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import DEFAULT_MAX_ENVELOPE_BYTES
 from actorbus.policies import SupervisionTree, as_tree, exponential_delay
 
 RUNTIMES = ("processes", "simple")
+#: URL schemes nats-py connects with (a URL without one means ``nats://``).
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+#: Where a URL or a repr shows a secret.
+MASK = "***"
 #: Largest ``BusConfig.window``: messages the Bridge may have in flight.
 MAX_WINDOW = 100_000
 STORAGE_TYPES = ("file", "memory")
@@ -151,8 +158,192 @@ class SubscriptionConfig:
         """Pause before in-place retry after ``attempt`` (1 for the first) failed."""
         return exponential_delay(self.retry_backoff, self.retry_backoff_max, attempt - 1)
 
+#: The ``nats`` CLI's environment variables, by :class:`NatsAuth` field. ``NATS_USER``
+#: is a token when ``NATS_PASSWORD`` is not set.
+ENVIRONMENT = {"user": "NATS_USER", "password": "NATS_PASSWORD", "creds": "NATS_CREDS",
+               "nkey_seed": "NATS_NKEY", "tls_ca": "NATS_CA", "tls_cert": "NATS_CERT",
+               "tls_key": "NATS_KEY"}
+#: The ways of saying who connects; at most one of them.
+_IDENTITIES = {"user/password": ("user", "password"), "token": ("token",),
+               "nkey_seed": ("nkey_seed",), "creds": ("creds",)}
+_FILES = ("nkey_seed", "creds", "tls_ca", "tls_cert", "tls_key")
+_SECRETS = ("password", "token")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
+class NatsAuth:
+    """How to authenticate to NATS and verify it: plain values, passed to nats-py as they are.
+
+    At most one identity: ``user`` with ``password``, ``token``, ``nkey_seed``
+    (the path of an NKey seed file) or ``creds`` (the path of a JWT
+    ``.creds`` file). TLS: ``tls_ca`` (a CA file that verifies the server,
+    instead of the system's), ``tls_cert`` with ``tls_key`` (a client
+    certificate, for mutual TLS). Files are checked when this is made; the
+    repr masks the password and the token.
+    """
+
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    nkey_seed: str | None = None
+    creds: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, field.name, value = os.fspath(value))
+            if value == "":
+                object.__setattr__(self, field.name, value := None)
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"{field.name} must be a str, got {type(value).__name__}")
+        given = [mode for mode, names in _IDENTITIES.items()
+                 if any(getattr(self, name) is not None for name in names)]
+        if len(given) > 1:
+            raise ConfigurationError(f"conflicting NATS credentials: {' and '.join(given)} are both "
+                                     "set; give one way of authenticating")
+        if (self.user is None) != (self.password is None):
+            missing = "password" if self.password is None else "user"
+            raise ConfigurationError(f"user and password go together: {missing} is missing")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ConfigurationError(f"tls_cert and tls_key go together: {missing} is missing")
+        for name in _FILES:
+            path = getattr(self, name)
+            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ConfigurationError(f"{name} {path!r} is not a readable file")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **given: str | None) -> "NatsAuth":
+        """Settings from the ``nats`` CLI's variables (``NATS_USER``, ``NATS_PASSWORD``,
+        ``NATS_CREDS``, ``NATS_NKEY``, ``NATS_CA``, ``NATS_CERT``, ``NATS_KEY``),
+        overridden by ``given`` values that are not None.
+
+        An identity given (user/password, token, nkey_seed, creds) replaces the
+        environment's identity as a whole; TLS files override one by one.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, str | None] = {name: env.get(var) or None for name, var in ENVIRONMENT.items()}
+        if values["user"] is not None and values["password"] is None:
+            values["token"], values["user"] = values["user"], None
+        unknown = set(given) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown NATS settings: {sorted(unknown)}")
+        given = {name: value for name, value in given.items() if value is not None}
+        identity = {name for names in _IDENTITIES.values() for name in names}
+        if identity & set(given):
+            values.update(dict.fromkeys(identity))
+        values.update(given)
+        return cls(**values)
+
+    @property
+    def configured(self) -> bool:
+        """True when anything is set."""
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    @property
+    def uses_tls(self) -> bool:
+        """True when a CA or a client certificate is set."""
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values themselves (password, token), to redact from text."""
+        return tuple(v for v in (self.password, self.token) if v)
+
+    def __repr__(self) -> str:
+        shown = [f"{f.name}={MASK if f.name in _SECRETS else getattr(self, f.name)!r}"
+                 for f in fields(self) if getattr(self, f.name) is not None]
+        return f"NatsAuth({', '.join(shown)})"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the secret of its user info masked: ``nats://alice:***@host:4222``;
+    a lone user name in a URL is a token to nats-py, so it is masked too."""
+    try:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+    except ValueError:
+        return MASK
+    if "@" not in parts.netloc:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:{MASK}" if colon else MASK
+    return parts._replace(netloc=f"{shown}@{host}").geturl()
+
+
+def show_servers(servers: tuple[str, ...] | list[str] | str) -> str:
+    """Server URLs as shown in logs and errors: comma-separated, secrets masked."""
+    if isinstance(servers, str):
+        servers = servers.split(",")
+    return ", ".join(mask_url(s.strip()) for s in servers)
+
+
+def url_secrets(servers: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The passwords (or tokens) in the user info of these URLs."""
+    found = []
+    for url in servers:
+        try:
+            parts = urlsplit(url if "://" in url else f"nats://{url}")
+        except ValueError:
+            continue
+        if parts.password:
+            found.append(parts.password)
+        elif "@" in parts.netloc and parts.username:
+            found.append(parts.username)  # a token
+    return tuple(found)
+
+
+#: Shorter secrets are not redacted from free text: masking every "b" of a message
+#: would hide the message, not a secret that short.
+MIN_REDACTED = 4
+
+
+def redact(text: str, secrets: tuple[str, ...] | list[str]) -> str:
+    """``text`` with every occurrence of each of ``secrets`` (of at least
+    :data:`MIN_REDACTED` characters) replaced by ``***``."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret and len(secret) >= MIN_REDACTED:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def resolve_auth(auth: NatsAuth | None = None, **given: str | None) -> NatsAuth:
+    """``auth`` as it is (the environment is not read), else :meth:`NatsAuth.from_env`
+    with the ``given`` settings (``user``, ``password``, ``token``, ``nkey_seed``,
+    ``creds``, ``tls_ca``, ``tls_cert``, ``tls_key``) overriding it."""
+    if auth is not None:
+        named = sorted(name for name, value in given.items() if value is not None)
+        if named:
+            raise ConfigurationError(f"give auth= or {', '.join(named)}, not both")
+        if not isinstance(auth, NatsAuth):
+            raise ConfigurationError(f"auth must be a NatsAuth, got {type(auth).__name__}")
+        return auth
+    return NatsAuth.from_env(**given)
+
+
+def servers_from_env(environ: Mapping[str, str] | None = None, default: str | None = None) -> str | None:
+    """``$NATS_URL`` (as the ``nats`` CLI reads it), else ``default``."""
+    env = os.environ if environ is None else environ
+    return env.get("NATS_URL") or default
+
+
+def _check_server_url(url: str) -> None:
+    try:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError as exc:
+        raise ConfigurationError(f"server URL {mask_url(url)!r} is not valid: {exc}") from None
+    if parts.scheme not in NATS_SCHEMES:
+        raise ConfigurationError(f"server URL {mask_url(url)!r} has scheme {parts.scheme!r}; "
+                                 f"use one of {', '.join(s + '://' for s in NATS_SCHEMES)}")
+    if not parts.hostname:
+        raise ConfigurationError(f"server URL {mask_url(url)!r} names no host")
+
+
+@dataclass(frozen=True, repr=False)
 class BusConfig:
     """The bus as a whole: where NATS is, how big the pool is, what runs it."""
 
@@ -164,12 +355,19 @@ class BusConfig:
     name: str = "actorbus"
     #: A policy for both levels, or a :class:`SupervisionTree`; normalised to a tree.
     supervision: SupervisionTree = None  # type: ignore[assignment]  # None: the defaults
+    #: Credentials and TLS for the NATS connections.
+    auth: NatsAuth = NatsAuth()
 
     def __post_init__(self) -> None:
         if isinstance(self.servers, str):
             object.__setattr__(self, "servers", tuple(s.strip() for s in self.servers.split(",")))
         if not self.servers or not all(isinstance(s, str) and s for s in self.servers):
-            raise ConfigurationError(f"servers must name at least one NATS URL, got {self.servers!r}")
+            shown = [mask_url(s) if isinstance(s, str) else s for s in self.servers]
+            raise ConfigurationError(f"servers must name at least one NATS URL, got {shown!r}")
+        for url in self.servers:
+            _check_server_url(url)
+        if not isinstance(self.auth, NatsAuth):
+            raise ConfigurationError(f"auth must be a NatsAuth, got {type(self.auth).__name__}")
         if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 0:
             raise ConfigurationError(
                 f"pool_size must be an int >= 0 (0 processes in the Bridge), got {self.pool_size!r}")
@@ -185,6 +383,19 @@ class BusConfig:
             object.__setattr__(self, "supervision", as_tree(self.supervision))
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret this configuration holds (in the auth and the URLs), to redact from text."""
+        return self.auth.secrets() + url_secrets(self.servers)
+
+    def shown_servers(self) -> str:
+        """The servers as logs and errors show them, secrets masked."""
+        return show_servers(self.servers)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                          if f.name != "servers")
+        return f"BusConfig(servers={tuple(mask_url(s) for s in self.servers)!r}, {shown})"
 
 
 def _check_subject(subject: object, what: str = "subject") -> None:

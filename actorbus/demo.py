@@ -36,6 +36,7 @@ from rich.table import Table
 
 from actorbus.envelope import Envelope
 from actorbus.bus import EventBus
+from actorbus.config import NatsAuth, show_servers
 from actorbus.message import Message
 from actorbus.publisher import PublishError
 from actorbus.runtime import process_alive
@@ -300,11 +301,20 @@ def _wait(bus: EventBus, total: int, console: Console) -> tuple[dict[str, int], 
 def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
              keyless: int = 5000, console: Console | None = None,
              metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
-             keep_files: bool = False) -> int:
+             keep_files: bool = False, servers: str | None = None,
+             nats: dict | None = None) -> int:
     """Run the demo end to end and print its summary; return 0 if every check passed, else 1
     (130 when interrupted: Ctrl-C or SIGTERM drains, a second one stops at once).
 
-    Its temporary folder (records, log) is removed at exit unless ``keep_files``.
+    ``servers`` (with ``nats``, the credentials) names a NATS to use instead of
+    an embedded nats-server. Its temporary folder (records, log) is removed at
+    exit unless ``keep_files``.
+
+    ``servers`` is an existing NATS to use instead of an embedded server
+    (its streams DEMO_ORDERS and DEMO_METRICS should start empty); ``nats``
+    holds its credentials and TLS settings (:class:`EventBus` keywords),
+    the ``nats`` CLI's environment variables filling in the rest. The
+    embedded server has no authentication: neither is used with it.
 
     Raises ``ValueError`` for impossible arguments and lets errors of the
     server or the bus propagate (the CLI turns them into one line).
@@ -327,17 +337,23 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
 
     console.print(f"[bold]actorbus demo[/]: {envelopes} envelopes over {aggregates} aggregates, "
                   f"{keyless} plain messages, pool of {pool_size} actor processes")
-    server = NatsServer()
+    server = None if servers else NatsServer()
     interrupted = False
     try:
         with _environment(env), _log_to(log_path):
             # Its own session: the terminal's Ctrl-C reaches the demo, which drains,
             # not the server the drain needs; it is stopped last, below.
-            server.start()
-            console.print(f"nats-server pid {server.pid} at {server.url}")
-            bus = EventBus(servers=server.url, pool_size=pool_size, runtime="processes",
+            if server is not None:
+                server.start()
+                console.print(f"nats-server pid {server.pid} at {server.url}")
+                url = server.url
+            else:
+                console.print(f"NATS at {show_servers(servers)}")
+                url = servers
+            bus = EventBus(servers=url, pool_size=pool_size, runtime="processes",
                            log_config=log_config(log_path), metrics_port=metrics_port,
-                           metrics_host=metrics_host)
+                           metrics_host=metrics_host,
+                           **((nats or {}) if servers else {"auth": NatsAuth()}))
             try:
                 if metrics_port is not None:
                     console.print(f"metrics at http://{metrics_host}:{metrics_port}/metrics")
@@ -361,7 +377,8 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
             if not interrupted:
                 check = check_records(work_dir, envelopes, aggregates)
     finally:
-        server.close()
+        if server is not None:
+            server.close()
         if not keep_files:
             shutil.rmtree(work_dir, ignore_errors=True)
     if interrupted:

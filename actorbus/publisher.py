@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-import nats
-
-from actorbus.bridge.connection import connect_options
+from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.config import BusConfig
 from actorbus.envelope import Envelope
+
+log = logging.getLogger("actorbus.publisher")
 
 
 class PublishError(RuntimeError):
@@ -57,14 +58,23 @@ class Publisher:
         self._timeout = timeout = config.connect_timeout
         name = f"{config.name}-publisher"
         self._thread = LoopThread(name)
-        options = connect_options(config, name=name, reconnect_forever=False)
+        self._secrets = config.secrets()
         try:
-            self._nc = self._thread.run(nats.connect(**options), timeout + 1.0)
+            self._nc = self._thread.run(open_connection(config, name=name, reconnect_forever=False,
+                                                        error_cb=self._on_error), timeout + 2.0)
+        except ConnectionError:
+            self._thread.stop()
+            raise
         except Exception as exc:
             self._thread.stop()
-            raise ConnectionError(f"could not connect to NATS at {', '.join(config.servers)}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+            raise ConnectionError(f"cannot connect to NATS at {config.shown_servers()}: "
+                                  f"{describe_error(exc, self._secrets)}") from None
         self._js = self._nc.jetstream()
+
+    async def _on_error(self, exc: Exception) -> None:
+        # Instead of nats-py's default, which logs the error with a traceback.
+        log.warning("NATS error (publisher): %s: %s", type(exc).__name__,
+                    describe_error(exc, self._secrets))
 
     def publish(self, subject: str, data: bytes,
                 headers: Mapping[str, str] | None = None) -> PublishResult:

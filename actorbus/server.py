@@ -38,12 +38,15 @@ class NatsServer:
     """A nats-server with JetStream, started and stopped by this process."""
 
     def __init__(self, store_dir: str | os.PathLike | None = None, port: int | None = None,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, config: str | os.PathLike | None = None) -> None:
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="actorbus-nats-"))
         self.port = port or free_port()
         self.binary = binary or find_nats_server()
         self.log_path = self.store_dir / "nats-server.log"
+        #: A server configuration file (authorization, TLS, ...); the address, port and
+        #: JetStream store given on the command line take precedence over it.
+        self.config = Path(config) if config is not None else None
         self._process: subprocess.Popen | None = None
 
     @property
@@ -64,7 +67,8 @@ class NatsServer:
         log_file = open(self.log_path, "ab")
         start_offset = log_file.tell()
         self._process = subprocess.Popen(
-            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js",
+            [self.binary, *(["-c", str(self.config)] if self.config else []),
+             "-a", "127.0.0.1", "-p", str(self.port), "-js",
              "-sd", str(self.store_dir / "jetstream")],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             # Its own session: a Ctrl-C meant for the program (which drains, and

@@ -25,17 +25,23 @@ class Topology:
     """What to run: the bus's settings and its subscriptions.
 
     ``bus`` holds :class:`EventBus` keyword arguments (``pool_size``,
-    ``supervision``, ``metrics_port``, ...); ``servers`` may be overridden
-    when the topology is started.
+    ``supervision``, ``metrics_port``, credentials and TLS such as
+    ``creds`` or ``tls_ca``, ...); ``servers`` may be overridden when the
+    topology is started; without any, ``$NATS_URL`` or
+    ``nats://127.0.0.1:4222``.
     """
 
     subscriptions: tuple[Subscription, ...]
-    servers: str = "nats://127.0.0.1:4222"
+    servers: str | None = None
     bus: dict[str, Any] = field(default_factory=dict)
 
     def start(self, servers: str | None = None, **overrides: Any) -> EventBus:
-        """Start an :class:`EventBus` with every subscription made; the caller stops it."""
-        bus = EventBus(servers=servers or self.servers, **{**self.bus, **overrides})
+        """Start an :class:`EventBus` with every subscription made; the caller stops it.
+
+        ``overrides`` replace the topology's ``bus`` settings one by one.
+        """
+        bus = EventBus(servers=servers if servers is not None else self.servers,
+                       **{**self.bus, **overrides})
         try:
             for sub in self.subscriptions:
                 bus.subscribe(sub.subject, sub.handler, envelope=sub.envelope, durable=sub.durable,

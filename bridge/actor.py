@@ -189,7 +189,9 @@ class Bridge(BusActor):
         try:
             self._link.connect()
         except ConnectionError as exc:
-            log.error("%s", exc)
+            # Whoever asked reports it (the facade raises, the Supervisor logs a
+            # restart's failure): an error line here would say it twice.
+            log.info("%s", exc)
             self._link.close(1.0)
             self._link = None
             self.send(sender, RequestFailed(message.request_id, str(exc)))

@@ -15,9 +15,7 @@ import time
 from collections import Counter
 from typing import Any
 
-import nats
-
-from actorbus.bridge.connection import connect_options
+from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.layout import ConsumerLayout, SingleDurable
 from actorbus.bridge.loop_thread import LoopThread
@@ -54,21 +52,36 @@ class NatsLink:
         self._held = 0   # of the outstanding, held back by the Bridge for per-key order
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
+        self._violations: list[str] = []   # the server's permissions violations, latest last
 
     # ------------------------------------------------------------ any thread
     def connect(self) -> None:
-        """Connect; raise ``ConnectionError`` naming the servers if it cannot."""
+        """Connect; raise ``ConnectionError`` naming the servers (secrets masked) and
+        the reason if it cannot within ``connect_timeout``."""
         timeout = self._config.connect_timeout
         try:
-            self._thread.run(self._connect(), timeout + 1.0)
+            self._thread.run(self._connect(), timeout + 2.0)
+        except ConnectionError:
+            raise
         except Exception as exc:
             raise ConnectionError(
-                f"could not connect to NATS at {', '.join(self._config.servers)}: "
-                f"{type(exc).__name__}: {exc}") from exc
+                f"cannot connect to NATS at {self._config.shown_servers()}: "
+                f"{describe_error(exc, self._config.secrets())}") from None
 
     def subscribe(self, sub: SubscriptionConfig, timeout: float = 10.0) -> None:
-        """Ensure the stream and durable consumer, then start fetching for ``sub``."""
-        self._thread.run(self._subscribe(sub), timeout)
+        """Ensure the stream and durable consumer, then start fetching for ``sub``.
+
+        A JetStream API request the server refuses for lack of permission is
+        only dropped (the request then times out); the server's permissions
+        violation, reported meanwhile, is what the error says.
+        """
+        self._violations.clear()
+        try:
+            self._thread.run(self._subscribe(sub), timeout)
+        except Exception:
+            if self._violations:
+                raise PermissionError(self._violations[-1]) from None
+            raise
 
     def settle(self, actions: list[Order]) -> None:
         """Ack, nak (with delay), term or dead-letter these messages; returns at once."""
@@ -109,10 +122,10 @@ class NatsLink:
 
     # ------------------------------------------------------------ loop thread
     async def _connect(self) -> None:
-        self._nc = await nats.connect(**connect_options(
+        self._nc = await open_connection(
             self._config, name=self._config.name, reconnect_forever=True,
             error_cb=self._on_error, disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected))
+            reconnected_cb=self._on_reconnected)
         self._js = self._nc.jetstream()
 
     async def _subscribe(self, sub: SubscriptionConfig) -> None:
@@ -274,10 +287,15 @@ class NatsLink:
             await self._nc.close()
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS error: %s: %s", type(exc).__name__, exc)
+        # nats-py's texts pass through the redaction too: a secret never reaches a log.
+        text = describe_error(exc, self._config.secrets())
+        if "permissions violation" in text.lower():
+            self._violations.append(text)
+            del self._violations[:-1]
+        log.warning("NATS error: %s: %s", type(exc).__name__, text)
 
     async def _on_disconnected(self) -> None:
-        if not self._closing:
+        if not self._closing and self._nc is not None:
             log.warning("disconnected from NATS")
 
     async def _on_reconnected(self) -> None:

@@ -132,3 +132,8 @@ def crash_on_crash(msg: Message) -> None:
     if msg.data == b"crash":
         os._exit(1)
     _write("ok", msg)
+
+
+#: The same, giving up on an unreachable or refusing NATS after one second.
+quick_topology = Topology(subscriptions=(Subscription("orders.>", record, durable="orders"),),
+                          bus={"pool_size": 1, "connect_timeout": 1.0})

@@ -1,0 +1,393 @@
+"""A secured NATS: every way of authenticating and of verifying TLS, against real
+nats-servers configured for it; wrong credentials as one clear error; least
+privilege; and no secret in any output or process command line."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nats
+import nkeys
+import pytest
+import trustme
+
+from actorbus import BusError, ConfigurationError, Envelope, EventBus, NatsAuth
+from actorbus.bridge.connection import connect_options
+from actorbus.config import BusConfig, mask_url
+from actorbus.ports import free_port
+from actorbus.runtime import process_alive
+from actorbus.server import NatsServer
+import actorbus.bus
+from tests.support import file_log_config, stream_info, wait_for, wait_for_stats
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+ACTORBUS = str(Path(sys.executable).parent / "actorbus")
+SECRET = "s3cr3t-Pa55word-9f1c"      # alice's password: must never show
+TOKEN = "t0ken-7d2e-never-shown"
+LEAST_PASSWORD = "least-pw-4b7a"
+
+
+def least_privilege(stream: str, durable: str, subject: str) -> tuple[list[str], list[str]]:
+    """What README lists: (publish, subscribe) permissions for one subscription."""
+    publish = [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
+               f"$JS.API.STREAM.INFO.{stream}_DLQ", f"$JS.API.STREAM.CREATE.{stream}_DLQ",
+               f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+               f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+               f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+               f"$JS.ACK.{stream}.{durable}.>", f"deadletter.{stream}", subject]
+    return publish, ["_INBOX.>"]
+
+
+def _quoted(items: list[str]) -> str:
+    return ", ".join(f'"{item}"' for item in items)
+
+
+# ---------------------------------------------------------------- servers and keys
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, the server's certificate for 127.0.0.1, a client certificate, and a CA that
+    signed neither; as files."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    client = ca.issue_cert("actorbus-client@example.com")
+    files = {"ca": directory / "ca.pem", "other_ca": directory / "other-ca.pem",
+             "server": directory / "server.pem", "server_key": directory / "server.key",
+             "client": directory / "client.pem", "client_key": directory / "client.key"}
+    ca.cert_pem.write_to_path(files["ca"])
+    other_ca.cert_pem.write_to_path(files["other_ca"])
+    server.cert_chain_pems[0].write_to_path(files["server"])
+    server.private_key_pem.write_to_path(files["server_key"])
+    client.cert_chain_pems[0].write_to_path(files["client"])
+    client.private_key_pem.write_to_path(files["client_key"])
+    return {name: str(path) for name, path in files.items()}
+
+
+@pytest.fixture(scope="module")
+def nkey_seed(tmp_path_factory):
+    """A throw-away NKey user: (seed file, public key)."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    path = tmp_path_factory.mktemp("nkey") / "user.nk"
+    path.write_bytes(seed + b"\n")
+    path.chmod(0o600)
+    return str(path), nkeys.from_seed(seed).public_key.decode()
+
+
+def _server(tmp_path_factory, name: str, config: str) -> NatsServer:
+    directory = tmp_path_factory.mktemp(name)
+    (directory / "server.conf").write_text(config)
+    return NatsServer(store_dir=directory / "store", config=directory / "server.conf").start()
+
+
+@pytest.fixture(scope="module")
+def users_server(tmp_path_factory, nkey_seed):
+    """Users with passwords (alice: everything; least: exactly the bus's permissions;
+    lacking: those less consumer creation) and an NKey user."""
+    publish, subscribe = least_privilege("LEAST", "least", "least.>")
+    lacking = [p for p in publish if ".CONSUMER.DURABLE.CREATE." not in p]
+    server = _server(tmp_path_factory, "users", f"""
+authorization {{
+  users = [
+    {{ user: alice, password: "{SECRET}" }}
+    {{ user: least, password: "{LEAST_PASSWORD}",
+       permissions: {{ publish: {{ allow: [{_quoted(publish)}] }},
+                       subscribe: {{ allow: [{_quoted(subscribe)}] }} }} }}
+    {{ user: lacking, password: "{LEAST_PASSWORD}",
+       permissions: {{ publish: {{ allow: [{_quoted(lacking)}] }},
+                       subscribe: {{ allow: [{_quoted(subscribe)}] }} }} }}
+    {{ nkey: {nkey_seed[1]} }}
+  ]
+}}
+""")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory):
+    server = _server(tmp_path_factory, "token", f'authorization {{ token: "{TOKEN}" }}\n')
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory, pki):
+    """TLS only, and a client certificate signed by the CA required (verify: true)."""
+    server = _server(tmp_path_factory, "tls", f"""
+tls {{
+  cert_file: "{pki['server']}"
+  key_file: "{pki['server_key']}"
+  ca_file: "{pki['ca']}"
+  verify: true
+  timeout: 2
+}}
+""")
+    yield server
+    server.close()
+
+
+def admin_url(server: NatsServer) -> str:
+    return f"nats://alice:{SECRET}@127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def built(records, log_file):
+    """Buses built by the test, each stopped in teardown with its processes gone."""
+    buses: list[EventBus] = []
+
+    def build(**kwargs) -> EventBus:
+        kwargs.setdefault("runtime", "processes")
+        kwargs.setdefault("pool_size", 1)
+        kwargs.setdefault("log_config", file_log_config(log_file))
+        bus = EventBus(**kwargs)
+        buses.append(bus)
+        return bus
+
+    yield build
+    for bus in buses:
+        bus.stop()
+        # SIGKILLed stragglers of the process group take a moment to be gone.
+        wait_for(lambda: not bus.runtime.pids(), timeout=10, what="no actor process left")
+
+
+def consume_hundred(bus: EventBus, name: str) -> None:
+    bus.subscribe(f"{name}.>", "tests.handlers:record", durable=name, stream=name.upper())
+    results = bus.publish_many([(f"{name}.{n % 7}", Envelope.create(f"k{n % 7}", "T", b"%d" % n))
+                                for n in range(100)])
+    assert all(r.ok for r in results)
+    stats = wait_for_stats(bus, "acked", 100, timeout=60)
+    assert stats["processed"] == 100 and stats["failed"] == 0
+
+
+# ---------------------------------------------------------------- each mode works
+@pytest.mark.parametrize("mode", ["user_password", "password_in_url", "token", "nkey", "mtls"])
+def test_each_way_of_authenticating_consumes_and_acks(mode, built, users_server, token_server,
+                                                      tls_server, pki, nkey_seed):
+    url = {"token": token_server.url, "mtls": tls_server.url}.get(mode, users_server.url)
+    settings = {
+        "user_password": {"user": "alice", "password": SECRET},
+        "password_in_url": {},
+        "token": {"token": TOKEN},
+        "nkey": {"nkey_seed": nkey_seed[0]},
+        "mtls": {"tls_ca": pki["ca"], "tls_cert": pki["client"], "tls_key": pki["client_key"]},
+    }[mode]
+    if mode == "password_in_url":
+        url = admin_url(users_server)
+    bus = built(servers=url, **settings)
+    consume_hundred(bus, f"auth_{mode}".replace("_", ""))
+
+
+# ---------------------------------------------------------------- wrong credentials
+@pytest.fixture
+def runtimes(monkeypatch):
+    """Every actor runtime an EventBus makes, even one whose constructor raises."""
+    made = []
+    real = actorbus.bus.make_runtime
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(actorbus.bus, "make_runtime", spy)
+    return made
+
+
+WRONG = {
+    "bad_password": ("users", {"user": "alice", "password": "wrong-Pa55-Xq"}, "authorization violation"),
+    "bad_token": ("token", {"token": "wrong-t0ken-Xq"}, "authorization violation"),
+    "wrong_ca": ("tls", {"tls_ca": "other_ca", "tls_cert": "client", "tls_key": "client_key"},
+                 "certificate verify failed"),
+    "no_client_cert": ("tls", {"tls_ca": "ca"}, "certificate required"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG))
+def test_wrong_credentials_fail_fast_with_one_clear_error(case, runtimes, records, users_server,
+                                                          token_server, tls_server, pki):
+    which, settings, reason = WRONG[case]
+    server = {"users": users_server, "token": token_server, "tls": tls_server}[which]
+    settings = {k: pki.get(v, v) if k.startswith("tls") else v for k, v in settings.items()}
+    started = time.monotonic()
+    with pytest.raises(BusError) as caught:
+        EventBus(servers=server.url, pool_size=1, connect_timeout=1.0, **settings)
+    took = time.monotonic() - started
+    message = str(caught.value)
+    assert f"cannot connect to NATS at {server.url}: " in message, message
+    if reason:
+        assert reason in message, message
+    assert "tried for" in message and "\n" not in message
+    for value in settings.values():
+        if "wrong" in value:
+            assert value not in message
+    assert took < 1.0 + 4.0, took      # connect_timeout, plus starting and stopping the actors
+    assert runtimes
+    wait_for(lambda: not [pid for runtime in runtimes for pid in runtime.pids()], timeout=10,
+             what="no actor process left")
+
+
+def test_cli_with_a_wrong_password_prints_one_line_and_leaves_nothing(users_server, records):
+    marker = uuid.uuid4().hex
+    wrong = "wr0ng-cli-Pa55"
+    result = subprocess.run(
+        [ACTORBUS, "run", "tests.handlers:quick_topology", "--servers", users_server.url,
+         "--user", "alice", "--password", wrong],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "ACTORBUS_TEST_MARKER": marker})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "authorization violation" in lines[0], result.stderr
+    assert f"cannot connect to NATS at {users_server.url}" in lines[0]
+    assert wrong not in result.stdout + result.stderr
+    assert wait_for(lambda: not marked(marker), timeout=10, what="no process of the CLI left")
+
+
+# ---------------------------------------------------------------- least privilege
+def test_a_user_with_only_the_listed_permissions_consumes_naks_and_dead_letters(built, users_server):
+    bus = built(servers=users_server.url, user="least", password=LEAST_PASSWORD)
+    bus.subscribe("least.>", "tests.handlers:fail_first_two_deliveries", durable="least",
+                  stream="LEAST", retries=0, nak_delay=0.05, nak_delay_max=0.1)
+    results = bus.publish_many([(f"least.{n}", Envelope.create(f"k{n}", "T", b"x")) for n in range(5)]
+                               + [("least.bad", b"not an envelope")])
+    assert all(r.ok for r in results)
+    stats = wait_for(lambda: (lambda s: s if s["acked"] >= 5 and s["dead_lettered"] >= 1 else None)(
+        bus.stats()), timeout=60, what="acks and a dead letter")
+    assert stats["naked"] >= 10 and stats["settle_errors"] == 0
+    assert stream_info(admin_url(users_server), "LEAST_DLQ").state.messages == 1
+
+
+def test_a_user_missing_a_permission_gets_a_clear_error(built, users_server):
+    bus = built(servers=users_server.url, user="lacking", password=LEAST_PASSWORD)
+    with pytest.raises(BusError, match=r"(?i)permissions violation for publish to "
+                                       r"\"?\$JS\.API\.CONSUMER\.DURABLE\.CREATE\.LEAST\.least"):
+        bus.subscribe("least.>", "tests.handlers:record", durable="least", stream="LEAST")
+
+
+# ---------------------------------------------------------------- no secrets anywhere
+def test_no_secret_in_logs_repr_stats_metrics_or_command_lines(tmp_path_factory, built, log_file):
+    server = _server(tmp_path_factory, "restart",
+                     f'authorization {{ user: alice, password: "{SECRET}" }}\n')
+    try:
+        metrics_port = free_port()
+        bus = built(servers=admin_url(server), metrics_port=metrics_port)
+        bus.subscribe("quiet.>", "tests.handlers:record", durable="quiet")
+        bus.publish("quiet.a", Envelope.create("a", "T", b"1").encode())
+        wait_for_stats(bus, "acked", 1)
+        server.kill()                     # disconnect and reconnect lines in the log
+        server.start()
+        wait_for(lambda: "reconnected to NATS" in log_file.read_text(), timeout=30,
+                 what="the reconnect to be logged")
+        bus.publish("quiet.a", Envelope.create("a", "T", b"2").encode())
+        stats = wait_for_stats(bus, "acked", 2)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+        shown = [repr(bus.config), str(bus.config), repr(stats), log_file.read_text(),
+                 metrics.decode()]
+        shown += [command_line(pid) for pid in bus.runtime.pids() + [os.getpid()]]
+        assert len(bus.runtime.pids()) >= 4
+        assert "alice:***@" in repr(bus.config)
+        assert not [text for text in shown if SECRET in text]
+    finally:
+        server.close()
+
+
+def test_cli_moves_secrets_out_of_every_command_line(users_server, records, tmp_path):
+    marker = uuid.uuid4().hex
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        process = subprocess.Popen(
+            [ACTORBUS, "run", "tests.handlers:topology", "--servers", admin_url(users_server),
+             "--drain-timeout", "1"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "ACTORBUS_TEST_MARKER": marker})
+    try:
+        wait_for(lambda: "running tests.handlers:topology" in out_path.read_text(), timeout=60,
+                 what="the topology to start")
+        pids = marked(marker)
+        assert process.pid in pids and len(pids) >= 5, pids   # the CLI, admin, logger, actors
+        lines = {pid: command_line(pid) for pid in pids}
+        assert not [line for line in lines.values() if SECRET in line], lines
+        assert "tests.handlers:topology" in lines[process.pid]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            for pid in marked(marker):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+    assert SECRET not in out_path.read_text()
+    assert wait_for(lambda: not marked(marker), timeout=20, what="every process to exit")
+
+
+# ---------------------------------------------------------------- values and wiring
+def test_settings_are_checked_and_masked(tmp_path, pki):
+    with pytest.raises(ConfigurationError, match="user/password and token"):
+        NatsAuth(user="a", password="b", token="c")
+    with pytest.raises(ConfigurationError, match="password is missing"):
+        NatsAuth(user="a")
+    with pytest.raises(ConfigurationError, match="tls_key is missing"):
+        NatsAuth(tls_cert=pki["client"])
+    with pytest.raises(ConfigurationError, match="creds .* is not a readable file"):
+        NatsAuth(creds=str(tmp_path / "missing.creds"))
+    with pytest.raises(ConfigurationError, match="servers must name at least one"):
+        BusConfig(servers="")
+    with pytest.raises(ConfigurationError, match="scheme 'foo'"):
+        BusConfig(servers="foo://127.0.0.1:4222")
+    with pytest.raises(ConfigurationError, match=r"nats://alice:\*\*\*@h:1:x"):
+        BusConfig(servers=f"nats://alice:{SECRET}@h:1:x")
+    assert repr(NatsAuth(user="alice", password=SECRET)) == "NatsAuth(user='alice', password='***')"
+    assert SECRET not in repr(BusConfig(servers=f"nats://alice:{SECRET}@h:1"))
+    assert mask_url(f"nats://alice:{SECRET}@h:1") == "nats://alice:***@h:1"
+    assert mask_url(f"nats://{TOKEN}@h:1") == "nats://***@h:1"
+    assert mask_url("nats://h:1") == "nats://h:1"
+
+
+def test_environment_variables_of_the_nats_cli(pki):
+    env = {"NATS_USER": "alice", "NATS_PASSWORD": SECRET, "NATS_CA": pki["ca"]}
+    assert NatsAuth.from_env(env) == NatsAuth(user="alice", password=SECRET, tls_ca=pki["ca"])
+    assert NatsAuth.from_env({"NATS_USER": TOKEN}) == NatsAuth(token=TOKEN)
+    # An identity given replaces the environment's; TLS files override one by one.
+    assert NatsAuth.from_env(env, token=TOKEN) == NatsAuth(token=TOKEN, tls_ca=pki["ca"])
+
+
+def test_creds_file_is_passed_to_nats_py_as_it_is(tmp_path, pki):
+    # A JWT creds file needs an operator-mode server (operator, account and user JWTs):
+    # this checks the wiring only.
+    creds = tmp_path / "user.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\nx\n------END NATS USER JWT------\n")
+    config = BusConfig(servers="nats://127.0.0.1:4222",
+                       auth=NatsAuth(creds=str(creds), tls_ca=pki["ca"]))
+    options = connect_options(config, name="t", reconnect_forever=False)
+    assert options["user_credentials"] == str(creds)
+    assert options["tls"].verify_mode.name == "CERT_REQUIRED"
+    assert "user" not in options and "token" not in options
+
+
+# ---------------------------------------------------------------- helpers
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def marked(marker: str) -> list[int]:
+    """Live processes whose environment carries ``marker`` (forked ones inherit it)."""
+    needle = f"ACTORBUS_TEST_MARKER={marker}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry}/environ").read_bytes() and process_alive(int(entry)):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
