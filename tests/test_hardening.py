@@ -77,7 +77,7 @@ def test_bad_input_is_dead_lettered_at_once_with_its_reason(make_bus, records, n
     reasons = [m.headers["Actorbus-Error"] for m in letters]
     assert len(reasons) == len(BAD_INPUTS)
     assert [int(m.headers["Actorbus-Stream-Sequence"]) for m in letters] == [2, 3, 4, 5, 6]
-    assert "expected a msgpack map, got 9 bytes starting c1 00 67" in reasons[0]
+    assert "expected a msgpack map or a JSON object, got 9 bytes starting c1 00 67" in reasons[0]
     assert "expected a msgpack map, got 4 bytes starting 93 01 02 03" in reasons[1]
     assert "event_id: blank" in reasons[2]
     assert "aggregate_id" in reasons[3]
