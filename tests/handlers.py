@@ -126,3 +126,18 @@ def crash_on_crash(msg: Message) -> None:
     if msg.data == b"crash":
         os._exit(1)
     _write("ok", msg)
+
+
+def fail_marked_once(msg: Message) -> None:
+    """Fail the first delivery of an envelope whose JSON payload has ``"fail": true``."""
+    if msg.delivery_count == 1 and msg.envelope.payload_json().get("fail"):
+        _write("fail", msg)
+        raise RuntimeError("deliberate failure of a marked envelope")
+    _write("ok", msg)
+
+
+def record_envelope_as_json(msg: Message) -> None:
+    """Record the envelope as this process would publish it in JSON (hex, a line each)."""
+    from actorbus.codecs import EnvelopeFormat
+    with open(_records_dir() / f"json-{os.getpid()}.txt", "a") as out:
+        out.write(msg.envelope.encode(EnvelopeFormat.JSON).hex() + "\n")
