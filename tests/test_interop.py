@@ -96,3 +96,27 @@ def test_go_envelopes_come_out_of_a_handler_and_publish_envelope_as_they_went_in
     assert stored.headers["Content-Type"] == "application/msgpack"
     assert stored.headers["X-Aggregate-ID"] == envelope.aggregate_id
     assert Envelope.decode(stored.data) == envelope
+
+
+def test_a_plain_subscription_routes_go_envelopes_by_their_body(make_bus, records):
+    # The newest Go publisher sets no X-Aggregate-ID: the body gives the key (SPEC §2, rule 1).
+    bus = make_bus(pool_size=2)
+    bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
+    results = bus.publish_many([(f"metrics.{n % 3}", go_envelope(n, f"host-{n % 3}", {"n": n}))
+                                for n in range(30)] + [("metrics.x", b'{"n":"no-envelope"}')])
+    assert all(r.ok for r in results)
+
+    wait_for_stats(bus, "acked", 31)
+
+    by_key, pids = defaultdict(list), defaultdict(set)
+    found = read_records(records)
+    assert len(found) == 31
+    for r in found:
+        if r.aggregate_id == "-":
+            assert r.routing_key.startswith("rr-")    # a JSON body that is no envelope: keyless
+            continue
+        by_key[r.routing_key].append(json.loads(r.data)["payload"]["n"])
+        pids[r.routing_key].add(r.pid)
+    assert set(by_key) == {"host-0", "host-1", "host-2"}
+    for key, numbers in by_key.items():
+        assert numbers == sorted(numbers) and len(numbers) == 10 and len(pids[key]) == 1
