@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 from actorbus.actors.handlers import handler_reference
 from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, StartBus, Stats,
                                       StatsRequest, StopBus, Subscribe, Subscribed)
+from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import Envelope
 from actorbus.config import (BusConfig, NatsAuth, SubscriptionConfig, resolve_auth,
                              servers_from_env)
@@ -129,18 +130,22 @@ class EventBus:
         self._check_running()
         return self._publisher.publish(subject, data, headers)
 
-    def publish_envelope(self, subject: str, envelope: Envelope) -> PublishResult:
-        """Publish an envelope (with ``Nats-Msg-Id`` set to its event id); return its
-        :class:`PublishResult`: ``duplicate`` is True when JetStream already had it."""
+    def publish_envelope(self, subject: str, envelope: Envelope,
+                         format: EnvelopeFormat | str = EnvelopeFormat.MSGPACK) -> PublishResult:
+        """Publish an envelope in ``format`` (``"msgpack"``, or ``"json"`` as the Go EventBus
+        writes it) with headers ``Nats-Msg-Id`` (its event id), ``Content-Type`` and
+        ``X-Aggregate-ID``; return its :class:`PublishResult`: ``duplicate`` is True when
+        JetStream already had it."""
         self._check_running()
-        return self._publisher.publish_envelope(subject, envelope)
+        return self._publisher.publish_envelope(subject, envelope, format)
 
-    def publish_many(self, messages: Iterable[OutgoingMessage], *,
-                     in_flight: int = 500) -> list[PublishResult]:
+    def publish_many(self, messages: Iterable[OutgoingMessage], *, in_flight: int = 500,
+                     format: EnvelopeFormat | str = EnvelopeFormat.MSGPACK) -> list[PublishResult]:
         """Publish ``(subject, data[, headers])`` items (``data`` bytes or an
-        :class:`Envelope`), awaiting every acknowledgement; one result each, in order."""
+        :class:`Envelope`, encoded in ``format``), awaiting every acknowledgement; one
+        result each, in order."""
         self._check_running()
-        return self._publisher.publish_many(messages, in_flight=in_flight)
+        return self._publisher.publish_many(messages, in_flight=in_flight, format=format)
 
     # ------------------------------------------------------------ watching, stopping
     def stats(self) -> dict[str, Any]:

@@ -67,6 +67,8 @@ class SubscriptionConfig:
     #: picks the default ``settlement`` (envelopes redelivered, plain messages not).
     envelope: bool = True
     settlement: SettlementPolicy = None  # type: ignore[assignment]  # None: derived at construction
+    #: The envelope encoding: ``auto`` recognises msgpack or JSON per message by its first
+    #: bytes; ``msgpack`` or ``json`` fixes it.
     envelope_format: EnvelopeFormat = EnvelopeFormat.AUTO
     durable: str = None  # type: ignore[assignment]  # None: derived at construction
     stream: str = None  # type: ignore[assignment]  # None: derived at construction

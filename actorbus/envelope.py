@@ -5,15 +5,31 @@ validate can never be processed successfully, so it is rejected with an
 :class:`InvalidEnvelope` naming the field instead of reaching a handler.
 The wire encodings are codecs (:mod:`actorbus.codecs`); this module
 knows the fields.
+
+``payload`` is bytes in both encodings. A JSON envelope carries it as an
+inline JSON value; :attr:`Envelope.payload` then holds that value's JSON
+text exactly as the producer wrote it (UTF-8), and writing the envelope as
+JSON puts the same text back, so decode → encode in JSON gives identical
+fields. :meth:`Envelope.payload_json` parses it.
+
+``timestamp`` is kept as it was received (an RFC 3339 string, nanoseconds
+and offset included, or epoch milliseconds): it is validated, never
+re-formatted, except that JSON has no epoch form (Go reads ``time.Time``
+from RFC 3339 only), so epoch milliseconds are written to JSON as RFC 3339
+UTC.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
+import re
 import uuid
 from typing import Any, Mapping
 
-from actorbus.codecs import CodecError, EnvelopeFormat, codec_for, CODECS
+import msgpack
+
+from actorbus.codecs import CODECS, CodecError, EnvelopeFormat, codec_for, wire_type
 from actorbus.ids import is_valid_id
 
 #: Largest encoded envelope accepted by :func:`decode_envelope` by default.
@@ -23,16 +39,23 @@ _REQUIRED_STR = ("event_id", "event_type")
 _OPTIONAL_STR = ("trace_id", "correlation_id", "tenant_id")
 
 
+#: How errors name each encoding.
+_FORMAT_NAMES = {EnvelopeFormat.MSGPACK: "msgpack", EnvelopeFormat.JSON: "JSON"}
+
+
 class InvalidEnvelope(ValueError):
     """Raised when bytes or values do not form a valid envelope.
 
-    ``field`` names the offending field (or ``"<envelope>"`` for the whole).
+    ``field`` names the offending field (or ``"<envelope>"`` for the whole);
+    ``format`` is the encoding the bytes were read as, when one was.
     """
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"invalid envelope: {field}: {problem}")
+    def __init__(self, field: str, problem: str, format: EnvelopeFormat | None = None) -> None:
+        kind = f"{_FORMAT_NAMES[format]} " if format in _FORMAT_NAMES else ""
+        super().__init__(f"invalid {kind}envelope: {field}: {problem}")
         self.field = field
         self.problem = problem
+        self.format = format
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,6 +106,10 @@ class Envelope:
         """The wire form in ``format`` (msgpack by default), optional fields left out when unset."""
         return encode_envelope(self, format)
 
+    def payload_json(self) -> Any:
+        """The payload parsed as JSON (a JSON envelope's inline value); ``ValueError`` if it is not."""
+        return json.loads(self.payload)
+
     @classmethod
     def decode(cls, data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *,
                max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> "Envelope":
@@ -91,12 +118,50 @@ class Envelope:
 
 
 def encode_envelope(envelope: Envelope, format: EnvelopeFormat = EnvelopeFormat.MSGPACK) -> bytes:
-    """Encode ``envelope`` in ``format`` (a concrete one: ``AUTO`` has nothing to write)."""
+    """Encode ``envelope`` in ``format`` (a concrete one: ``AUTO`` has nothing to write).
+
+    As JSON it is what the Go EventBus writes: empty optional fields left
+    out, ``payload`` inline (so it must be JSON text: :class:`InvalidEnvelope`
+    otherwise), an epoch-millisecond ``timestamp`` as RFC 3339 UTC.
+    """
+    format = EnvelopeFormat(format)
     if format is EnvelopeFormat.AUTO:
         raise ValueError("encode needs a concrete envelope format, not 'auto'")
     wire = {name: getattr(envelope, name) for name in _FIELDS}
     wire = {k: (dict(v) if k == "metadata" else v) for k, v in wire.items() if v is not None}
-    return CODECS[EnvelopeFormat(format)].encode(wire)
+    if format is EnvelopeFormat.JSON:
+        _to_json_fields(wire)
+    return CODECS[format].encode(wire)
+
+
+def _to_json_fields(wire: dict[str, Any]) -> None:
+    for name in _OPTIONAL_STR:
+        if wire.get(name) == "":  # omitempty
+            del wire[name]
+    if isinstance(wire["timestamp"], int):
+        wire["timestamp"] = _rfc3339_from_epoch_ms(wire["timestamp"])
+    try:
+        json.loads(wire["payload"])
+    except ValueError as exc:
+        raise InvalidEnvelope("payload", f"is not JSON text ({exc}), and a JSON envelope carries "
+                              "its payload as an inline JSON value", EnvelopeFormat.JSON) from None
+    if "metadata" in wire:
+        try:
+            json.dumps(wire["metadata"], allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidEnvelope("metadata", f"cannot be written as JSON: {exc}",
+                                  EnvelopeFormat.JSON) from None
+
+
+def _rfc3339_from_epoch_ms(ms: int) -> str:
+    # As Go's RFC3339Nano writes UTC: trailing zeros of the fraction trimmed, "Z".
+    moment = _EPOCH + _dt.timedelta(milliseconds=ms)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{ms % 1000:03d}".rstrip("0")
+    return f"{text}.{fraction}Z" if fraction else f"{text}Z"
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
 
 def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *,
@@ -113,15 +178,28 @@ def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *
         raise InvalidEnvelope("<envelope>", f"{len(data)} bytes is over the {max_bytes}-byte limit")
     try:
         codec = codec_for(data, format)
-        wire = codec.decode(data)
     except CodecError as exc:
         raise InvalidEnvelope("<envelope>", str(exc)) from None
+    try:
+        wire = codec.decode(data)
+    except CodecError as exc:
+        raise InvalidEnvelope("<envelope>", str(exc), codec.format) from None
+    if codec.format is EnvelopeFormat.JSON:
+        for name in _OPTIONAL_STR:
+            # Go's zero value: an empty or null optional string is an absent one.
+            if name in wire and wire[name] in ("", None):
+                del wire[name]
+        if wire.get("payload") == b"null":
+            raise InvalidEnvelope("payload", "null", codec.format)
     for name in _REQUIRED_FIELDS:
         if name not in wire:
-            raise InvalidEnvelope(name, "missing")
+            raise InvalidEnvelope(name, "missing", codec.format)
     # Unknown keys are ignored so that newer producers can add fields.
     if not validated:
-        return Envelope(**{name: wire[name] for name in _FIELDS if name in wire})
+        try:
+            return Envelope(**{name: wire[name] for name in _FIELDS if name in wire})
+        except InvalidEnvelope as exc:
+            raise InvalidEnvelope(exc.field, exc.problem, codec.format) from None
     envelope = _new_envelope(Envelope)
     get = wire.get
     for name in _FIELDS:
@@ -140,48 +218,93 @@ def _validate(env: Envelope) -> None:
     for name in _REQUIRED_STR:
         value = getattr(env, name)
         if not isinstance(value, str):
-            raise InvalidEnvelope(name, f"expected str, got {type(value).__name__}")
+            raise InvalidEnvelope(name, f"expected a string, got {_a(value)}")
         if not value.strip():
             raise InvalidEnvelope(name, "blank")
     if not isinstance(env.aggregate_id, str):
-        raise InvalidEnvelope("aggregate_id", f"expected str, got {type(env.aggregate_id).__name__}")
+        raise InvalidEnvelope("aggregate_id", f"expected a string, got {_a(env.aggregate_id)}")
     if not is_valid_id(env.aggregate_id):
         raise InvalidEnvelope(
             "aggregate_id", f"{env.aggregate_id!r} is not 1-256 bytes of [A-Za-z0-9:_-./]")
     if isinstance(env.event_version, bool) or not isinstance(env.event_version, int):
-        raise InvalidEnvelope("event_version", f"expected int, got {type(env.event_version).__name__}")
+        raise InvalidEnvelope("event_version", f"expected an integer, got {_a(env.event_version)}")
     if env.event_version < 1:
         raise InvalidEnvelope("event_version", f"{env.event_version} is below 1")
     _validate_timestamp(env.timestamp)
     if not isinstance(env.payload, (bytes, bytearray)):
-        raise InvalidEnvelope("payload", f"expected bytes, got {type(env.payload).__name__}")
+        raise InvalidEnvelope("payload", f"expected binary (bytes), got {_a(env.payload)}")
     if not env.payload:
         raise InvalidEnvelope("payload", "empty")
     for name in _OPTIONAL_STR:
         value = getattr(env, name)
         if value is not None and not isinstance(value, str):
-            raise InvalidEnvelope(name, f"expected str, got {type(value).__name__}")
+            raise InvalidEnvelope(name, f"expected a string, got {_a(value)}")
     if env.metadata is not None:
         if not isinstance(env.metadata, Mapping):
-            raise InvalidEnvelope("metadata", f"expected a map, got {type(env.metadata).__name__}")
+            raise InvalidEnvelope("metadata", f"expected a map, got {_a(env.metadata)}")
         if not all(isinstance(k, str) for k in env.metadata):
             raise InvalidEnvelope("metadata", "keys must be str")
+        extension = _find_extension(env.metadata)
+        if extension is not None:
+            raise InvalidEnvelope("metadata", f"holds {_a(extension)}, which has no meaning here")
+
+
+def _a(value: object) -> str:
+    """The wire type of ``value`` with an article, for "expected X, got <this>"."""
+    kind = wire_type(value)
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _find_extension(value: object) -> object | None:
+    # msgpack extension values anywhere in metadata are rejected, as at the top level.
+    if isinstance(value, (msgpack.ExtType, msgpack.Timestamp)):
+        return value
+    children = value.values() if isinstance(value, Mapping) else (
+        value if isinstance(value, (list, tuple)) else ())
+    for child in children:
+        found = _find_extension(child)
+        if found is not None:
+            return found
+    return None
+
+
+# RFC 3339 date-time (section 5.6): any number of fractional digits (Go writes up to
+# nine), "T", "t" or a space between date and time, "Z", "z" or a numeric offset.
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?"
+                      r"([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 
 
 def _validate_timestamp(value: object) -> None:
     if isinstance(value, bool):
-        raise InvalidEnvelope("timestamp", "expected RFC 3339 str or epoch milliseconds, got bool")
+        raise InvalidEnvelope("timestamp", "expected an RFC 3339 string or epoch milliseconds, "
+                              "got a boolean")
     if isinstance(value, int):
         if value < 0:
             raise InvalidEnvelope("timestamp", f"epoch milliseconds {value} is negative")
         return
     if isinstance(value, str):
-        try:
-            parsed = _dt.datetime.fromisoformat(value)
-        except ValueError:
+        match = _RFC3339.fullmatch(value)
+        if match is None:
+            if _dt_without_offset(value):
+                raise InvalidEnvelope("timestamp", f"{value!r} has no UTC offset")
             raise InvalidEnvelope("timestamp", f"{value!r} is not RFC 3339") from None
-        if parsed.tzinfo is None:
-            raise InvalidEnvelope("timestamp", f"{value!r} has no UTC offset")
+        date, time, fraction, offset = match.groups()
+        # Only to check that the date and time exist: fromisoformat reads at most
+        # microseconds on every Python version we support, so the fraction is cut
+        # to six digits here; the string itself is kept as it was received.
+        micros = f".{fraction[:6]}" if fraction else ""
+        zone = "+00:00" if offset in ("Z", "z") else offset
+        try:
+            _dt.datetime.fromisoformat(f"{date}T{time}{micros}{zone}")
+        except ValueError as exc:
+            raise InvalidEnvelope("timestamp", f"{value!r} is not a valid time ({exc})") from None
         return
     raise InvalidEnvelope(
-        "timestamp", f"expected RFC 3339 str or epoch milliseconds, got {type(value).__name__}")
+        "timestamp", f"expected an RFC 3339 string or epoch milliseconds, got {_a(value)}")
+
+
+def _dt_without_offset(value: str) -> bool:
+    try:
+        return _dt.datetime.fromisoformat(value).tzinfo is None
+    except ValueError:
+        return False

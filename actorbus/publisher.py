@@ -8,10 +8,19 @@ from typing import Iterable, Mapping, Sequence
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.loop_thread import LoopThread
+from actorbus.codecs import CODECS, EnvelopeFormat
 from actorbus.config import BusConfig
 from actorbus.envelope import Envelope
 
 log = logging.getLogger("actorbus.publisher")
+
+
+def envelope_headers(envelope: Envelope, format: EnvelopeFormat) -> dict[str, str]:
+    """What an envelope is published with: ``Nats-Msg-Id`` (its event id, so JetStream
+    drops retried copies), ``Content-Type`` (the encoding's) and ``X-Aggregate-ID``
+    (so a consumer routes it without decoding the body)."""
+    return {"Nats-Msg-Id": envelope.event_id, "Content-Type": CODECS[format].content_type,
+            "X-Aggregate-ID": envelope.aggregate_id}
 
 
 class PublishError(RuntimeError):
@@ -89,20 +98,28 @@ class Publisher:
             raise PublishError(f"publishing to {subject!r} failed: {type(exc).__name__}: {exc}") from exc
         return _result(subject, ack)
 
-    def publish_envelope(self, subject: str, envelope: Envelope) -> PublishResult:
-        """Publish an envelope with ``Nats-Msg-Id: <event_id>`` so JetStream drops retried copies."""
+    def publish_envelope(self, subject: str, envelope: Envelope,
+                         format: EnvelopeFormat | str = EnvelopeFormat.MSGPACK) -> PublishResult:
+        """Publish an envelope encoded in ``format`` (``"msgpack"`` or ``"json"``, as the
+        Go EventBus writes it), with the headers of :func:`envelope_headers`, so JetStream
+        drops retried copies."""
         if not isinstance(envelope, Envelope):
             raise TypeError(f"envelope must be an Envelope, got {type(envelope).__name__}")
-        return self.publish(subject, envelope.encode(), {"Nats-Msg-Id": envelope.event_id})
+        format = EnvelopeFormat(format)
+        return self.publish(subject, envelope.encode(format), envelope_headers(envelope, format))
 
     def publish_many(self, messages: Iterable[OutgoingMessage], *, in_flight: int = 500,
-                     timeout: float | None = None) -> list[PublishResult]:
+                     timeout: float | None = None,
+                     format: EnvelopeFormat | str = EnvelopeFormat.MSGPACK) -> list[PublishResult]:
         """Publish many messages with up to ``in_flight`` acknowledgements awaited at once.
 
-        Waits for every acknowledgement and reports each message's fate, in
-        order, instead of raising: a failure of one does not stop the rest.
+        Envelope items are encoded in ``format`` with the headers of
+        :func:`envelope_headers` (added to their own). Waits for every
+        acknowledgement and reports each message's fate, in order, instead
+        of raising: a failure of one does not stop the rest.
         """
-        prepared = [self._prepare(item) for item in messages]
+        format = EnvelopeFormat(format)
+        prepared = [self._prepare(item, format) for item in messages]
         budget = timeout if timeout is not None else self._timeout * (1 + len(prepared) / in_flight)
         return self._thread.run(self._publish_all(prepared, in_flight), budget)
 
@@ -121,14 +138,14 @@ class Publisher:
         return results
 
     @staticmethod
-    def _prepare(item: OutgoingMessage) -> tuple[str, bytes, dict | None]:
+    def _prepare(item: OutgoingMessage, format: EnvelopeFormat) -> tuple[str, bytes, dict | None]:
         if len(item) not in (2, 3):
             raise TypeError(f"expected (subject, data[, headers]), got {item!r}")
         subject, data = item[0], item[1]
         headers = dict(item[2]) if len(item) == 3 and item[2] else None
         if isinstance(data, Envelope):
-            headers = {**(headers or {}), "Nats-Msg-Id": data.event_id}
-            data = data.encode()
+            headers = {**(headers or {}), **envelope_headers(data, format)}
+            data = data.encode(format)
         elif not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"data for {subject!r} must be bytes or an Envelope, got {type(data).__name__}")
         return subject, bytes(data), headers

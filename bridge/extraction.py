@@ -42,8 +42,10 @@ def extract_aggregate_id(
         key_from_subject = key_from_subject or use_subject
     if isinstance(data, Envelope):
         return data.aggregate_id
-    # Only bytes that look like an envelope are decoded: plain payloads are not decoded in vain.
-    if isinstance(data, (bytes, bytearray)) and any(c.recognises(data) for c in CODECS.values()):
+    # Only bytes that look like an envelope are decoded: plain payloads are not decoded in vain
+    # (a JSON body is common on plain subjects; one without the key is no envelope).
+    if (isinstance(data, (bytes, bytearray)) and any(c.recognises(data) for c in CODECS.values())
+            and b"aggregate_id" in data):
         try:
             return decode_envelope(bytes(data)).aggregate_id
         except InvalidEnvelope:

@@ -137,3 +137,18 @@ def crash_on_crash(msg: Message) -> None:
 #: The same, giving up on an unreachable or refusing NATS after one second.
 quick_topology = Topology(subscriptions=(Subscription("orders.>", record, durable="orders"),),
                           bus={"pool_size": 1, "connect_timeout": 1.0})
+
+
+def fail_marked_once(msg: Message) -> None:
+    """Fail the first delivery of an envelope whose JSON payload has ``"fail": true``."""
+    if msg.delivery_count == 1 and msg.envelope.payload_json().get("fail"):
+        _write("fail", msg)
+        raise RuntimeError("deliberate failure of a marked envelope")
+    _write("ok", msg)
+
+
+def record_envelope_as_json(msg: Message) -> None:
+    """Record the envelope as this process would publish it in JSON (hex, a line each)."""
+    from actorbus.codecs import EnvelopeFormat
+    with open(_records_dir() / f"json-{os.getpid()}.txt", "a") as out:
+        out.write(msg.envelope.encode(EnvelopeFormat.JSON).hex() + "\n")

@@ -64,7 +64,8 @@ def test_invalid_fields_are_named(changes, field):
                      r"msgpack map"),
     (b"\x81\xc1", r"not valid msgpack.*: 2 bytes starting 81 c1"),
     (msgpack.packb([1, 2]), r"expected a msgpack map, got a msgpack list: 3 bytes starting 92 01 02"),
-    (msgpack.packb({"event_id": msgpack.ExtType(5, b"x")}), "extension type 5"),
+    (wire(event_id=msgpack.ExtType(5, b"x")),
+     "invalid msgpack envelope: event_id: expected a string, got a msgpack extension type 5"),
 ])
 def test_bytes_that_are_no_envelope_are_rejected_saying_what_they_were(data, problem):
     with pytest.raises(InvalidEnvelope, match=problem):
@@ -73,7 +74,7 @@ def test_bytes_that_are_no_envelope_are_rejected_saying_what_they_were(data, pro
 
 def test_bytes_in_no_known_encoding_name_the_encodings_and_show_the_bytes():
     with pytest.raises(InvalidEnvelope, match=r"not an envelope in any known encoding: expected a "
-                                              r"msgpack map, got 4 bytes starting c0 ad be ef"):
+                                              r"msgpack map or a JSON object, got 4 bytes starting c0 ad be ef"):
         decode_envelope(b"\xc0\xad\xbe\xef")
 
 

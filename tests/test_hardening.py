@@ -55,6 +55,8 @@ BAD_INPUTS = {
                                        "event_type": "T", "event_version": 1, "timestamp": 0,
                                        "payload": b"x"}),
     "oversize": Envelope.create("a", "T", b"x" * 2000).encode(),
+    "JSON without payload": b'{"event_id":"e","aggregate_id":"a","event_type":"T",'
+                            b'"event_version":1,"timestamp":"2026-12-01T11:00:40.965292879+08:00"}',
 }
 
 
@@ -76,12 +78,13 @@ def test_bad_input_is_dead_lettered_at_once_with_its_reason(make_bus, records, n
                      key=lambda m: int(m.headers["Actorbus-Stream-Sequence"]))
     reasons = [m.headers["Actorbus-Error"] for m in letters]
     assert len(reasons) == len(BAD_INPUTS)
-    assert [int(m.headers["Actorbus-Stream-Sequence"]) for m in letters] == [2, 3, 4, 5, 6]
-    assert "expected a msgpack map, got 9 bytes starting c1 00 67" in reasons[0]
-    assert "expected a msgpack map, got 4 bytes starting 93 01 02 03" in reasons[1]
+    assert [int(m.headers["Actorbus-Stream-Sequence"]) for m in letters] == [2, 3, 4, 5, 6, 7]
+    assert "expected a msgpack map or a JSON object, got 9 bytes starting c1 00 67" in reasons[0]
+    assert "expected a msgpack map or a JSON object, got 4 bytes starting 93 01 02 03" in reasons[1]
     assert "event_id: blank" in reasons[2]
     assert "aggregate_id" in reasons[3]
     assert "over the 1000-byte limit" in reasons[4]
+    assert "invalid JSON envelope: payload: missing" in reasons[5]
     assert all(m.headers["Actorbus-Delivery-Count"] == "1"
                for m in stream_messages(nats_server.url, "ORDERS_DLQ"))
     log = wait_for(lambda: log_file.exists() and log_file.read_text().count("rejected message")
