@@ -67,7 +67,8 @@ class EventBus:
                  tls_key: str | None = None) -> None:
         if servers is None:
             servers = servers_from_env(default=DEFAULT_SERVERS)
-        self.config = BusConfig(servers=tuple(servers) if isinstance(servers, list) else servers,
+        # A str is split on commas by BusConfig itself.
+        self.config = BusConfig(servers=tuple(servers) if isinstance(servers, list) else servers,  # type: ignore[arg-type]
                                 pool_size=pool_size, runtime=runtime, window=window,
                                 connect_timeout=connect_timeout, name=name, supervision=supervision,
                                 auth=resolve_auth(auth, user=user, password=password, token=token,
@@ -114,8 +115,9 @@ class EventBus:
         """
         self._check_running()
         ref = handler_reference(handler)
-        sub = SubscriptionConfig(subject=subject, handler=ref, envelope=envelope, durable=durable,
-                                 stream=stream, **options)
+        # None: derived from the subject (SubscriptionConfig fills them in).
+        sub = SubscriptionConfig(subject=subject, handler=ref, envelope=envelope,
+                                 durable=durable, stream=stream, **options)  # type: ignore[arg-type]
         if sub.name in self._subscriptions:
             raise BusError(f"durable {sub.name!r} is already subscribed on this bus")
         self._request(lambda rid: Subscribe(rid, sub), Subscribed, what=f"subscribing {subject!r}")
@@ -128,7 +130,7 @@ class EventBus:
         """Publish raw bytes to JetStream; return its :class:`PublishResult` (``sequence``,
         ``duplicate``, ``stream``). Raises :class:`PublishError`."""
         self._check_running()
-        return self._publisher.publish(subject, data, headers)
+        return self._running_publisher().publish(subject, data, headers)
 
     def publish_envelope(self, subject: str, envelope: Envelope,
                          format: EnvelopeFormat | str = EnvelopeFormat.MSGPACK) -> PublishResult:
@@ -137,7 +139,7 @@ class EventBus:
         ``X-Aggregate-ID``; return its :class:`PublishResult`: ``duplicate`` is True when
         JetStream already had it."""
         self._check_running()
-        return self._publisher.publish_envelope(subject, envelope, format)
+        return self._running_publisher().publish_envelope(subject, envelope, format)
 
     def publish_many(self, messages: Iterable[OutgoingMessage], *, in_flight: int = 500,
                      format: EnvelopeFormat | str = EnvelopeFormat.MSGPACK) -> list[PublishResult]:
@@ -145,7 +147,7 @@ class EventBus:
         :class:`Envelope`, encoded in ``format``), awaiting every acknowledgement; one
         result each, in order."""
         self._check_running()
-        return self._publisher.publish_many(messages, in_flight=in_flight, format=format)
+        return self._running_publisher().publish_many(messages, in_flight=in_flight, format=format)
 
     # ------------------------------------------------------------ watching, stopping
     def stats(self) -> dict[str, Any]:
@@ -215,6 +217,11 @@ class EventBus:
         self.stop()
 
     # ------------------------------------------------------------ internals
+    def _running_publisher(self) -> Publisher:
+        self._check_running()
+        assert self._publisher is not None   # made at start, kept until stop
+        return self._publisher
+
     def _check_running(self) -> None:
         if self._stopped:
             raise BusError("the bus is stopped")
@@ -229,11 +236,11 @@ class EventBus:
         request_id = next(self._request_ids)
         timeout = self._request_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        reply = self._runtime.ask(self._supervisor, make(request_id), timeout)
+        reply: Any = self._runtime.ask(self._supervisor, make(request_id), timeout)
         while True:
             if isinstance(reply, RequestFailed) and reply.request_id == request_id:
                 raise BusError(f"{what} failed: {reply.error}")
-            if isinstance(reply, expected) and reply.request_id == request_id:
+            if isinstance(reply, expected) and getattr(reply, "request_id", None) == request_id:
                 return reply
             remaining = deadline - time.monotonic()
             if reply is None or remaining <= 0:

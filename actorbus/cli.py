@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 from click.core import ParameterSource
@@ -232,7 +232,7 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
             sys.path.insert(0, os.getcwd())  # like python -m: modules beside you import
         console = Console()
         loaded = load_topology(topology)
-        overrides = {name: value for name, value in (("metrics_port", metrics_port),
+        overrides: dict[str, Any] = {name: value for name, value in (("metrics_port", metrics_port),
                                                       ("metrics_host", metrics_host))
                      if value is not None}
         overrides.update(nats_settings(ctx, nats))

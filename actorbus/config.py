@@ -197,7 +197,7 @@ class NatsAuth:
         for field in fields(self):
             value = getattr(self, field.name)
             if isinstance(value, os.PathLike):
-                object.__setattr__(self, field.name, value = os.fspath(value))
+                object.__setattr__(self, field.name, value := os.fspath(value))
             if value == "":
                 object.__setattr__(self, field.name, value := None)
             if value is not None and not isinstance(value, str):
@@ -323,7 +323,7 @@ def resolve_auth(auth: NatsAuth | None = None, **given: str | None) -> NatsAuth:
         if not isinstance(auth, NatsAuth):
             raise ConfigurationError(f"auth must be a NatsAuth, got {type(auth).__name__}")
         return auth
-    return NatsAuth.from_env(**given)
+    return NatsAuth.from_env(None, **given)
 
 
 def servers_from_env(environ: Mapping[str, str] | None = None, default: str | None = None) -> str | None:

@@ -348,6 +348,7 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
                 console.print(f"nats-server pid {server.pid} at {server.url}")
                 url = server.url
             else:
+                assert servers   # no embedded server is started only when servers are given
                 console.print(f"NATS at {show_servers(servers)}")
                 url = servers
             bus = EventBus(servers=url, pool_size=pool_size, runtime="processes",
