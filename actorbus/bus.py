@@ -27,7 +27,8 @@ DEFAULT_SERVERS = "nats://127.0.0.1:4222"
 #: The counters ``stats()`` always has.
 STAT_KEYS = ("received", "processed", "failed", "acked", "naked", "dead_lettered", "restarts",
              "in_flight", "redelivered", "retried", "undelivered", "invalid", "invalid_keys",
-             "termed", "settle_errors", "in_progress", "restarts_bridge", "restarts_router", "restarts_pool")
+             "termed", "settle_errors", "in_progress", "restarts_bridge", "restarts_router", "restarts_pool",
+             "held", "held_for_order", "recovered", "recoveries", "duplicates_skipped")
 
 
 class BusError(RuntimeError):
@@ -156,7 +157,11 @@ class EventBus:
         undelivered (never reached a handler), invalid (rejected envelopes), invalid_keys
         (an aggregate-id header that is not a valid id: the message went round-robin), termed,
         settle_errors (acks/naks that did not reach the server), in_progress
-        (signals sent for long-running handlers); ``restarts`` split by level as
+        (signals sent for long-running handlers); held (messages waiting now behind an
+        older message of their key due to come back), held_for_order (how often that
+        happened), recovered (un-acked messages read back from the stream after a
+        Bridge start or a reconnect), recoveries, duplicates_skipped (redeliveries of
+        recovered messages acked without handling them again); ``restarts`` split by level as
         restarts_bridge, restarts_router, restarts_pool; ``actors``, each
         supervised actor's state (starting, running, restarting, stopped);
         ``subscriptions``, per durable: its kind, counts and handler-duration

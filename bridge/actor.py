@@ -67,6 +67,10 @@ EXIT_CLOSE_TIMEOUT = 2.0
 #: to a Bridge that is gone (or over a connection that was cut), and may have been handled.
 RECOVERED_DELIVERY_COUNT = 2
 
+#: Seconds past its nak delay and two AckWaits after which a naked message that has not
+#: come back is no longer waited for (see KeyOrder.overdue).
+REDELIVERY_GRACE = 5.0
+
 #: Seconds past two AckWaits after which a recovered message's redelivery is no longer
 #: expected (it was acked after all): its record is dropped.
 RECOVERED_RECORD_GRACE = 5.0
@@ -339,7 +343,8 @@ class Bridge(BusActor):
                 aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
             except InvalidEnvelope:
                 continue   # its redelivery is dead-lettered
-            if aggregate_id is None or order.is_open(aggregate_id, msg.sequence):
+            if aggregate_id is None or msg.sequence in recovered or \
+                    order.is_open(aggregate_id, msg.sequence):
                 continue
             entry = InFlight(msg, sub, now, recovered=True)
             delivery = self._delivery(entry, sub, msg.subject, msg.data, msg.headers, aggregate_id,
@@ -424,20 +429,23 @@ class Bridge(BusActor):
             if entry is None:
                 continue
             if outcome.kind == DEFERRED:
-                self._hold_again(entry)
+                self._hold_again(entry, freed)
                 continue
-            order = self._decide(entry, outcome)
+            settlement = self._decide(entry, outcome)
             key = entry.delivery.aggregate_id
-            redelivered = order.action in (NAK,) or (entry.recovered and order.action != ACK)
+            redelivered = settlement.action == NAK or (entry.recovered and settlement.action != ACK)
             if entry.recovered:
-                self._recovered_done(entry, order.action, order.delay, actions)
+                self._recovered_done(entry, settlement.action, settlement.delay, actions)
             else:
-                actions.append(order)
+                actions.append(settlement)
             if key is None:
                 continue
             if redelivered:
-                # Due to come back: newer messages of its key wait for it.
-                self._orders[entry.subscription.name].wait(key, entry.delivery.stream_sequence)
+                # Due to come back: newer messages of its key wait for it (not for ever).
+                sub = entry.subscription
+                until = time.monotonic() + (settlement.delay or 0.0) + 2 * sub.ack_wait + \
+                    REDELIVERY_GRACE
+                self._orders[sub.name].wait(key, entry.delivery.stream_sequence, until)
             else:
                 self._resolve(entry, freed)
         if actions and self._link is not None:
@@ -460,12 +468,14 @@ class Bridge(BusActor):
                 entry.held = False
                 freed.append(entry.delivery)
 
-    def _hold_again(self, entry: InFlight) -> None:
+    def _hold_again(self, entry: InFlight, freed: list[Delivery]) -> None:
         """The pool deferred it behind an older failure of its key: hold it (in flight again)."""
         delivery = entry.delivery._replace(token=self._inflight.add(entry))
         entry.delivery, entry.held = delivery, True
-        self._orders[entry.subscription.name].hold(delivery.aggregate_id, delivery.stream_sequence,
-                                                  delivery)
+        name = entry.subscription.name
+        self._tallies[name].counts["held_for_order"] += 1
+        self._orders[name].hold(delivery.aggregate_id, delivery.stream_sequence, delivery)
+        self._release(name, delivery.aggregate_id, freed)   # free at once if nothing waits
 
     def _recovered_done(self, entry: InFlight, action: Action, delay: float | None,
                         actions: list[Order]) -> None:
@@ -560,9 +570,21 @@ class Bridge(BusActor):
             if msgs:
                 self._link.touch(msgs)
         self._forget_recovered(now)
+        self._give_up_waiting(now)
         # Not held back for long, whatever the Router last said.
         self._dispatch(even_if_behind=True)
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
+
+    def _give_up_waiting(self, now: float) -> None:
+        freed: list[Delivery] = []
+        for name, order in self._orders.items():
+            for key, sequence in order.overdue(now):
+                log.warning("sequence %d of %s (subscription %s) was naked but has not come back; "
+                            "its newer messages no longer wait for it", sequence, key, name)
+                self._release(name, key, freed)
+        if freed:
+            self._handle_now(freed)
+            self._report_held()
 
     def _forget_recovered(self, now: float) -> None:
         # A redelivery comes within an AckWait of the first delivery: one that has not

@@ -162,7 +162,6 @@ class NatsLink:
                          "delivered sequence %d (read in %.3fs)", len(gap.messages), spec.durable,
                          gap.ack_floor, gap.delivered, gap.seconds)
                 with self._counts_lock:
-                    self._counts["recovered"] += len(gap.messages)
                     self._counts["recoveries"] += 1
                 self._mailbox.put(Arrival(consumer.subscription, gap.messages, recovered=True))
         consumer.resume()

@@ -30,6 +30,7 @@ class KeyOrder(Generic[T]):
         self._open: dict[str, set[int]] = {}               # key → open sequences
         self._waiting: dict[str, list[int]] = {}           # key → waiting sequences, ascending
         self._held: dict[str, list[tuple[int, T]]] = {}    # key → (sequence, item), ascending
+        self._deadlines: dict[tuple[str, int], float] = {} # (key, waiting sequence) → give up at
         self.held = 0                                      # items held, all keys
 
     def admit(self, key: str, sequence: int, item: T) -> bool:
@@ -41,6 +42,7 @@ class KeyOrder(Generic[T]):
             index = bisect.bisect_left(waiting, sequence)
             if index < len(waiting) and waiting[index] == sequence:
                 del waiting[index]   # it came back: it is handled now
+                self._deadlines.pop((key, sequence), None)
                 if not waiting:
                     del self._waiting[key]
         if waiting and waiting[0] < sequence:
@@ -53,10 +55,26 @@ class KeyOrder(Generic[T]):
         self._open.setdefault(key, set()).add(sequence)
         self._hold(key, sequence, item)
 
-    def wait(self, key: str, sequence: int) -> None:
-        """``sequence`` failed and is due to come back: newer ones of ``key`` wait for it."""
+    def wait(self, key: str, sequence: int, until: float) -> None:
+        """``sequence`` failed and is due to come back: newer ones of ``key`` wait for it,
+        until the monotonic time ``until`` at the latest (see :meth:`overdue`)."""
         self._open.setdefault(key, set()).add(sequence)
-        bisect.insort(self._waiting.setdefault(key, []), sequence)
+        waiting = self._waiting.setdefault(key, [])
+        if sequence not in waiting:
+            bisect.insort(waiting, sequence)
+        self._deadlines[(key, sequence)] = until
+
+    def overdue(self, now: float) -> list[tuple[str, int]]:
+        """Waiting sequences that did not come back in time, no longer waited for.
+
+        JetStream may never redeliver a message (its ``max_deliver`` used up by
+        expired AckWaits while no Bridge ran, or the consumer was reset): the
+        newer messages of its key must not wait for ever. Release their keys.
+        """
+        late = [pair for pair, until in self._deadlines.items() if until <= now]
+        for key, sequence in late:
+            self.resolve(key, sequence)
+        return late
 
     def resolve(self, key: str, sequence: int) -> None:
         """``sequence`` of ``key`` is done for good (handled, or settled without a redelivery)."""
@@ -70,6 +88,7 @@ class KeyOrder(Generic[T]):
             waiting.remove(sequence)
             if not waiting:
                 del self._waiting[key]
+        self._deadlines.pop((key, sequence), None)
 
     def is_open(self, key: str, sequence: int) -> bool:
         """True while ``sequence`` of ``key`` is delivered (or recovered) and not resolved."""

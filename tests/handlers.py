@@ -152,3 +152,11 @@ def record_envelope_as_json(msg: Message) -> None:
     from actorbus.codecs import EnvelopeFormat
     with open(_records_dir() / f"json-{os.getpid()}.txt", "a") as out:
         out.write(msg.envelope.encode(EnvelopeFormat.JSON).hex() + "\n")
+
+
+def fail_first_delivery_of_first(msg: Message) -> None:
+    """Fail the first delivery of each aggregate's envelope number 0 (``per_key_sequence``)."""
+    if msg.data == b"0" and msg.delivery_count == 1:
+        _write("fail", msg)
+        raise RuntimeError("deliberate failure of the first envelope of its key")
+    _write("ok", msg)

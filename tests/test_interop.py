@@ -91,7 +91,7 @@ def test_go_envelopes_come_out_of_a_handler_and_publish_envelope_as_they_went_in
         assert message.headers["X-Aggregate-ID"] == fields["aggregate_id"]
     # A new event id: the same one would be dropped by JetStream as a duplicate.
     envelope = dataclasses.replace(Envelope.decode(seen[0]), event_id="evt-msgpack")
-    sequence = bus.publish_envelope("outbox.py", envelope)
+    sequence = bus.publish_envelope("outbox.py", envelope).sequence
     stored = stream_messages(nats_server.url, "OUTBOX")[sequence - 1]
     assert stored.headers["Content-Type"] == "application/msgpack"
     assert stored.headers["X-Aggregate-ID"] == envelope.aggregate_id

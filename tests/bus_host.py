@@ -1,0 +1,29 @@
+"""A bus in a process of its own, for tests that kill the whole host: ``python -m tests.bus_host URL PIDS_FILE``.
+
+It subscribes ``orders.>`` (durable ``orders``) with the recording handler,
+writes the pid of every process of the bus (itself, Thespian's admin and
+logger, every actor) to PIDS_FILE, and runs until it is killed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from actorbus import EventBus
+from tests import handlers
+
+
+def main(url: str, pids_file: str) -> None:
+    bus = EventBus(servers=url, pool_size=2, window=2048)
+    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0)
+    pids = {os.getpid(), *bus.pids.values(), *bus.runtime.pids()}
+    with open(pids_file + ".tmp", "w") as out:
+        out.write(" ".join(str(pid) for pid in sorted(pids)))
+    os.rename(pids_file + ".tmp", pids_file)
+    while True:   # until SIGKILL
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
