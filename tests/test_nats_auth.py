@@ -43,7 +43,7 @@ def least_privilege(stream: str, durable: str, subject: str) -> tuple[list[str],
                f"$JS.API.STREAM.INFO.{stream}_DLQ", f"$JS.API.STREAM.CREATE.{stream}_DLQ",
                f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
                f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
-               f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+               f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.API.STREAM.MSG.GET.{stream}",
                f"$JS.ACK.{stream}.{durable}.>", f"deadletter.{stream}", subject]
     return publish, ["_INBOX.>"]
 
@@ -263,6 +263,29 @@ def test_a_user_with_only_the_listed_permissions_consumes_naks_and_dead_letters(
         bus.stats()), timeout=60, what="acks and a dead letter")
     assert stats["naked"] >= 10 and stats["settle_errors"] == 0
     assert stream_info(admin_url(users_server), "LEAST_DLQ").state.messages == 1
+
+
+def test_the_listed_permissions_cover_recovering_an_unacked_gap(built, users_server):
+    bus = built(servers=users_server.url, user="least", password=LEAST_PASSWORD)
+    bus.subscribe("least.>", "tests.handlers:record", durable="least", stream="LEAST")
+    bus.stop()
+
+    async def leave_a_gap() -> None:
+        # Another client takes three messages from the durable and never acks them.
+        nc = await nats.connect(admin_url(users_server))
+        try:
+            js = nc.jetstream()
+            for n in range(3):
+                await js.publish(f"least.gap{n}", Envelope.create(f"gap-{n}", "T", b"x").encode())
+            pull = await js.pull_subscribe_bind("least", stream="LEAST")
+            assert len(await pull.fetch(3, timeout=5)) == 3
+        finally:
+            await nc.close()
+
+    asyncio.run(leave_a_gap())
+    bus = built(servers=users_server.url, user="least", password=LEAST_PASSWORD)
+    bus.subscribe("least.>", "tests.handlers:record", durable="least", stream="LEAST")
+    assert wait_for_stats(bus, "processed", 3)["recovered"] == 3
 
 
 def test_a_user_missing_a_permission_gets_a_clear_error(built, users_server):
