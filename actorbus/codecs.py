@@ -266,6 +266,8 @@ def codec_for(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO) -> Enve
     recognises its first bytes; raise :class:`CodecError` when none does."""
     if format is not EnvelopeFormat.AUTO:
         return CODECS[EnvelopeFormat(format)]
+    if data and data[0] in MsgpackCodec._MAP_PREFIX:   # the common case, without a loop
+        return MSGPACK
     for codec in CODECS.values():
         if codec.recognises(data):
             return codec

@@ -52,6 +52,9 @@ class SettlementPolicy(enum.StrEnum):
         """True when a failure is redelivered."""
         return self is SettlementPolicy.NACK_ON_ERROR
 
+#: Seconds without a pull request from a pinned bus before a standby is pinned, by default.
+DEFAULT_PIN_TIMEOUT = 10.0
+
 #: In-place retries by default where failures are redelivered (they keep a transient
 #: error from reordering a key); at-most-once runs the handler once.
 DEFAULT_RETRIES = 3
@@ -85,6 +88,13 @@ class SubscriptionConfig:
     nak_delay_max: float = 30.0
     batch_size: int = 512
     pull_expires: float = 5.0
+    #: The durable's priority group with the ``pinned_client`` policy (nats-server >= 2.11):
+    #: one bus at a time is pinned and gets messages, every other bus on the durable is a
+    #: hot standby. None: no group (a second bus would split the keys with the first).
+    priority_group: str | None = "actorbus"
+    #: Seconds without a pull request from the pinned bus before a standby is pinned
+    #: (None: 10, or twice ``pull_expires`` if that is more).
+    pin_timeout: float = None  # type: ignore[assignment]  # None: derived at construction
     max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
     key_from_subject: bool = False
     dead_letter_subject: str = None  # type: ignore[assignment]  # None: derived at construction
@@ -116,6 +126,8 @@ class SubscriptionConfig:
             object.__setattr__(self, "dead_letter_subject", f"deadletter.{self.stream}")
         if self.dead_letter_stream is None:
             object.__setattr__(self, "dead_letter_stream", f"{self.stream}_DLQ")
+        if self.priority_group is not None:
+            _check_name("priority_group", self.priority_group)
         _check_name("stream", self.stream)
         _check_name("durable", self.durable)
         _check_name("dead_letter_stream", self.dead_letter_stream)
@@ -133,6 +145,13 @@ class SubscriptionConfig:
         _check_count("retries", self.retries, minimum=0)
         if self.processing_timeout is not None:
             _check_positive("processing_timeout", self.processing_timeout)
+        if self.pin_timeout is None:
+            object.__setattr__(self, "pin_timeout", max(DEFAULT_PIN_TIMEOUT, 2 * self.pull_expires))
+        _check_positive("pin_timeout", self.pin_timeout)
+        if self.priority_group is not None and self.pin_timeout < 2 * self.pull_expires:
+            # A pinned bus renews its pull requests as they expire: give it two.
+            raise ConfigurationError(f"pin_timeout ({self.pin_timeout}) must be at least twice "
+                                     f"pull_expires ({self.pull_expires})")
         if isinstance(self.max_deliver, bool) or not isinstance(self.max_deliver, int) or \
                 not (self.max_deliver == -1 or self.max_deliver >= 1):
             raise ConfigurationError(

@@ -66,8 +66,14 @@ class HandlerTable:
         succeeds: its successes must follow stream order.
         """
         blocked = self._blocked
+        if not blocked:   # the common case: nothing failed that is due to come back
+            outcome = self.process_one(delivery)
+            if outcome.kind != SUCCEEDED and delivery.aggregate_id is not None and \
+                    self._comes_back(delivery):
+                blocked[(delivery.subscription, delivery.aggregate_id)] = delivery.stream_sequence
+            return outcome
         key = (delivery.subscription, delivery.aggregate_id)
-        failed_at = blocked.get(key) if blocked and delivery.aggregate_id is not None else None
+        failed_at = blocked.get(key) if delivery.aggregate_id is not None else None
         if failed_at is not None and delivery.stream_sequence > failed_at:
             return Outcome(delivery.token, DEFERRED,
                            f"waits for sequence {failed_at} of its aggregate", 0)

@@ -1,11 +1,12 @@
 """Streams and durable consumers: created when missing, checked when present."""
 from __future__ import annotations
 
+import json
 import logging
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from actorbus.bridge.layout import ConsumerSpec
 from actorbus.config import ConfigurationError, SubscriptionConfig
@@ -13,6 +14,8 @@ from actorbus.config import ConfigurationError, SubscriptionConfig
 log = logging.getLogger("actorbus.bridge")
 
 _STORAGE = {"file": StorageType.FILE, "memory": StorageType.MEMORY}
+#: Seconds to wait for a JetStream API answer (nats-py's default).
+API_TIMEOUT = 5.0
 
 
 def subject_covers(pattern: str, subject: str) -> bool:
@@ -105,11 +108,36 @@ async def ensure_consumer(js: JetStreamContext, sub: SubscriptionConfig,
         **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": filters}),
     )
     try:
-        await js.add_consumer(spec.stream, config)
+        if spec.priority_group is None:
+            await js.add_consumer(spec.stream, config)
+        else:
+            await _add_pinned_consumer(js, spec, config)
     except Exception as exc:
         raise ConfigurationError(
             f"consumer {spec.durable} on stream {spec.stream} could not be created or updated: {exc}"
         ) from exc
+
+
+async def _add_pinned_consumer(js: JetStreamContext, spec: ConsumerSpec,
+                               config: ConsumerConfig) -> None:
+    """Create or update the durable with a ``pinned_client`` priority group.
+
+    nats-py's ``ConsumerConfig`` has no priority fields yet: the request is
+    the one ``add_consumer`` sends (same API subject, same permission) with
+    them added, on the context's own connection (nats-py keeps it as ``_nc``).
+    """
+    wire = {**config.as_dict(), "priority_groups": [spec.priority_group],
+            "priority_policy": "pinned_client", "priority_timeout": int(spec.pin_timeout * 1e9)}
+    request = json.dumps({"stream_name": spec.stream, "config": wire}).encode()
+    reply = await js._nc.request(f"$JS.API.CONSUMER.DURABLE.CREATE.{spec.stream}.{spec.durable}",
+                                 request, timeout=API_TIMEOUT)
+    answer = json.loads(reply.data)
+    if "error" in answer:
+        raise APIError.from_error(answer["error"])
+    if answer.get("config", {}).get("priority_policy") != "pinned_client":
+        raise ConfigurationError(
+            f"the server ignored the priority group of durable {spec.durable!r}: pinned clients "
+            "need nats-server 2.11 or newer (or subscribe with priority_group=None)")
 
 
 def _filters_of(config: ConsumerConfig) -> list[str]:

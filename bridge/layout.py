@@ -21,6 +21,10 @@ class ConsumerSpec:
     stream: str
     durable: str
     filter_subjects: tuple[str, ...]
+    #: Its priority group (``pinned_client``): one puller at a time; None: no group.
+    priority_group: str | None = None
+    #: Seconds without a pull request from the pinned client before another is pinned.
+    pin_timeout: float = 10.0
 
 
 class ConsumerLayout(Protocol):
@@ -35,4 +39,5 @@ class SingleDurable:
 
     def consumers(self, sub: SubscriptionConfig) -> tuple[ConsumerSpec, ...]:
         """The one consumer of ``sub``."""
-        return (ConsumerSpec(sub.stream, sub.durable, (sub.subject,)),)
+        return (ConsumerSpec(sub.stream, sub.durable, (sub.subject,), sub.priority_group,
+                             sub.pin_timeout),)

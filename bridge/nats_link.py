@@ -9,6 +9,7 @@ fetching back instead of growing queues.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ class NatsLink:
         self._nc: Any = None
         self._js: Any = None
         self._consumers: dict[str, PullConsumer] = {}
+        self._stopped: list[PullConsumer] = []   # stopped fetching; unpinned when closing
         self._ticker: asyncio.Task | None = None
         self._settling: set[asyncio.Task] = set()
         self._closing = False
@@ -104,9 +106,18 @@ class NatsLink:
         self._held = held
 
     def counts(self) -> dict[str, int]:
-        """Done so far: acked, naked, termed, dead_lettered, in_progress, settle_errors."""
+        """Done so far: acked, naked, termed, dead_lettered, in_progress, settle_errors,
+        recoveries; and of the consumers in a priority group: pinned (now), pins, unpins."""
         with self._counts_lock:
-            return dict(self._counts)
+            counts = dict(self._counts)
+        consumers = list(self._consumers.values())
+        grouped = [c for c in consumers if c.consumer.priority_group is not None]
+        if grouped:
+            counts["pinned"] = sum(c.pin_id is not None for c in grouped)
+            counts["standby"] = len(grouped) - counts["pinned"]
+            counts["pins"] = sum(c.pins for c in grouped)
+            counts["unpins"] = sum(c.unpins for c in grouped)
+        return counts
 
     def stop_fetching(self, timeout: float = 5.0) -> None:
         """Fetch nothing more; settling goes on."""
@@ -134,13 +145,14 @@ class NatsLink:
             await ensure_dead_letter_stream(self._js, sub)
         for spec in self._layout.consumers(sub):
             await ensure_consumer(self._js, sub, spec)
-            consumer = PullConsumer(self._nc, sub, spec, self._arrived, self._schedule_top_up)
-            consumer.recovering = True
+            consumer = PullConsumer(self._nc, sub, spec, self._arrived, self._schedule_top_up,
+                                    self._schedule_recovery)
             await consumer.start()
             self._consumers[spec.durable] = consumer
-            # Not awaited here: a large gap takes a while to read (about 0.3 ms a message),
-            # and nothing is pulled for this consumer until it is handed over.
-            self._track(lambda _, consumer=consumer: self._recover(consumer), None)
+            if spec.priority_group is None:
+                # The consumer is ours alone: what it left un-acked is ours to recover. In a
+                # priority group that waits until this bus is pinned (see PullConsumer).
+                self._schedule_recovery(consumer)
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick(), name="pull-requests")
         await self._top_up()
@@ -149,11 +161,17 @@ class NatsLink:
         self._outstanding += len(msgs)
         self._mailbox.put(Arrival(sub.name, msgs))
 
+    def _schedule_recovery(self, consumer: PullConsumer) -> None:
+        # Not awaited by the caller: a large gap takes a while to read (about 0.3 ms a
+        # message), and nothing of this consumer is handed over until it is done.
+        consumer.recovering = True
+        self._track(lambda _: self._recover(consumer), None)
+
     async def _recover(self, consumer: PullConsumer) -> None:
         """Hand over the consumer's un-acked gap, read from the stream, before anything it delivers."""
         spec = consumer.consumer
         try:
-            gap = await read_gap(self._js, spec)
+            gap = await read_gap(self._js, spec, consumer.kept_back)
         except Exception as exc:
             log.warning("could not read the un-acked messages of %s back from stream %s (%s: %s); "
                         "per-key order is not guaranteed for their redeliveries", spec.durable,
@@ -274,6 +292,28 @@ class NatsLink:
             except Exception as exc:
                 log.warning("stopping the pull subscription of %s: %s: %s", consumer.name,
                             type(exc).__name__, exc)
+        self._stopped.extend(consumers)
+
+    async def _unpin(self) -> None:
+        """Release the pins this bus holds, so that a standby takes over at once instead of
+        after ``pin_timeout`` (called once what was in flight is settled)."""
+        for consumer in self._stopped:
+            spec = consumer.consumer
+            if consumer.pin_id is None or self._nc is None or self._nc.is_closed:
+                continue
+            try:
+                reply = await self._nc.request(f"$JS.API.CONSUMER.UNPIN.{spec.stream}.{spec.durable}",
+                                               json.dumps({"group": spec.priority_group}).encode(),
+                                               timeout=2.0)
+                error = json.loads(reply.data).get("error")
+                if error:
+                    raise RuntimeError(error.get("description", error))
+                consumer.pin_id = None
+                log.info("durable %s: unpinned; a standby takes over", spec.durable)
+            except Exception as exc:
+                log.warning("could not unpin durable %s (%s: %s); a standby takes over after "
+                            "pin_timeout (%gs)", spec.durable, type(exc).__name__, exc,
+                            spec.pin_timeout)
 
     async def _close(self) -> None:
         self._closing = True
@@ -285,6 +325,8 @@ class NatsLink:
                 await self._nc.flush(timeout=2)
             except Exception as exc:
                 log.warning("flushing before close failed: %s", exc)
+            # Only now: a standby pinned earlier would recover what was still settling.
+            await self._unpin()
             await self._nc.close()
 
     async def _on_error(self, exc: Exception) -> None:
@@ -305,9 +347,12 @@ class NatsLink:
         log.warning("reconnected to NATS at %s", f"{url.hostname}:{url.port}" if url else "?")
         # A restarted server has forgotten the waiting requests: ask afresh, once what the
         # cut connection left un-acked has been read back (its acks may have been lost).
-        consumers = list(self._consumers.values())
-        for consumer in consumers:
+        # In a priority group only the pinned bus recovers; a standby has nothing of its own.
+        consumers = [c for c in self._consumers.values()
+                     if c.consumer.priority_group is None or c.pin_id is not None]
+        for consumer in self._consumers.values():
             consumer.forget()
+        for consumer in consumers:
             consumer.recovering = True
         for consumer in consumers:
             await self._recover(consumer)

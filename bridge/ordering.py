@@ -27,7 +27,9 @@ class KeyOrder(Generic[T]):
     """Open, waiting and held sequences of one subscription, by key."""
 
     def __init__(self) -> None:
-        self._open: dict[str, set[int]] = {}               # key → open sequences
+        # (key, sequence) of every open sequence: one flat set, so that the common case
+        # (a key with nothing waiting) allocates nothing per message but a pair.
+        self._open: set[tuple[str, int]] = set()
         self._waiting: dict[str, list[int]] = {}           # key → waiting sequences, ascending
         self._held: dict[str, list[tuple[int, T]]] = {}    # key → (sequence, item), ascending
         self._deadlines: dict[tuple[str, int], float] = {} # (key, waiting sequence) → give up at
@@ -36,7 +38,7 @@ class KeyOrder(Generic[T]):
     def admit(self, key: str, sequence: int, item: T) -> bool:
         """Open ``sequence`` of ``key``: True when ``item`` may be handled now, False
         when it is held behind an older waiting sequence of its key."""
-        self._open.setdefault(key, set()).add(sequence)
+        self._open.add((key, sequence))
         waiting = self._waiting.get(key)
         if waiting:
             index = bisect.bisect_left(waiting, sequence)
@@ -52,13 +54,13 @@ class KeyOrder(Generic[T]):
 
     def hold(self, key: str, sequence: int, item: T) -> None:
         """Hold ``item`` again: the pool deferred it behind an older failure of its key."""
-        self._open.setdefault(key, set()).add(sequence)
+        self._open.add((key, sequence))
         self._hold(key, sequence, item)
 
     def wait(self, key: str, sequence: int, until: float) -> None:
         """``sequence`` failed and is due to come back: newer ones of ``key`` wait for it,
         until the monotonic time ``until`` at the latest (see :meth:`overdue`)."""
-        self._open.setdefault(key, set()).add(sequence)
+        self._open.add((key, sequence))
         waiting = self._waiting.setdefault(key, [])
         if sequence not in waiting:
             bisect.insort(waiting, sequence)
@@ -78,11 +80,9 @@ class KeyOrder(Generic[T]):
 
     def resolve(self, key: str, sequence: int) -> None:
         """``sequence`` of ``key`` is done for good (handled, or settled without a redelivery)."""
-        opened = self._open.get(key)
-        if opened is not None:
-            opened.discard(sequence)
-            if not opened:
-                del self._open[key]
+        self._open.discard((key, sequence))
+        if not self._waiting:
+            return
         waiting = self._waiting.get(key)
         if waiting and sequence in waiting:
             waiting.remove(sequence)
@@ -92,7 +92,7 @@ class KeyOrder(Generic[T]):
 
     def is_open(self, key: str, sequence: int) -> bool:
         """True while ``sequence`` of ``key`` is delivered (or recovered) and not resolved."""
-        return sequence in self._open.get(key, ())
+        return (key, sequence) in self._open
 
     def released(self, key: str) -> list[T]:
         """Held items of ``key`` that nothing older waits for any more, in stream order."""

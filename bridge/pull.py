@@ -26,12 +26,17 @@ from typing import Any, Callable
 from nats.js.api import StatusCode
 
 from actorbus.bridge.layout import ConsumerSpec
+from actorbus.bridge.metadata import delivery_numbers
 from actorbus.config import SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
 
-#: Statuses that end a request in the ordinary way: no messages, expired.
-_QUIET = {StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT}
+#: The header naming the pinned client of a priority group, on every message it gets.
+PIN_HEADER = "Nats-Pin-Id"
+#: The status that ends a request whose pin id is not the group's (nats-py has no name for it).
+PIN_MISMATCH = "423"
+#: Statuses that end a request in the ordinary way: no messages, expired, pinned elsewhere.
+_QUIET = {StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT, PIN_MISMATCH}
 #: Least time between two warnings about the same status.
 _WARN_EVERY = 5.0
 #: A request not ended this long after its expiry is taken as lost.
@@ -58,7 +63,8 @@ class PullConsumer:
 
     def __init__(self, nc: Any, sub: SubscriptionConfig, consumer: ConsumerSpec,
                  on_messages: Callable[[SubscriptionConfig, list[Any]], None],
-                 on_request_ended: Callable[[], None]) -> None:
+                 on_request_ended: Callable[[], None],
+                 on_pinned: Callable[[PullConsumer], None] | None = None) -> None:
         self._nc = nc
         self._sub = sub
         self.consumer = consumer
@@ -73,6 +79,12 @@ class PullConsumer:
         self._arrived: list[Any] = []
         self._deferred: list[Any] = []
         self.requested = 0  # asked for, neither arrived nor ended
+        self._on_pinned = on_pinned
+        #: The server's pin for this client (``Nats-Pin-Id``) while it is the one pulling
+        #: from a priority group; None while it is a standby.
+        self.pin_id: str | None = None
+        self.pins = 0     # times pinned
+        self.unpins = 0   # times the pin moved away (status 423)
         #: While True no request is made and arrivals are kept back (see :meth:`resume`).
         self.recovering = False
 
@@ -115,7 +127,12 @@ class PullConsumer:
         expires = self._sub.pull_expires
         self._requests.append(_Request(self._numbers, count, time.monotonic() + expires + _LOST_AFTER))
         self.requested += count
-        body = json.dumps({"batch": count, "expires": int(expires * 1e9)}).encode()
+        request: dict[str, Any] = {"batch": count, "expires": int(expires * 1e9)}
+        if self.consumer.priority_group is not None:
+            request["group"] = self.consumer.priority_group
+            if self.pin_id is not None:
+                request["id"] = self.pin_id
+        body = json.dumps(request).encode()
         await self._nc.publish(self._next_subject, body, reply=f"{self._inbox}.{self._numbers}")
 
     def forget(self, now: float | None = None) -> int:
@@ -134,6 +151,10 @@ class PullConsumer:
         if headers and not msg.reply and "Status" in headers:
             self._status(msg, headers["Status"], headers.get("Description", ""))
             return
+        if self.consumer.priority_group is not None and headers:
+            pin = headers.get(PIN_HEADER)
+            if pin is not None and pin != self.pin_id:
+                self._pinned(pin)
         if self._requests:
             oldest = self._requests[0]
             oldest.remaining -= 1
@@ -145,6 +166,17 @@ class PullConsumer:
             asyncio.get_running_loop().call_soon(self._hand_over)
         self._arrived.append(msg)
 
+    def _pinned(self, pin: str) -> None:
+        # This client now owns the consumer: what the previous owner left un-acked
+        # is recovered before anything delivered under the new pin is handed over.
+        log.info("durable %s: pinned in priority group %s; this bus is the active one",
+                 self.name, self.consumer.priority_group)
+        self.pin_id = pin
+        self.pins += 1
+        if self._on_pinned is not None:
+            self.recovering = True
+            self._on_pinned(self)
+
     def _hand_over(self) -> None:
         arrived, self._arrived = self._arrived, []
         if self.recovering:
@@ -152,6 +184,16 @@ class PullConsumer:
             self._deferred.extend(arrived)
         elif arrived:
             self._on_messages(self._sub, arrived)
+
+    def kept_back(self) -> set[int]:
+        """Stream sequences of what arrived while recovering (handed over after it)."""
+        found = set()
+        for msg in self._deferred:
+            try:
+                found.add(delivery_numbers(msg.reply)[1])
+            except ValueError:
+                continue
+        return found
 
     def resume(self) -> None:
         """Recovery is over: hand over what arrived meanwhile, and let requests be made."""
@@ -163,6 +205,13 @@ class PullConsumer:
     def _status(self, msg: Any, code: str, description: str) -> None:
         if code == StatusCode.CONTROL_MESSAGE:  # the server's idle heartbeat
             return
+        if code == PIN_MISMATCH:
+            # The pin moved to another bus: pull on as a standby, without an id.
+            if self.pin_id is not None:
+                log.warning("durable %s: the pin of priority group %s moved to another bus; this "
+                            "bus is a standby now", self.name, self.consumer.priority_group)
+                self.pin_id = None
+                self.unpins += 1
         number = msg.subject.rsplit(".", 1)[-1]
         for request in self._requests:
             if str(request.number) == number:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Collection, Mapping, NamedTuple
 
 from nats.js.errors import NotFoundError
 
@@ -42,8 +42,11 @@ class Gap(NamedTuple):
     seconds: float
 
 
-async def read_gap(js: Any, spec: ConsumerSpec) -> Gap:
-    """The messages of ``spec``'s consumer between its ack floor and its delivered sequence."""
+async def read_gap(js: Any, spec: ConsumerSpec,
+                   have: Callable[[], Collection[int]] = frozenset) -> Gap:
+    """The messages of ``spec``'s consumer between its ack floor and its delivered sequence,
+    but for the sequences ``have()`` names once the consumer's state is known (delivered
+    to this bus already: they are handled as deliveries)."""
     started = time.perf_counter()
     info = await js.consumer_info(spec.stream, spec.durable)
     floor, delivered = info.ack_floor.stream_seq or 0, info.delivered.stream_seq or 0
@@ -51,7 +54,8 @@ async def read_gap(js: Any, spec: ConsumerSpec) -> Gap:
     if delivered > floor:
         for subject in spec.filter_subjects:
             await _read_subject(js, spec.stream, subject, floor + 1, delivered, found)
-    messages = [found[seq] for seq in sorted(found)]
+    delivered_here = have()
+    messages = [found[seq] for seq in sorted(found) if seq not in delivered_here]
     return Gap(floor, delivered, messages, time.perf_counter() - started)
 
 

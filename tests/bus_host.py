@@ -1,4 +1,5 @@
-"""A bus in a process of its own, for tests that kill the whole host: ``python -m tests.bus_host URL PIDS_FILE``.
+"""A bus in a process of its own, for tests that kill the whole host:
+``python -m tests.bus_host URL PIDS_FILE [PIN_TIMEOUT]``.
 
 It subscribes ``orders.>`` (durable ``orders``) with the recording handler,
 writes the pid of every process of the bus (itself, Thespian's admin and
@@ -14,9 +15,14 @@ from actorbus import EventBus
 from tests import handlers
 
 
-def main(url: str, pids_file: str) -> None:
+#: The pin of the durable's priority group moves this long after its bus stopped pulling.
+PIN_TIMEOUT = 2.0
+
+
+def main(url: str, pids_file: str, pin_timeout: float = PIN_TIMEOUT) -> None:
     bus = EventBus(servers=url, pool_size=2, window=2048)
-    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0)
+    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0,
+                  pin_timeout=pin_timeout, pull_expires=pin_timeout / 4)
     pids = {os.getpid(), *bus.pids.values(), *bus.runtime.pids()}
     with open(pids_file + ".tmp", "w") as out:
         out.write(" ".join(str(pid) for pid in sorted(pids)))
@@ -26,4 +32,4 @@ def main(url: str, pids_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1], sys.argv[2], *(float(a) for a in sys.argv[3:4]))

@@ -160,3 +160,7 @@ def fail_first_delivery_of_first(msg: Message) -> None:
         _write("fail", msg)
         raise RuntimeError("deliberate failure of the first envelope of its key")
     _write("ok", msg)
+
+
+def noop(msg: Message) -> None:
+    """Do nothing (for throughput checks)."""

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import nats
 
 from actorbus.benchmarks.procfs import process_rss
+from actorbus.runtime import process_alive
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
@@ -122,3 +124,90 @@ def create_stream(url: str, name: str, subjects: list[str], storage: str = "memo
     from nats.js.api import StorageType
     kind = StorageType.FILE if storage == "file" else StorageType.MEMORY
     _run(url, lambda js: js.add_stream(name=name, subjects=subjects, storage=kind))
+
+
+class HostBus:
+    """A bus in a process of its own (``tests.bus_host``), to be killed whole like a crashed host."""
+
+    def __init__(self, url: str, pids_file: Path, pin_timeout: float | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+        root = Path(__file__).resolve().parent.parent
+        self.pids_file = pids_file
+        self.pids: list[int] = []
+        args = [sys.executable, "-m", "tests.bus_host", url, str(pids_file)]
+        if pin_timeout is not None:
+            args.append(str(pin_timeout))
+        self.process = subprocess.Popen(args, cwd=root,
+                                        env={**os.environ, "PYTHONPATH": str(root)})
+
+    def wait_started(self, timeout: float = 60.0) -> list[int]:
+        """The pids of every process of its bus, once it runs."""
+        wait_for(self.pids_file.exists, timeout=timeout, what="the host's bus to start")
+        self.pids = [int(pid) for pid in self.pids_file.read_text().split()]
+        return self.pids
+
+    def kill(self) -> None:
+        """SIGKILL every process of the bus at once, and wait until they are gone."""
+        import os
+        import signal
+        for pid in self.pids or [self.process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.kill()
+        self.process.wait(10)
+        wait_for(lambda: not [pid for pid in self.pids if process_alive(pid)],
+                 what="the host's processes gone")
+
+
+def with_their_groups(pids: list[int]) -> set[int]:
+    """``pids`` plus every process in their process groups (Thespian's actors
+    are not descendants of the program that started them, but share its
+    admin's group)."""
+    import os
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))  # a zombie still has its group
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgrp())
+    members = set(pids)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) in groups:
+                    members.add(int(entry))
+            except ProcessLookupError:
+                pass
+    return members
+
+
+def process_tree(process) -> set[int]:
+    """A CLI process's own processes: its descendants and the actors in their groups."""
+    from actorbus.runtime import descendants
+    return with_their_groups(descendants(process.pid))
+
+
+@contextlib.contextmanager
+def ended_afterwards(process) -> Iterator[Any]:
+    """Yield ``process`` (a ``subprocess.Popen`` of the CLI); if it still runs afterwards
+    (the test failed before it stopped it), SIGKILL it and everything it started, by pid."""
+    import os
+    import signal
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            for pid in process_tree(process) | {process.pid}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_until_gone(pids: set[int], what: str) -> None:
+    """Poll until none of ``pids`` runs."""
+    wait_for(lambda: not [pid for pid in pids if process_alive(pid)], timeout=20, what=what)

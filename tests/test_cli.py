@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
@@ -15,8 +14,9 @@ import nats
 import pytest
 
 from actorbus import Envelope
-from actorbus.runtime import descendants, process_alive
-from tests.support import consumer_info, read_records, wait_for
+from actorbus.runtime import process_alive
+from tests.support import (consumer_info, ended_afterwards, process_tree, read_records, wait_for,
+                           wait_until_gone)
 
 pytestmark = pytest.mark.integration
 
@@ -36,25 +36,17 @@ def test_sigterm_drains_and_leaves_nothing_running(tmp_path):
     process = subprocess.Popen([ACTORBUS, "demo", "--envelopes", "200000", "--aggregates", "100",
                                 "--keyless", "0", "--pool-size", "2"],
                                stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with ended_afterwards(process), out:
         wait_for(lambda: "actors up" in (tmp_path / "out.txt").read_text(), timeout=60,
                  what="the demo's actors")
         time.sleep(0.5)  # let it publish for a moment
-        tree = with_their_groups(descendants(process.pid))
+        tree = process_tree(process)
         assert len(tree) >= 5, tree  # nats-server, Thespian's admin and logger, the actors
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 130  # drained, then stopped
-    finally:
-        if process.poll() is None:  # the test failed: end everything it started, by pid
-            for pid in with_their_groups(descendants(process.pid)) | {process.pid}:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait()
-        out.close()
     text = (tmp_path / "out.txt").read_text()
     assert "interrupted: draining" in text and text.rstrip().endswith("interrupted: stopped")
-    wait_for(lambda: not [pid for pid in tree if process_alive(pid)], timeout=20,
-             what="every process of the demo to exit")
+    wait_until_gone(tree, "every process of the demo to exit")
 
 
 def test_ctrl_c_on_the_demo_drains_then_stops_its_server_last(tmp_path):
@@ -64,26 +56,19 @@ def test_ctrl_c_on_the_demo_drains_then_stops_its_server_last(tmp_path):
         process = subprocess.Popen([ACTORBUS, "demo", "--envelopes", "200000", "--aggregates",
                                     "100", "--keyless", "0", "--pool-size", "2"],
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with ended_afterwards(process):
         wait_for(lambda: "actors up" in out_path.read_text(), timeout=60, what="the demo's actors")
         server = int(re.search(r"nats-server pid (\d+)", out_path.read_text()).group(1))
         # The server is not in the terminal's group: the Ctrl-C is the demo's to handle.
         assert os.getpgid(server) != os.getpgid(process.pid)
-        tree = with_their_groups(descendants(process.pid)) | {server}
+        tree = process_tree(process) | {server}
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(60) == 130
-    finally:
-        if process.poll() is None:
-            for pid in with_their_groups(descendants(process.pid)) | {process.pid}:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait()
     text = out_path.read_text()
     assert "Traceback" not in text and "stopping now" not in text
     assert "interrupted: draining" in text and text.rstrip().endswith("interrupted: stopped")
     assert not process_alive(server)
-    wait_for(lambda: not [pid for pid in tree if process_alive(pid)], timeout=20,
-             what="every process of the demo to exit")
+    wait_until_gone(tree, "every process of the demo to exit")
 
 
 def test_a_second_signal_during_the_drain_stops_at_once_and_still_shuts_down():
@@ -138,53 +123,24 @@ def test_the_demo_leaves_nothing_in_its_temp_folder(tmp_path):
     assert list(temp.iterdir()) == []
 
 
-def with_their_groups(pids: list[int]) -> set[int]:
-    """``pids`` plus every process in their process groups (Thespian's actors
-    are not descendants of the program that started them, but share its
-    admin's group)."""
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))  # a zombie still has its group
-        except ProcessLookupError:
-            pass
-    groups.discard(os.getpgrp())
-    members = set(pids)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getpgid(int(entry)) in groups:
-                    members.add(int(entry))
-            except ProcessLookupError:
-                pass
-    return members
-
-
 def test_run_serves_a_topology_and_drains_on_sigterm(tmp_path, nats_server, records):
     out_path = tmp_path / "out.txt"
     with open(out_path, "w") as out:
         process = subprocess.Popen([ACTORBUS, "run", "tests.handlers:topology", "--servers",
                                     nats_server.url], stdout=out, stderr=subprocess.STDOUT,
                                    cwd=Path(__file__).parent.parent)
-    try:
+    with ended_afterwards(process):
         wait_for(lambda: "running tests.handlers:topology" in out_path.read_text(), timeout=60,
                  what="the topology to start")
         publish_one(nats_server.url)
         wait_for(lambda: [r for r in read_records(records) if r.kind == "ok"], what="the handler")
-        tree = with_their_groups(descendants(process.pid))
+        tree = process_tree(process)
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            for pid in with_their_groups(descendants(process.pid)) | {process.pid}:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait()
     text = out_path.read_text()
     assert "draining" in text and text.rstrip().endswith("stopped")
     assert consumer_info(nats_server.url, "ORDERS", "orders").num_ack_pending == 0
-    wait_for(lambda: not [pid for pid in tree if process_alive(pid)], timeout=20,
-             what="every process of the topology to exit")
+    wait_until_gone(tree, "every process of the topology to exit")
 
 
 def test_run_refuses_what_is_not_a_topology():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,7 @@ def least_privilege(stream: str, durable: str, subject: str) -> tuple[list[str],
                f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
                f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.API.STREAM.MSG.GET.{stream}",
+               f"$JS.API.CONSUMER.UNPIN.{stream}.{durable}",
                f"$JS.ACK.{stream}.{durable}.>", f"deadletter.{stream}", subject]
     return publish, ["_INBOX.>"]
 
@@ -277,15 +279,28 @@ def test_the_listed_permissions_cover_recovering_an_unacked_gap(built, users_ser
             js = nc.jetstream()
             for n in range(3):
                 await js.publish(f"least.gap{n}", Envelope.create(f"gap-{n}", "T", b"x").encode())
-            pull = await js.pull_subscribe_bind("least", stream="LEAST")
-            assert len(await pull.fetch(3, timeout=5)) == 3
+            # The durable has a priority group: take its pin from whichever bus had it last,
+            # and pull as a member of the group (nats-py cannot yet).
+            await nc.request("$JS.API.CONSUMER.UNPIN.LEAST.least",
+                             json.dumps({"group": "actorbus"}).encode(), timeout=5)
+            got: asyncio.Queue = asyncio.Queue()
+            inbox = nc.new_inbox()
+            await nc.subscribe(inbox, cb=got.put)
+            await nc.publish("$JS.API.CONSUMER.MSG.NEXT.LEAST.least", json.dumps(
+                {"batch": 3, "expires": 5_000_000_000, "group": "actorbus"}).encode(), reply=inbox)
+            for _ in range(3):
+                assert (await asyncio.wait_for(got.get(), 5)).subject.startswith("least.gap")
+            # Gone without acking, as a crashed bus would be; its pin released at once.
+            await nc.request("$JS.API.CONSUMER.UNPIN.LEAST.least",
+                             json.dumps({"group": "actorbus"}).encode(), timeout=5)
         finally:
             await nc.close()
 
     asyncio.run(leave_a_gap())
     bus = built(servers=users_server.url, user="least", password=LEAST_PASSWORD)
     bus.subscribe("least.>", "tests.handlers:record", durable="least", stream="LEAST")
-    assert wait_for_stats(bus, "processed", 3)["recovered"] == 3
+    bus.publish("least.after", Envelope.create("after", "T", b"x").encode())  # pins this bus
+    assert wait_for_stats(bus, "processed", 4)["recovered"] == 3
 
 
 def test_a_user_missing_a_permission_gets_a_clear_error(built, users_server):

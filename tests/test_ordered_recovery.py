@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from actorbus.runtime import process_alive
 from actorbus.supervision import Backoff, OneForOne
 from tests import handlers
-from tests.support import consumer_info, publish_spread, read_records, wait_for
+from tests.bus_host import PIN_TIMEOUT
+from tests.support import HostBus, consumer_info, publish_spread, read_records, wait_for
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def order_report(records: Path, total: int, keys: int) -> dict:
     """Lost envelopes, per-key order violations among first successful handlings, duplicates."""
@@ -72,29 +66,20 @@ def test_a_killed_bridge_recovers_its_gap_first_and_keeps_per_key_order(make_bus
 def test_a_killed_host_is_recovered_by_the_next_bus_on_the_durable(make_bus, records, nats_server,
                                                                    tmp_path):
     total, keys = 10_000, 100
-    pids_file = tmp_path / "host.pids"
-    host = subprocess.Popen([sys.executable, "-m", "tests.bus_host", nats_server.url, str(pids_file)],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    pids: list[int] = []
+    host = HostBus(nats_server.url, tmp_path / "host.pids")
     try:
-        wait_for(pids_file.exists, timeout=60, what="the host's bus to start")
-        pids = [int(pid) for pid in pids_file.read_text().split()]
+        host.wait_started()
         publisher = make_bus(pool_size=1)   # publishes only; consumes nothing
         publish_spread(publisher, total, keys, per_key_sequence=True)
         wait_for(lambda: len(read_records(records)) >= 2000, what="the host handling", interval=0.01)
     finally:
-        for pid in pids or [host.pid]:   # every process of that bus at once: a host crash
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        host.wait(10)
-    wait_for(lambda: not [pid for pid in pids if process_alive(pid)], what="the host's processes gone")
+        host.kill()   # every process of that bus at once: a host crash
     info = consumer_info(nats_server.url, "ORDERS", "orders")
     gap = info.delivered.stream_seq - info.ack_floor.stream_seq
 
-    bus = make_bus(pool_size=2)
-    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0)
+    bus = make_bus(pool_size=2)   # pinned once the dead host's pin times out
+    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0,
+                  pin_timeout=PIN_TIMEOUT, pull_expires=PIN_TIMEOUT / 4)
     wait_for(lambda: all_handled(records, total), timeout=120, what="every envelope handled")
     report, stats = order_report(records, total, keys), bus.stats()
     print(f"host SIGKILL, {total} envelopes / {keys} keys: gap {gap}, {report}, "

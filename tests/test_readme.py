@@ -7,7 +7,6 @@ the snippets read, while the tour's ``actorbus run myapp:topology`` runs there.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -17,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from actorbus.runtime import descendants, process_alive
-from tests.support import wait_for
-from tests.test_cli import ACTORBUS, with_their_groups
+from tests.support import ended_afterwards, process_tree, wait_for, wait_until_gone
+from tests.test_cli import ACTORBUS
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +54,7 @@ def test_every_readme_snippet_runs_as_pasted(tmp_path, nats_server):
     with open(out_path, "w") as out:
         tour = subprocess.Popen([ACTORBUS, "run", "myapp:topology", "--servers", nats_server.url],
                                 cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
+    with ended_afterwards(tour):
         wait_for(lambda: "running myapp:topology" in out_path.read_text(), timeout=60,
                  what="the tour's topology")
         for script in scripts:
@@ -68,17 +66,10 @@ def test_every_readme_snippet_runs_as_pasted(tmp_path, nats_server):
         # The tour's publish reached its Account aggregates: balances grow in order.
         wait_for(lambda: "acct-1 22" in out_path.read_text(), timeout=30,
                  what="acct-1's final balance (1+4+7+10)")
-        tree = with_their_groups(descendants(tour.pid))
+        tree = process_tree(tour)
         tour.send_signal(signal.SIGTERM)
         assert tour.wait(60) == 0
-    finally:
-        if tour.poll() is None:
-            for pid in with_their_groups(descendants(tour.pid)) | {tour.pid}:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            tour.wait()
-    wait_for(lambda: not [pid for pid in tree if process_alive(pid)], timeout=20,
-             what="every process of the tour to exit")
+    wait_until_gone(tree, "every process of the tour to exit")
 
 
 def test_actorbus_run_of_the_examples_works_only_from_the_checkout_root(tmp_path, nats_server):
@@ -98,17 +89,10 @@ def test_actorbus_run_of_the_examples_works_only_from_the_checkout_root(tmp_path
         process = subprocess.Popen([ACTORBUS, "run", "examples.orders:topology", "--servers",
                                     nats_server.url], cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT)
-    try:
+    with ended_afterwards(process):
         wait_for(lambda: "running examples.orders:topology" in out_path.read_text(), timeout=60,
                  what="the example topology, from the root")
-        tree = with_their_groups(descendants(process.pid))
+        tree = process_tree(process)
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            for pid in with_their_groups(descendants(process.pid)) | {process.pid}:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait()
-    wait_for(lambda: not [pid for pid in tree if process_alive(pid)], timeout=20,
-             what="every process of the example to exit")
+    wait_until_gone(tree, "every process of the example to exit")

@@ -218,3 +218,16 @@ def test_load_topology_names_what_is_wrong():
         load_topology("no_such_module_here:topology")
     with pytest.raises(ValueError, match="has no 'missing'"):
         load_topology("tests.handlers:missing")
+
+
+def test_every_durable_has_a_pinned_priority_group_unless_turned_off():
+    from actorbus.bridge.layout import SingleDurable
+    (spec,) = SingleDurable().consumers(sub(durable="s"))
+    assert (spec.priority_group, spec.pin_timeout) == ("actorbus", 10.0)
+    assert sub(durable="s", pull_expires=30.0).pin_timeout == 60.0   # twice the pull expiry
+    (spec,) = SingleDurable().consumers(sub(durable="s", priority_group=None))
+    assert spec.priority_group is None
+    with pytest.raises(ConfigurationError, match=r"pin_timeout \(1.0\) must be at least twice"):
+        sub(durable="s", pin_timeout=1.0, pull_expires=1.0)
+    with pytest.raises(ConfigurationError, match="priority_group"):
+        sub(durable="s", priority_group="no spaces")

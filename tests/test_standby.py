@@ -1,0 +1,79 @@
+"""One durable, one active bus: a second bus is a hot standby, never a silent split of keys.
+
+Every durable the bus creates has a priority group with the ``pinned_client``
+policy: the server hands messages to one pinned bus only. Tests on real
+nats-server and multiprocTCPBase buses (and, for a crash, a bus in a process
+of its own that is SIGKILLed whole).
+"""
+from __future__ import annotations
+
+import pytest
+
+from actorbus import Envelope
+from tests import handlers
+from tests.bus_host import PIN_TIMEOUT
+from tests.support import HostBus, publish_spread, read_records, wait_for
+from tests.test_ordered_recovery import all_handled, order_report
+
+pytestmark = pytest.mark.integration
+
+#: Short enough that a failover is quick, twice the pull expiry as required.
+PINNING = {"pin_timeout": PIN_TIMEOUT, "pull_expires": PIN_TIMEOUT / 4}
+
+
+def member_pids(bus) -> set[int]:
+    return {pid for name, pid in bus.pids.items() if name.startswith("member-")}
+
+
+def publish(bus, start: int, count: int) -> None:
+    results = bus.publish_many([(f"orders.{n % 3}", Envelope.create(f"acct-{n % 3}", "T",
+                                                                     str(n).encode()))
+                                for n in range(start, start + count)])
+    assert all(r.ok for r in results)
+
+
+def test_a_second_bus_on_the_durable_is_a_hot_standby_and_takes_over_on_a_clean_stop(make_bus,
+                                                                                       records):
+    first, second = make_bus(pool_size=2), make_bus(pool_size=2)
+    for bus in (first, second):
+        bus.subscribe("orders.>", handlers.record, durable="orders", **PINNING)
+    publish(first, 0, 30)
+    wait_for(lambda: len(read_records(records)) >= 30, what="the first 30 handled")
+    handled_by = {r.pid for r in read_records(records)}
+    active, standby = (first, second) if handled_by <= member_pids(first) else (second, first)
+    assert handled_by <= member_pids(active), "both buses handled messages: the keys were split"
+    assert active.stats()["pinned"] == 1 and standby.stats()["standby"] == 1
+    assert standby.stats()["received"] == 0
+
+    active.stop()   # drains, then unpins: the standby takes over without waiting for the timeout
+    publish(standby, 30, 30)
+    wait_for(lambda: len(read_records(records)) >= 60, what="the next 30 handled by the standby")
+    later = read_records(records)[30:]
+    assert {r.pid for r in later} <= member_pids(standby)
+    assert sorted(int(r.data) for r in later) == list(range(30, 60))
+    assert standby.stats()["pinned"] == 1
+
+
+def test_a_crashed_active_bus_fails_over_to_the_standby_in_order(make_bus, records, nats_server,
+                                                                tmp_path):
+    total, keys = 10_000, 100
+    host = HostBus(nats_server.url, tmp_path / "host.pids", pin_timeout=PIN_TIMEOUT)
+    try:
+        host_pids = set(host.wait_started())
+        standby = make_bus(pool_size=2)
+        standby.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0, **PINNING)
+        publish_spread(standby, total, keys, per_key_sequence=True)
+        wait_for(lambda: len(read_records(records)) >= 2000, what="the active bus handling",
+                 interval=0.01)
+        assert standby.stats()["received"] == 0   # idle while the other is pinned
+    finally:
+        host.kill()
+
+    wait_for(lambda: all_handled(records, total), timeout=120, what="every envelope handled")
+    report, stats = order_report(records, total, keys), standby.stats()
+    by_standby = sum(1 for r in read_records(records) if r.pid in member_pids(standby))
+    print(f"active bus SIGKILLed, standby took over: {report}, recovered {stats['recovered']}, "
+          f"handled by the standby {by_standby}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+    assert stats["pinned"] == 1 and stats["pins"] >= 1 and stats["recovered"] > 0
+    assert by_standby and not host_pids & member_pids(standby)
