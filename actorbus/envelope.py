@@ -29,7 +29,8 @@ from typing import Any, Mapping
 
 import msgpack
 
-from actorbus.codecs import CODECS, CodecError, EnvelopeFormat, codec_for, wire_type
+from actorbus.codecs import (CODECS, MSGPACK, CodecError, EnvelopeFormat, MsgpackCodec, codec_for,
+                             wire_type)
 from actorbus.ids import is_valid_id
 
 #: Largest encoded envelope accepted by :func:`decode_envelope` by default.
@@ -176,10 +177,13 @@ def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *
         raise InvalidEnvelope("<envelope>", f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise InvalidEnvelope("<envelope>", f"{len(data)} bytes is over the {max_bytes}-byte limit")
-    try:
-        codec = codec_for(data, format)
-    except CodecError as exc:
-        raise InvalidEnvelope("<envelope>", str(exc)) from None
+    if format is EnvelopeFormat.AUTO and data and data[0] in _MSGPACK_PREFIX:
+        codec = MSGPACK   # the common case, one call less (decoding runs deep in the stack)
+    else:
+        try:
+            codec = codec_for(data, format)
+        except CodecError as exc:
+            raise InvalidEnvelope("<envelope>", str(exc)) from None
     try:
         wire = codec.decode(data)
     except CodecError as exc:
@@ -210,6 +214,7 @@ def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *
 _FIELDS = tuple(f.name for f in dataclasses.fields(Envelope))
 _REQUIRED_FIELDS = ("event_id", "aggregate_id", "event_type", "event_version", "timestamp",
                     "payload")
+_MSGPACK_PREFIX = MsgpackCodec._MAP_PREFIX
 _new_envelope = object.__new__
 _set_field = object.__setattr__
 
@@ -288,14 +293,14 @@ def _validate_timestamp(value: object) -> None:
             if _dt_without_offset(value):
                 raise InvalidEnvelope("timestamp", f"{value!r} has no UTC offset")
             raise InvalidEnvelope("timestamp", f"{value!r} is not RFC 3339") from None
-        date, time, fraction, offset = match.groups()
-        # Only to check that the date and time exist: fromisoformat reads at most
-        # microseconds on every Python version we support, so the fraction is cut
-        # to six digits here; the string itself is kept as it was received.
-        micros = f".{fraction[:6]}" if fraction else ""
-        zone = "+00:00" if offset in ("Z", "z") else offset
+        # The shape is RFC 3339's; what is left is whether the date and time exist
+        # (fromisoformat on the first 19 characters, any separator) and whether the
+        # offset is one. The string itself is kept as it was received.
+        offset = match.group(4)
         try:
-            _dt.datetime.fromisoformat(f"{date}T{time}{micros}{zone}")
+            _dt.datetime.fromisoformat(value[:19])
+            if len(offset) > 1 and (int(offset[1:3]) > 23 or int(offset[4:6]) > 59):
+                raise ValueError(f"offset {offset} out of range")
         except ValueError as exc:
             raise InvalidEnvelope("timestamp", f"{value!r} is not a valid time ({exc})") from None
         return

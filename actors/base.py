@@ -28,7 +28,15 @@ class BusActor(ActorTypeDispatcher):
 
     def receiveMessage(self, message: Any, sender: Any) -> ThespianWatch | None:
         try:
-            super().receiveMessage(message, sender)
+            # The method for the message's own type, called from here: the dispatcher's
+            # search (for base types too) costs a Python frame more on the hot path, and
+            # actor processes run deep in the stack Thespian forked them in (see
+            # PoolMember._handle on what a frame more can cost there).
+            handler = getattr(self, f"receiveMsg_{type(message).__name__}", None)
+            if handler is not None:
+                handler(message, sender)
+            else:
+                super().receiveMessage(message, sender)
         except Exception:
             log.exception("%s failed on %s", type(self).__name__, type(message).__name__)
         # Every return must carry the watch: Thespian forgets it otherwise.

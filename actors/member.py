@@ -7,7 +7,7 @@ import time
 
 from actorbus.actors.base import BusActor
 from actorbus.actors.handlers import HandlerError
-from actorbus.actors.messages import (Completion, Dispatch, HandlerRegistered, MemberReady,
+from actorbus.actors.messages import (SUCCEEDED, Completion, Dispatch, HandlerRegistered, MemberReady,
                                       RegisterHandler, StartMember)
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.sequencing import Resequencer
@@ -63,8 +63,18 @@ class PoolMember(BusActor):
             self._last_token = fresh[-1].token
         done = []
         reported_at = time.monotonic()
+        table = self._table
         for position, delivery in enumerate(fresh):
-            done.append(self._table.handle(delivery))
+            # HandlerTable.handle spelled out: one Python frame less per delivery. This loop
+            # runs deep in the stack Thespian forked the process in, and one frame more here
+            # crossed CPython's 16 KB frame-stack chunk: a fresh chunk mapped and unmapped
+            # for every delivery (measured: 2 page faults each, member CPU 2.4 times).
+            outcome = table.deferred(delivery) if table.blocking else None
+            if outcome is None:
+                outcome = table.process_one(delivery)
+                if outcome.kind != SUCCEEDED or table.blocking:
+                    table.settled(delivery, outcome)
+            done.append(outcome)
             if position + 1 < len(fresh) and time.monotonic() - reported_at >= REPORT_INTERVAL:
                 self.send(sender, Completion.of(done, self._index, final=False))
                 done = []

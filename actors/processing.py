@@ -65,25 +65,40 @@ class HandlerTable:
         not handled but ``DEFERRED``, until the failed one comes back and
         succeeds: its successes must follow stream order.
         """
-        blocked = self._blocked
-        if not blocked:   # the common case: nothing failed that is due to come back
+        # The hot loop of a pool member spells this out itself: see PoolMember._handle.
+        outcome = self.deferred(delivery) if self._blocked else None
+        if outcome is None:
             outcome = self.process_one(delivery)
-            if outcome.kind != SUCCEEDED and delivery.aggregate_id is not None and \
-                    self._comes_back(delivery):
-                blocked[(delivery.subscription, delivery.aggregate_id)] = delivery.stream_sequence
-            return outcome
-        key = (delivery.subscription, delivery.aggregate_id)
-        failed_at = blocked.get(key) if delivery.aggregate_id is not None else None
+            if outcome.kind != SUCCEEDED or self._blocked:
+                self.settled(delivery, outcome)
+        return outcome
+
+    def deferred(self, delivery: Delivery) -> Outcome | None:
+        """The ``DEFERRED`` outcome of ``delivery`` if an older message of its aggregate failed
+        and is due to come back; None when it may be handled now."""
+        if delivery.aggregate_id is None:
+            return None
+        failed_at = self._blocked.get((delivery.subscription, delivery.aggregate_id))
         if failed_at is not None and delivery.stream_sequence > failed_at:
             return Outcome(delivery.token, DEFERRED,
                            f"waits for sequence {failed_at} of its aggregate", 0)
-        outcome = self.process_one(delivery)
-        if delivery.aggregate_id is not None and outcome.kind != SUCCEEDED and \
-                self._comes_back(delivery):
-            blocked[key] = delivery.stream_sequence
-        elif failed_at is not None and delivery.stream_sequence == failed_at:
-            del blocked[key]   # the failed one came back and is settled now
-        return outcome
+        return None
+
+    def settled(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Record how ``delivery`` went: a failure due to come back blocks its aggregate;
+        the blocking message handled again unblocks it."""
+        if delivery.aggregate_id is None:
+            return
+        key = (delivery.subscription, delivery.aggregate_id)
+        if outcome.kind != SUCCEEDED and self._comes_back(delivery):
+            self._blocked[key] = delivery.stream_sequence
+        elif self._blocked.get(key) == delivery.stream_sequence:
+            del self._blocked[key]   # the failed one came back and is settled now
+
+    @property
+    def blocking(self) -> bool:
+        """True while some aggregate waits for a failed message to come back."""
+        return bool(self._blocked)
 
     def _comes_back(self, delivery: Delivery) -> bool:
         spec = self._subscriptions.get(delivery.subscription)
