@@ -29,8 +29,8 @@ from typing import Any, Mapping
 
 import msgpack
 
-from actorbus.codecs import (CODECS, MSGPACK, CodecError, EnvelopeFormat, MsgpackCodec, codec_for,
-                             wire_type)
+from actorbus.codecs import (CODECS, MSGPACK, CodecError, EnvelopeCodec, EnvelopeFormat,
+                             MsgpackCodec, codec_for, wire_type)
 from actorbus.ids import is_valid_id
 
 #: Largest encoded envelope accepted by :func:`decode_envelope` by default.
@@ -177,6 +177,7 @@ def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *
         raise InvalidEnvelope("<envelope>", f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise InvalidEnvelope("<envelope>", f"{len(data)} bytes is over the {max_bytes}-byte limit")
+    codec: EnvelopeCodec
     if format is EnvelopeFormat.AUTO and data and data[0] in _MSGPACK_PREFIX:
         codec = MSGPACK   # the common case, one call less (decoding runs deep in the stack)
     else:

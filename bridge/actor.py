@@ -308,6 +308,7 @@ class Bridge(BusActor):
             if recovered and stream_sequence in recovered:
                 self._redelivered_after_recovery(sub, msg, stream_sequence, orders)
                 continue
+            aggregate_id: str | None
             try:
                 if sub.envelope:
                     aggregate_id = decode_envelope(msg.data, sub.envelope_format,
