@@ -7,6 +7,7 @@ every actor process, not only the one serving the endpoint.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any, Callable, Iterator
 
@@ -79,6 +80,10 @@ class BusCollector:
         yield durations
 
 
+class MetricsPortInUse(OSError):
+    """The metrics endpoint's port is taken; the message names it and the option that sets it."""
+
+
 class MetricsServer:
     """The HTTP endpoint: ``http://<addr>:<port>/metrics``."""
 
@@ -86,7 +91,14 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(BusCollector(stats))
         self.port = port
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise MetricsPortInUse(
+                    f"the metrics port {addr}:{port} is in use by another program; choose another "
+                    "with metrics_port= (actorbus run/demo: --metrics-port)") from None
+            raise
         log.info("metrics at http://%s:%d/metrics", addr, port)
 
     def close(self) -> None:

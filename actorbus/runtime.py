@@ -90,17 +90,26 @@ class ProcessRuntime:
         """Wait up to ``timeout`` for a reply to an earlier request."""
         return self._system.listen(timeout)
 
-    def shutdown(self, pids: Iterable[int] = ()) -> None:
+    def shutdown(self, pids: Iterable[int] = (), timeout: float | None = None) -> None:
         """Shut the actor system down, then SIGKILL any of its processes (and of
-        ``pids``) still alive."""
+        ``pids``) still alive.
+
+        With ``timeout``, return within about that many seconds: an actor
+        stuck in user code keeps Thespian's shutdown waiting for it (about
+        13 s), so past the timeout every process of the system is ended by
+        pid instead.
+        """
         # Collected first: once their parents exit, orphans no longer show as descendants.
-        processes = set(pids) | set(self._roots)
+        processes = set(pids) | set(self._roots) | set(self.pids())
         for root in self._roots:
             processes.update(descendants(root))
         try:
-            self._system.shutdown()
+            if timeout is None:
+                self._system.shutdown()
+            else:
+                self._shutdown_within(timeout, processes)
         finally:
-            kill_leftovers(sorted(processes))
+            kill_leftovers(sorted(processes), grace=0.5 if timeout is not None else 3.0)
             for group in self._groups:
                 try:
                     os.killpg(group, signal.SIGKILL)
@@ -108,6 +117,36 @@ class ProcessRuntime:
                     pass  # the group is empty: everything exited
             multiprocessing.active_children()  # reap the admin
             self._release_transport()
+
+
+    def _shutdown_within(self, timeout: float, processes: set[int]) -> None:
+        started = time.monotonic()
+        done = threading.Event()
+
+        def shut_down() -> None:
+            try:
+                self._system.shutdown()
+            except Exception as exc:   # the admin was ended under it: nothing left to do
+                log.debug("actor system shutdown ended with %s: %s", type(exc).__name__, exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=shut_down, name="actorbus-shutdown", daemon=True).start()
+        if done.wait(max(timeout - SHUTDOWN_KILL_MARGIN, 0.1)):
+            return
+        stuck = [pid for pid in sorted(processes) if pid != os.getpid() and process_alive(pid)]
+        log.warning("the actor system did not shut down within %.1fs (a handler stuck in user "
+                    "code?); ending its processes %s", time.monotonic() - started, stuck)
+        for pid in stuck:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        done.wait(SHUTDOWN_KILL_MARGIN / 2)
+
+
+#: Of a bounded shutdown's time, what is kept for ending the processes by pid.
+SHUTDOWN_KILL_MARGIN = 1.0
 
 
 class SimpleRuntime:
@@ -140,8 +179,9 @@ class SimpleRuntime:
         """Wait up to ``timeout`` for a reply to an earlier request."""
         return self._call(lambda system: system.listen(timeout))
 
-    def shutdown(self, pids: Iterable[int] = ()) -> None:
-        """Shut the actor system down and stop the pump thread."""
+    def shutdown(self, pids: Iterable[int] = (), timeout: float | None = None) -> None:
+        """Shut the actor system down and stop the pump thread (``timeout`` is not used:
+        the actors run on that thread)."""
         if not self._thread.is_alive():
             return
 

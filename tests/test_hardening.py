@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 import msgpack
 import pytest
 
 from actorbus import BusError, Envelope, PublishError
+from actorbus.runtime import process_alive
 from tests import handlers
 from tests.support import (consumer_info, create_stream, publish_spread, read_records,
                            stream_info, stream_messages, tree_rss_bytes, wait_for,
@@ -239,3 +241,19 @@ def test_an_invalid_id_header_is_counted_and_warned_once_per_minute(make_bus, re
     assert len(warnings) == 1, warnings
     assert "X-Aggregate-ID='host 1; drop'" in warnings[0]
     assert "metrics.cpu" in warnings[0] and "round-robin" in warnings[0]
+
+
+def test_stop_returns_within_its_timeout_whatever_a_handler_does(make_bus, records):
+    bus = make_bus(pool_size=2)
+    bus.subscribe("orders.>", handlers.hold_until_released, durable="orders")
+    bus.publish_envelope("orders.a", Envelope.create("a", "Stuck", b"0"))
+    wait_for(lambda: [r for r in read_records(records) if r.kind == "started"],
+             what="the handler to be stuck")
+    actors = [pid for pid in bus.runtime.pids()]
+    started = time.monotonic()
+    bus.stop(timeout=1.0)
+    took = time.monotonic() - started
+    print(f"stop(1.0) with a stuck handler took {took:.2f}s")
+    assert took < 1.0 + 2.0
+    wait_for(lambda: not [pid for pid in actors if process_alive(pid)], timeout=5,
+             what="every actor process ended")

@@ -46,3 +46,17 @@ def test_metrics_count_the_work_of_every_actor_process(make_bus, records):
     assert samples[("actorbus_handler_duration_seconds_bucket",
                     (("le", "+Inf"), ("subscription", "orders")))] == 40
     assert ("actorbus_actor_queue_depth", (("member", "1"),)) in samples
+
+
+def test_a_metrics_port_in_use_is_named_with_the_option_that_sets_it(make_bus):
+    import socket
+
+    from actorbus.metrics import MetricsPortInUse
+    from actorbus.ports import free_port
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(MetricsPortInUse, match=rf"metrics port 127.0.0.1:{port} is in use.*"
+                                                   r"metrics_port=.*--metrics-port"):
+            make_bus(pool_size=1, metrics_port=port)
