@@ -115,15 +115,23 @@ def nats_settings(ctx: click.Context, values: dict[str, str | None]) -> dict[str
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C, so the bus drains and stops on either."""
+    """Treat SIGTERM like Ctrl-C, so the bus drains and stops on either.
+
+    SIGINT is set to raise ``KeyboardInterrupt`` too, whatever was inherited:
+    a program started in the background by a non-interactive shell inherits
+    SIGINT ignored, and Python then leaves it ignored (Ctrl-C sent to its
+    process group would do nothing).
+    """
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run(work: Callable[[], int], debug: bool) -> None:
