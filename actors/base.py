@@ -31,7 +31,7 @@ class BusActor(ActorTypeDispatcher):
             # The method for the message's own type, called from here: the dispatcher's
             # search (for base types too) costs a Python frame more on the hot path, and
             # actor processes run deep in the stack Thespian forked them in (see
-            # PoolMember._handle on what a frame more can cost there).
+            # PoolMember.__init__ on what a frame more can cost there).
             handler = getattr(self, f"receiveMsg_{type(message).__name__}", None)
             if handler is not None:
                 handler(message, sender)

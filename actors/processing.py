@@ -65,7 +65,6 @@ class HandlerTable:
         not handled but ``DEFERRED``, until the failed one comes back and
         succeeds: its successes must follow stream order.
         """
-        # The hot loop of a pool member spells this out itself: see PoolMember._handle.
         outcome = self.deferred(delivery) if self._blocked else None
         if outcome is None:
             outcome = self.process_one(delivery)

@@ -296,7 +296,7 @@ class Bridge(BusActor):
         # The helpers _aggregate_id and _delivery spelled out: this loop runs deep in the
         # stack Thespian forked the process in, and each Python frame more per message
         # risks crossing CPython's 16 KB frame-stack chunk (a chunk mapped and unmapped
-        # per message; see PoolMember._handle).
+        # per message; see PoolMember.__init__).
         for msg in msgs:
             try:
                 delivery_count, stream_sequence = delivery_numbers(msg.reply)
