@@ -29,8 +29,7 @@ from typing import Any, Mapping
 
 import msgpack
 
-from actorbus.codecs import (CODECS, MSGPACK, CodecError, EnvelopeCodec, EnvelopeFormat,
-                             MsgpackCodec, codec_for, wire_type)
+from actorbus.codecs import CODECS, CodecError, EnvelopeFormat, codec_for, wire_type
 from actorbus.ids import is_valid_id
 
 #: Largest encoded envelope accepted by :func:`decode_envelope` by default.
@@ -177,14 +176,10 @@ def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *
         raise InvalidEnvelope("<envelope>", f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise InvalidEnvelope("<envelope>", f"{len(data)} bytes is over the {max_bytes}-byte limit")
-    codec: EnvelopeCodec
-    if format is EnvelopeFormat.AUTO and data and data[0] in _MSGPACK_PREFIX:
-        codec = MSGPACK   # the common case, one call less (decoding runs deep in the stack)
-    else:
-        try:
-            codec = codec_for(data, format)
-        except CodecError as exc:
-            raise InvalidEnvelope("<envelope>", str(exc)) from None
+    try:
+        codec = codec_for(data, format)
+    except CodecError as exc:
+        raise InvalidEnvelope("<envelope>", str(exc)) from None
     try:
         wire = codec.decode(data)
     except CodecError as exc:
@@ -215,7 +210,6 @@ def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *
 _FIELDS = tuple(f.name for f in dataclasses.fields(Envelope))
 _REQUIRED_FIELDS = ("event_id", "aggregate_id", "event_type", "event_version", "timestamp",
                     "payload")
-_MSGPACK_PREFIX = MsgpackCodec._MAP_PREFIX
 _new_envelope = object.__new__
 _set_field = object.__setattr__
 

@@ -28,10 +28,8 @@ class BusActor(ActorTypeDispatcher):
 
     def receiveMessage(self, message: Any, sender: Any) -> ThespianWatch | None:
         try:
-            # The method for the message's own type, called from here: the dispatcher's
-            # search (for base types too) costs a Python frame more on the hot path, and
-            # actor processes run deep in the stack Thespian forked them in (see
-            # PoolMember.__init__ on what a frame more can cost there).
+            # The method for the message's own type, found directly; the dispatcher's search
+            # through both class hierarchies serves the rest (base types of a message).
             handler = getattr(self, f"receiveMsg_{type(message).__name__}", None)
             if handler is not None:
                 handler(message, sender)

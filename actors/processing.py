@@ -65,14 +65,14 @@ class HandlerTable:
         not handled but ``DEFERRED``, until the failed one comes back and
         succeeds: its successes must follow stream order.
         """
-        outcome = self.deferred(delivery) if self._blocked else None
+        outcome = self._deferred(delivery) if self._blocked else None
         if outcome is None:
             outcome = self.process_one(delivery)
             if outcome.kind != SUCCEEDED or self._blocked:
-                self.settled(delivery, outcome)
+                self._settled(delivery, outcome)
         return outcome
 
-    def deferred(self, delivery: Delivery) -> Outcome | None:
+    def _deferred(self, delivery: Delivery) -> Outcome | None:
         """The ``DEFERRED`` outcome of ``delivery`` if an older message of its aggregate failed
         and is due to come back; None when it may be handled now."""
         if delivery.aggregate_id is None:
@@ -83,7 +83,7 @@ class HandlerTable:
                            f"waits for sequence {failed_at} of its aggregate", 0)
         return None
 
-    def settled(self, delivery: Delivery, outcome: Outcome) -> None:
+    def _settled(self, delivery: Delivery, outcome: Outcome) -> None:
         """Record how ``delivery`` went: a failure due to come back blocks its aggregate;
         the blocking message handled again unblocks it."""
         if delivery.aggregate_id is None:
@@ -93,11 +93,6 @@ class HandlerTable:
             self._blocked[key] = delivery.stream_sequence
         elif self._blocked.get(key) == delivery.stream_sequence:
             del self._blocked[key]   # the failed one came back and is settled now
-
-    @property
-    def blocking(self) -> bool:
-        """True while some aggregate waits for a failed message to come back."""
-        return bool(self._blocked)
 
     def _comes_back(self, delivery: Delivery) -> bool:
         spec = self._subscriptions.get(delivery.subscription)

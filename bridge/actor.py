@@ -292,11 +292,6 @@ class Bridge(BusActor):
         now = time.monotonic()
         order = self._orders[sub.name]
         recovered = self._recovered[sub.name]
-        add = self._inflight.add
-        # The helpers _aggregate_id and _delivery spelled out: this loop runs deep in the
-        # stack Thespian forked the process in, and each Python frame more per message
-        # risks crossing CPython's 16 KB frame-stack chunk (a chunk mapped and unmapped
-        # per message; see PoolMember.__init__).
         for msg in msgs:
             try:
                 delivery_count, stream_sequence = delivery_numbers(msg.reply)
@@ -308,14 +303,8 @@ class Bridge(BusActor):
             if recovered and stream_sequence in recovered:
                 self._redelivered_after_recovery(sub, msg, stream_sequence, orders)
                 continue
-            aggregate_id: str | None
             try:
-                if sub.envelope:
-                    aggregate_id = decode_envelope(msg.data, sub.envelope_format,
-                                                   max_bytes=sub.max_envelope_bytes).aggregate_id
-                else:
-                    aggregate_id = extract_aggregate_id(msg.data, msg.headers, None, msg.subject,
-                                                        key_from_subject=sub.key_from_subject)
+                aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
             except InvalidEnvelope as exc:
                 # It can never succeed: redelivering it would only loop.
                 log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
@@ -326,18 +315,11 @@ class Bridge(BusActor):
             if aggregate_id is None and not sub.envelope and msg.headers:
                 self._note_invalid_key(sub, msg, tally, now)
             entry = InFlight(msg, sub, now)
+            delivery = self._delivery(entry, sub, msg.subject, msg.data, msg.headers,
+                                      aggregate_id, delivery_count, stream_sequence)
             if aggregate_id is None:
-                keyless_slot = next_keyless_slot()
-                entry.delivery = delivery = Delivery(
-                    add(entry), sub.name, msg.subject, msg.data, msg.headers,
-                    keyless_routing_key(keyless_slot), None, keyless_slot, delivery_count,
-                    stream_sequence)
                 deliveries.append(delivery)
-                continue
-            entry.delivery = delivery = Delivery(
-                add(entry), sub.name, msg.subject, msg.data, msg.headers, aggregate_id,
-                aggregate_id, None, delivery_count, stream_sequence)
-            if order.admit(aggregate_id, stream_sequence, delivery):
+            elif order.admit(aggregate_id, stream_sequence, delivery):
                 deliveries.append(delivery)
                 # A redelivery that others waited for: they go right behind it.
                 self._release(sub.name, aggregate_id, deliveries)

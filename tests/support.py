@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +15,7 @@ from typing import Any, Callable, Iterator
 import nats
 
 from actorbus.benchmarks.procfs import process_rss
-from actorbus.runtime import process_alive
+from actorbus.runtime import descendants, process_alive
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
@@ -130,9 +134,6 @@ class HostBus:
     """A bus in a process of its own (``tests.bus_host``), to be killed whole like a crashed host."""
 
     def __init__(self, url: str, pids_file: Path, pin_timeout: float | None = None) -> None:
-        import os
-        import subprocess
-        import sys
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
@@ -150,8 +151,6 @@ class HostBus:
 
     def kill(self) -> None:
         """SIGKILL every process of the bus at once, and wait until they are gone."""
-        import os
-        import signal
         for pid in self.pids or [self.process.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -167,7 +166,6 @@ def with_their_groups(pids: list[int]) -> set[int]:
     """``pids`` plus every process in their process groups (Thespian's actors
     are not descendants of the program that started them, but share its
     admin's group)."""
-    import os
     groups = set()
     for pid in pids:
         try:
@@ -188,7 +186,6 @@ def with_their_groups(pids: list[int]) -> set[int]:
 
 def process_tree(process) -> set[int]:
     """A CLI process's own processes: its descendants and the actors in their groups."""
-    from actorbus.runtime import descendants
     return with_their_groups(descendants(process.pid))
 
 
@@ -196,8 +193,6 @@ def process_tree(process) -> set[int]:
 def ended_afterwards(process) -> Iterator[Any]:
     """Yield ``process`` (a ``subprocess.Popen`` of the CLI); if it still runs afterwards
     (the test failed before it stopped it), SIGKILL it and everything it started, by pid."""
-    import os
-    import signal
     try:
         yield process
     finally:
