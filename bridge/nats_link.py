@@ -171,7 +171,7 @@ class NatsLink:
         """Hand over the consumer's un-acked gap, read from the stream, before anything it delivers."""
         spec = consumer.consumer
         try:
-            gap = await read_gap(self._js, spec, consumer.kept_back)
+            gap = await read_gap(self._js, spec, consumer.first_deliveries_kept_back)
         except Exception as exc:
             log.warning("could not read the un-acked messages of %s back from stream %s (%s: %s); "
                         "per-key order is not guaranteed for their redeliveries", spec.durable,

@@ -185,14 +185,23 @@ class PullConsumer:
         elif arrived:
             self._on_messages(self._sub, arrived)
 
-    def kept_back(self) -> set[int]:
-        """Stream sequences of what arrived while recovering (handed over after it)."""
+    def first_deliveries_kept_back(self) -> set[int]:
+        """Stream sequences of the first deliveries that arrived while recovering.
+
+        They are newer than anything delivered before (a first delivery is
+        never in a previous owner's gap), so they are handled as deliveries,
+        after what recovery reads. A redelivery that arrived meanwhile is an
+        older message: recovery reads it back in its place in stream order,
+        and the redelivery is then settled by that handling.
+        """
         found = set()
         for msg in self._deferred:
             try:
-                found.add(delivery_numbers(msg.reply)[1])
+                delivery_count, sequence = delivery_numbers(msg.reply)
             except ValueError:
                 continue
+            if delivery_count == 1:
+                found.add(sequence)
         return found
 
     def resume(self) -> None:

@@ -45,8 +45,8 @@ class Gap(NamedTuple):
 async def read_gap(js: Any, spec: ConsumerSpec,
                    have: Callable[[], Collection[int]] = frozenset) -> Gap:
     """The messages of ``spec``'s consumer between its ack floor and its delivered sequence,
-    but for the sequences ``have()`` names once the consumer's state is known (delivered
-    to this bus already: they are handled as deliveries)."""
+    but for the sequences ``have()`` names once the consumer's state is known (first
+    deliveries to this bus: newer than the gap, they are handled as deliveries)."""
     started = time.perf_counter()
     info = await js.consumer_info(spec.stream, spec.durable)
     floor, delivered = info.ack_floor.stream_seq or 0, info.delivered.stream_seq or 0

@@ -231,3 +231,20 @@ def test_every_durable_has_a_pinned_priority_group_unless_turned_off():
         sub(durable="s", pin_timeout=1.0, pull_expires=1.0)
     with pytest.raises(ConfigurationError, match="priority_group"):
         sub(durable="s", priority_group="no spaces")
+
+
+def test_recovery_reads_back_redeliveries_kept_back_but_not_first_deliveries():
+    # A bus pinned in place of a dead one: what arrives while it recovers includes
+    # redeliveries of the dead bus's messages (recovered in stream order, in their
+    # place) and first deliveries (newer than any gap: handled after it).
+    from types import SimpleNamespace
+
+    from actorbus.bridge.layout import SingleDurable
+    from actorbus.bridge.pull import PullConsumer
+    config = sub(durable="orders")
+    (spec,) = SingleDurable().consumers(config)
+    consumer = PullConsumer(SimpleNamespace(new_inbox=lambda: "_INBOX.x"), config, spec,
+                            lambda *_: None, lambda: None)
+    consumer._deferred = [SimpleNamespace(reply=f"$JS.ACK.ORDERS.orders.{count}.{seq}.{seq}.0.0")
+                          for count, seq in ((2, 7), (1, 12), (3, 5), (1, 13))]
+    assert consumer.first_deliveries_kept_back() == {12, 13}
