@@ -12,8 +12,9 @@ from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, Sta
                                       StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import Envelope
-from actorbus.config import (BusConfig, NatsAuth, SubscriptionConfig, resolve_auth,
+from actorbus.config import (BusConfig, ConfigurationError, NatsAuth, SubscriptionConfig, resolve_auth,
                              servers_from_env)
+from actorbus.groups import DEFAULT_HEARTBEAT, ConsumerGroup
 from actorbus.metrics import MetricsServer
 from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
 from actorbus.runtime import ProcessRuntime, SimpleRuntime, make_runtime
@@ -58,6 +59,14 @@ class EventBus:
     (``NATS_USER``, ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY``,
     ``NATS_CA``, ``NATS_CERT``, ``NATS_KEY``); ``auth=NatsAuth(...)`` gives
     them all at once and reads no environment.
+
+    Many buses on one stream (README, "Running more than one instance"):
+    ``group`` names a partitioned consumer group and ``partitions`` its P;
+    with ``members`` (the fixed list) and ``member`` (which one this bus is)
+    the group is static, without ``members`` it is elastic (``member``
+    defaults to ``<host>-<pid>``; ``heartbeat`` seconds between its
+    heartbeats). Every subscription of such a bus is partitioned: its
+    subject ends with the aggregate id as a ``*`` token (``orders.*``).
     """
 
     def __init__(self, servers: str | list[str] | tuple[str, ...] | None = None,
@@ -69,7 +78,10 @@ class EventBus:
                  auth: NatsAuth | None = None, user: str | None = None, password: str | None = None,
                  token: str | None = None, nkey_seed: str | None = None, creds: str | None = None,
                  tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+                 tls_key: str | None = None, group: str | None = None,
+                 partitions: int | None = None, member: str | None = None,
+                 members: Iterable[str] | None = None,
+                 heartbeat: float = DEFAULT_HEARTBEAT) -> None:
         if servers is None:
             servers = servers_from_env(default=DEFAULT_SERVERS)
         # A str is split on commas by BusConfig itself.
@@ -78,7 +90,8 @@ class EventBus:
                                 connect_timeout=connect_timeout, name=name, supervision=supervision,
                                 auth=resolve_auth(auth, user=user, password=password, token=token,
                                                   nkey_seed=nkey_seed, creds=creds, tls_ca=tls_ca,
-                                                  tls_cert=tls_cert, tls_key=tls_key))
+                                                  tls_cert=tls_cert, tls_key=tls_key),
+                                group=_group(group, partitions, member, members, heartbeat))
         self._request_timeout = request_timeout
         self._request_ids = itertools.count(1)
         self._subscriptions: dict[str, SubscriptionConfig] = {}
@@ -120,6 +133,8 @@ class EventBus:
         """
         self._check_running()
         ref = handler_reference(handler)
+        if self.config.group is not None:
+            options.setdefault("partitions", self.config.group.partitions)
         # None: derived from the subject (SubscriptionConfig fills them in).
         sub = SubscriptionConfig(subject=subject, handler=ref, envelope=envelope,
                                  durable=durable, stream=stream, **options)  # type: ignore[arg-type]
@@ -142,7 +157,8 @@ class EventBus:
         """Publish an envelope in ``format`` (``"msgpack"``, or ``"json"`` as the Go EventBus
         writes it) with headers ``Nats-Msg-Id`` (its event id), ``Content-Type`` and
         ``X-Aggregate-ID``; return its :class:`PublishResult`: ``duplicate`` is True when
-        JetStream already had it."""
+        JetStream already had it. ``{aggregate_id}`` in ``subject`` is replaced by the
+        envelope's aggregate id (``"orders.{aggregate_id}"``), as a partitioned stream needs."""
         self._check_running()
         return self._running_publisher().publish_envelope(subject, envelope, format)
 
@@ -260,3 +276,18 @@ class EventBus:
                 raise BusError(f"{what}: no answer from the Supervisor within {timeout}s")
             # A late answer to an earlier request that timed out: skip it.
             reply = self._runtime.listen(remaining)
+
+
+def _group(name: str | None, partitions: int | None, member: str | None,
+           members: Iterable[str] | None, heartbeat: float) -> ConsumerGroup | None:
+    if name is None:
+        given = [n for n, v in (("partitions", partitions), ("member", member),
+                                ("members", members)) if v is not None]
+        if given:
+            raise ConfigurationError(f"{', '.join(given)} without group=: name the consumer group")
+        return None
+    if partitions is None:
+        raise ConfigurationError(f"group {name!r} needs partitions=: how many ways the stream "
+                                 "is split (fixed for the stream's life)")
+    return ConsumerGroup(name, partitions, member,
+                         None if members is None else tuple(members), heartbeat)

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import DEFAULT_MAX_ENVELOPE_BYTES
+from actorbus.errors import ConfigurationError
+from actorbus.groups import ConsumerGroup, check_partitioned_subject
 from actorbus.policies import SupervisionTree, as_tree, exponential_delay
 
 RUNTIMES = ("processes", "simple")
@@ -28,10 +30,6 @@ STORAGE_TYPES = ("file", "memory")
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SUBJECT_TOKEN = re.compile(r"[^\s.*>]+|\*|>")
-
-
-class ConfigurationError(ValueError):
-    """A configuration value that cannot work; the message names it."""
 
 
 class SettlementPolicy(enum.StrEnum):
@@ -76,6 +74,8 @@ class SubscriptionConfig:
     durable: str = None  # type: ignore[assignment]  # None: derived at construction
     stream: str = None  # type: ignore[assignment]  # None: derived at construction
     storage: str | None = None
+    #: Copies of the stream (and its consumers) in a NATS cluster: 1, 3 or 5.
+    replicas: int = 1
     ack_wait: float = 30.0
     max_deliver: int = 5
     max_ack_pending: int = 4096
@@ -100,9 +100,16 @@ class SubscriptionConfig:
     dead_letter_subject: str = None  # type: ignore[assignment]  # None: derived at construction
     dead_letter_stream: str = None  # type: ignore[assignment]  # None: derived at construction
     processing_timeout: float | None = None
+    #: The stream is partitioned this many ways for a consumer group (see
+    #: :mod:`actorbus.groups`): the subject ends with the aggregate id as a ``*`` token.
+    partitions: int | None = None
 
     def __post_init__(self) -> None:
         _check_subject(self.subject)
+        if self.partitions is not None:
+            check_partitioned_subject(self.subject)
+            # The partition is the subject's last token's: it is the key, whatever else says.
+            object.__setattr__(self, "key_from_subject", True)
         try:
             settlement = SettlementPolicy(self.settlement if self.settlement is not None else
                                           SettlementPolicy.NACK_ON_ERROR if self.envelope else
@@ -135,6 +142,8 @@ class SubscriptionConfig:
         if "*" in self.dead_letter_subject.split(".") or ">" in self.dead_letter_subject.split("."):
             raise ConfigurationError(
                 f"dead_letter_subject must not contain wildcards, got {self.dead_letter_subject!r}")
+        if self.replicas not in (1, 3, 5) or isinstance(self.replicas, bool):
+            raise ConfigurationError(f"replicas must be 1, 3 or 5, got {self.replicas!r}")
         if self.storage is not None and self.storage not in STORAGE_TYPES:
             raise ConfigurationError(f"storage must be one of {STORAGE_TYPES}, got {self.storage!r}")
         for name in ("ack_wait", "retry_backoff", "retry_backoff_max", "nak_delay",
@@ -378,6 +387,8 @@ class BusConfig:
     supervision: SupervisionTree = None  # type: ignore[assignment]  # None: the defaults
     #: Credentials and TLS for the NATS connections.
     auth: NatsAuth = NatsAuth()
+    #: This bus's place in a partitioned consumer group; None: it consumes whole durables.
+    group: ConsumerGroup | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.servers, str):
@@ -400,6 +411,8 @@ class BusConfig:
         if self.window > MAX_WINDOW:
             raise ConfigurationError(f"window must be <= {MAX_WINDOW}, got {self.window}")
         _check_positive("connect_timeout", self.connect_timeout)
+        if self.group is not None and not isinstance(self.group, ConsumerGroup):
+            raise ConfigurationError(f"group must be a ConsumerGroup, got {type(self.group).__name__}")
         try:
             object.__setattr__(self, "supervision", as_tree(self.supervision))
         except ValueError as exc:

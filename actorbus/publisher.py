@@ -11,6 +11,7 @@ from actorbus.bridge.loop_thread import LoopThread
 from actorbus.codecs import CODECS, EnvelopeFormat
 from actorbus.config import BusConfig
 from actorbus.envelope import Envelope
+from actorbus.groups import subject_for_key
 
 log = logging.getLogger("actorbus.publisher")
 
@@ -106,7 +107,8 @@ class Publisher:
         if not isinstance(envelope, Envelope):
             raise TypeError(f"envelope must be an Envelope, got {type(envelope).__name__}")
         format = EnvelopeFormat(format)
-        return self.publish(subject, envelope.encode(format), envelope_headers(envelope, format))
+        return self.publish(subject_for_key(subject, envelope.aggregate_id), envelope.encode(format),
+                            envelope_headers(envelope, format))
 
     def publish_many(self, messages: Iterable[OutgoingMessage], *, in_flight: int = 500,
                      timeout: float | None = None,
@@ -144,6 +146,7 @@ class Publisher:
         subject, data = item[0], item[1]
         headers = dict(item[2]) if len(item) == 3 and item[2] else None
         if isinstance(data, Envelope):
+            subject = subject_for_key(subject, data.aggregate_id)
             headers = {**(headers or {}), **envelope_headers(data, format)}
             data = data.encode(format)
         elif not isinstance(data, (bytes, bytearray)):

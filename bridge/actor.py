@@ -39,6 +39,7 @@ from actorbus.bridge.settlement import (ACK, DEAD_LETTER, NAK, Action, Order, de
 from actorbus.bridge.tally import SubscriptionTally
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.envelope import InvalidEnvelope, decode_envelope
+from actorbus.groups import without_partition
 
 log = logging.getLogger("actorbus.bridge")
 
@@ -373,6 +374,8 @@ class Bridge(BusActor):
             routing_key = keyless_routing_key(keyless_slot)
         else:
             routing_key = aggregate_id
+        if sub.partitions is not None:
+            subject = without_partition(subject)   # as it was published
         entry.delivery = Delivery(self._inflight.add(entry), sub.name, subject, data, headers,
                                   routing_key, aggregate_id, keyless_slot, delivery_count,
                                   stream_sequence)

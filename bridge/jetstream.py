@@ -5,11 +5,12 @@ import json
 import logging
 
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, SubjectTransform
 from nats.js.errors import APIError, NotFoundError
 
 from actorbus.bridge.layout import ConsumerSpec
 from actorbus.config import ConfigurationError, SubscriptionConfig
+from actorbus.groups import partition_transform
 
 log = logging.getLogger("actorbus.bridge")
 
@@ -37,17 +38,30 @@ def subject_covers(pattern: str, subject: str) -> bool:
 
 async def ensure_stream(js: JetStreamContext, sub: SubscriptionConfig) -> None:
     """Create ``sub.stream`` for ``sub.subject`` if missing; refuse one that cannot serve it."""
+    transform = (None if sub.partitions is None else
+                 SubjectTransform(src=sub.subject, dest=partition_transform(sub.subject, sub.partitions)))
     try:
         info = await js.stream_info(sub.stream)
     except NotFoundError:
         await js.add_stream(name=sub.stream, subjects=[sub.subject],
-                            storage=_STORAGE[sub.storage_type])
-        log.info("created stream %s for %s on %s storage", sub.stream, sub.subject, sub.storage_type)
+                            storage=_STORAGE[sub.storage_type], num_replicas=sub.replicas,
+                            subject_transform=transform)
+        log.info("created stream %s for %s on %s storage%s", sub.stream, sub.subject,
+                 sub.storage_type, "" if transform is None else
+                 f", {sub.partitions} partitions ({transform.dest})")
         return
     subjects = info.config.subjects or []
     if not any(subject_covers(s, sub.subject) for s in subjects):
         raise ConfigurationError(
             f"stream {sub.stream} exists with subjects {subjects}, which do not cover {sub.subject!r}")
+    if transform is not None:
+        actual_transform = info.config.subject_transform
+        if actual_transform is None or actual_transform.dest != transform.dest:
+            shown = actual_transform.dest if actual_transform is not None else "no subject transform"
+            raise ConfigurationError(
+                f"stream {sub.stream} exists with {shown}, not the {sub.partitions} partitions the "
+                f"group needs ({transform.src} -> {transform.dest}); partitions are fixed for a "
+                "stream's life: use that count, or another stream")
     # nats-py gives the enum or, for some servers' answers, its plain value.
     actual = getattr(info.config.storage, "value", info.config.storage) or "file"
     if actual != sub.storage_type:
@@ -105,6 +119,7 @@ async def ensure_consumer(js: JetStreamContext, sub: SubscriptionConfig,
         ack_wait=sub.ack_wait,
         max_deliver=sub.max_deliver,
         max_ack_pending=sub.max_ack_pending,
+        num_replicas=sub.replicas,
         **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": filters}),
     )
     try:

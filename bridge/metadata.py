@@ -21,3 +21,11 @@ def delivery_numbers(reply: str | None) -> tuple[int, int]:
         if len(tokens) >= _V2_MIN_TOKENS:
             return int(tokens[6]), int(tokens[7])
     raise ValueError(f"not a JetStream ack subject: {reply!r}")
+
+
+def consumer_of(reply: str | None) -> str | None:
+    """The consumer's name in a JetStream ack subject, or None when it is not one."""
+    tokens = (reply or "").split(".")
+    if len(tokens) < _V1_TOKENS or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return None
+    return tokens[3] if len(tokens) == _V1_TOKENS else tokens[5]

@@ -18,19 +18,24 @@ from typing import Any
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
-from actorbus.bridge.layout import ConsumerLayout, SingleDurable
+from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, ElasticPartitions, layout_for
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.bridge.mailbox import Arrival, Mailbox
+from actorbus.bridge.membership import ElasticMembership, ensure_static_group
+from actorbus.bridge.metadata import consumer_of
 from actorbus.bridge.pull import PullConsumer
 from actorbus.bridge.recovery import read_gap
 from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK, TERM, Order
-from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.config import BusConfig, ConfigurationError, SubscriptionConfig
+from actorbus.groups import GroupKind
 
 log = logging.getLogger("actorbus.bridge")
 
 _SETTLE_FLUSH_TIMEOUT = 5.0
 #: How often lost pull requests are looked for and requests topped up.
 _TICK = 0.1
+#: How often a released partition's drain looks whether its messages are all settled.
+_DRAIN_POLL = 0.02
 
 
 class NatsLink:
@@ -41,7 +46,7 @@ class NatsLink:
         self._config = config
         self._mailbox = mailbox
         self._window = config.window
-        self._layout = layout or SingleDurable()
+        self._layout = layout or layout_for(config)
         self._thread = LoopThread(f"{config.name}-nats")
         self._nc: Any = None
         self._js: Any = None
@@ -55,6 +60,12 @@ class NatsLink:
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._violations: list[str] = []   # the server's permissions violations, latest last
+        # Elastic groups: who owns what, and what each partition's durable has in flight
+        # (a partition moves to another bus only once its messages here are settled).
+        self._memberships: dict[str, ElasticMembership] = {}
+        self._by_durable: Counter[str] | None = (
+            Counter() if isinstance(self._layout, ElasticPartitions) else None)
+        self._releasing: dict[str, asyncio.Task] = {}
 
     # ------------------------------------------------------------ any thread
     def connect(self) -> None:
@@ -117,6 +128,15 @@ class NatsLink:
             counts["standby"] = len(grouped) - counts["pinned"]
             counts["pins"] = sum(c.pins for c in grouped)
             counts["unpins"] = sum(c.unpins for c in grouped)
+        group = self._config.group
+        if group is not None:
+            memberships = list(self._memberships.values())
+            counts["partitions_owned"] = (sum(len(m.owned or ()) for m in memberships)
+                                          if group.kind is GroupKind.ELASTIC else
+                                          len(getattr(self._layout, "partitions", tuple)()))
+            counts["group_members"] = (max((len(m.members) for m in memberships), default=0)
+                                       if group.kind is GroupKind.ELASTIC else len(group.members or ()))
+            counts["rebalances"] = sum(m.rebalances for m in memberships)
         return counts
 
     def stop_fetching(self, timeout: float = 5.0) -> None:
@@ -140,22 +160,92 @@ class NatsLink:
         self._js = self._nc.jetstream()
 
     async def _subscribe(self, sub: SubscriptionConfig) -> None:
+        group = self._config.group
+        if group is not None and sub.partitions != group.partitions:
+            raise ConfigurationError(f"subscription {sub.name} has partitions={sub.partitions}, "
+                                     f"but the bus's group {group.name} has {group.partitions}")
         await ensure_stream(self._js, sub)
         if sub.envelope or sub.settlement.redelivers:
             await ensure_dead_letter_stream(self._js, sub)
-        for spec in self._layout.consumers(sub):
+        if group is not None and group.kind is GroupKind.STATIC:
+            await ensure_static_group(self._js, sub, group)
+        specs = self._layout.consumers(sub)
+        for spec in specs:
             await ensure_consumer(self._js, sub, spec)
-            consumer = PullConsumer(self._nc, sub, spec, self._arrived, self._schedule_top_up,
-                                    self._schedule_recovery)
-            await consumer.start()
-            self._consumers[spec.durable] = consumer
-            if spec.priority_group is None:
-                # The consumer is ours alone: what it left un-acked is ours to recover. In a
-                # priority group that waits until this bus is pinned (see PullConsumer).
-                self._schedule_recovery(consumer)
+        if isinstance(self._layout, ElasticPartitions):
+            assert group is not None
+            membership = ElasticMembership(self._js, sub, group,
+                                           lambda owned: self._own(sub, owned))
+            self._memberships[sub.name] = membership
+            await membership.join()
+        else:
+            if not specs:
+                log.warning("member %s of group %s gets no partition of %s: more members than "
+                            "partitions", group and group.member, group and group.name, sub.stream)
+            for spec in specs:
+                await self._start_consumer(sub, spec)
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick(), name="pull-requests")
         await self._top_up()
+
+    async def _start_consumer(self, sub: SubscriptionConfig, spec: ConsumerSpec) -> None:
+        arrived = self._arrived
+        if self._by_durable is not None:
+            by_durable, durable = self._by_durable, spec.durable
+
+            def arrived(sub: SubscriptionConfig, msgs: list[Any]) -> None:
+                by_durable[durable] += len(msgs)
+                self._arrived(sub, msgs)
+        consumer = PullConsumer(self._nc, sub, spec, arrived, self._schedule_top_up,
+                                self._schedule_recovery)
+        await consumer.start()
+        self._consumers[spec.durable] = consumer
+        if spec.priority_group is None:
+            # The consumer is ours alone: what it left un-acked is ours to recover. In a
+            # priority group that waits until this bus is pinned (see PullConsumer).
+            self._schedule_recovery(consumer)
+
+    async def _own(self, sub: SubscriptionConfig, owned: tuple[int, ...]) -> None:
+        """Read the durables of ``owned`` partitions of ``sub`` and no others: release those
+        that moved away (drained, then unpinned), start those that moved here."""
+        if self._closing:
+            return
+        assert isinstance(self._layout, ElasticPartitions)
+        wanted = {spec.durable: spec for spec in (self._layout.partition(sub, p) for p in owned)}
+        mine = {name for name, c in self._consumers.items() if c.subscription == sub.name}
+        for durable in sorted(mine - wanted.keys()):
+            consumer = self._consumers.pop(durable)
+            self._releasing[durable] = asyncio.create_task(self._release(consumer),
+                                                           name=f"release-{durable}")
+        for durable in sorted(wanted.keys() - mine):
+            releasing = self._releasing.get(durable)
+            if releasing is not None:
+                # Given back and taken again before its drain ended: start after it.
+                await asyncio.gather(releasing, return_exceptions=True)
+            if not self._closing:
+                await self._start_consumer(sub, wanted[durable])
+        await self._top_up()
+
+    async def _release(self, consumer: PullConsumer) -> None:
+        """Stop pulling ``consumer``; once what it delivered here is settled, unpin it so that
+        its new owner, pinned next, finds every message before the next one acked."""
+        durable = consumer.name
+        try:
+            await consumer.stop()
+            deadline = time.monotonic() + consumer.ack_wait
+            assert self._by_durable is not None
+            while self._by_durable[durable] > 0 and time.monotonic() < deadline:
+                if self._closing:
+                    self._stopped.append(consumer)   # unpinned by _close, after the last flush
+                    return
+                await asyncio.sleep(_DRAIN_POLL)
+            if self._by_durable[durable] > 0:
+                log.warning("durable %s: %d message(s) still unsettled after ack_wait; unpinning "
+                            "anyway, its new owner reads them back", durable,
+                            self._by_durable[durable])
+            await self._unpin_one(consumer)
+        finally:
+            self._releasing.pop(durable, None)
 
     def _arrived(self, sub: SubscriptionConfig, msgs: list[Any]) -> None:
         self._outstanding += len(msgs)
@@ -172,6 +262,8 @@ class NatsLink:
         spec = consumer.consumer
         try:
             gap = await read_gap(self._js, spec, consumer.first_deliveries_kept_back)
+            if consumer.stopped:
+                return   # released meanwhile: its new owner recovers it
         except Exception as exc:
             log.warning("could not read the un-acked messages of %s back from stream %s (%s: %s); "
                         "per-key order is not guaranteed for their redeliveries", spec.durable,
@@ -277,9 +369,17 @@ class NatsLink:
         with self._counts_lock:
             self._counts.update(done)
         self._outstanding -= len(actions)
+        if self._by_durable is not None:
+            for order in actions:
+                self._by_durable[consumer_of(order.msg.reply) or ""] -= 1
         await self._top_up()
 
     async def _stop_fetching(self) -> None:
+        # The other members take this one's partitions as standbys now; they are
+        # pinned once what is in flight here is settled and unpinned (see _close).
+        memberships, self._memberships = list(self._memberships.values()), {}
+        for membership in memberships:
+            await membership.leave()
         # Without interest on the inbox the server drops the waiting requests.
         if self._ticker is not None:
             self._ticker.cancel()
@@ -298,9 +398,11 @@ class NatsLink:
         """Release the pins this bus holds, so that a standby takes over at once instead of
         after ``pin_timeout`` (called once what was in flight is settled)."""
         for consumer in self._stopped:
-            spec = consumer.consumer
-            if consumer.pin_id is None or self._nc is None or self._nc.is_closed:
-                continue
+            await self._unpin_one(consumer)
+
+    async def _unpin_one(self, consumer: PullConsumer) -> None:
+        spec = consumer.consumer
+        if consumer.pin_id is not None and self._nc is not None and not self._nc.is_closed:
             try:
                 reply = await self._nc.request(f"$JS.API.CONSUMER.UNPIN.{spec.stream}.{spec.durable}",
                                                json.dumps({"group": spec.priority_group}).encode(),
@@ -319,7 +421,7 @@ class NatsLink:
         self._closing = True
         await self._stop_fetching()
         # Let settlements already scheduled reach the socket before closing it.
-        await asyncio.gather(*self._settling, return_exceptions=True)
+        await asyncio.gather(*self._settling, *self._releasing.values(), return_exceptions=True)
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await self._nc.flush(timeout=2)

@@ -87,6 +87,8 @@ class PullConsumer:
         self.unpins = 0   # times the pin moved away (status 423)
         #: While True no request is made and arrivals are kept back (see :meth:`resume`).
         self.recovering = False
+        #: Set by :meth:`stop`: nothing more is handed over.
+        self.stopped = False
 
     @property
     def name(self) -> str:
@@ -104,6 +106,11 @@ class PullConsumer:
         return self.requested + len(self._arrived) + len(self._deferred)
 
     @property
+    def ack_wait(self) -> float:
+        """Seconds before JetStream redelivers what it delivered and was not acked."""
+        return self._sub.ack_wait
+
+    @property
     def batch_size(self) -> int:
         """The most messages one request asks for."""
         return self._sub.batch_size
@@ -115,7 +122,10 @@ class PullConsumer:
                                                       pending_msgs_limit=0, pending_bytes_limit=0)
 
     async def stop(self) -> None:
-        """Unsubscribe; the server drops waiting requests that nobody listens to any more."""
+        """Unsubscribe and hand nothing more over; the server drops waiting requests that
+        nobody listens to any more."""
+        self.stopped = True
+        self._arrived, self._deferred = [], []
         if self._subscription is not None:
             subscription, self._subscription = self._subscription, None
             await subscription.unsubscribe()
@@ -179,6 +189,8 @@ class PullConsumer:
 
     def _hand_over(self) -> None:
         arrived, self._arrived = self._arrived, []
+        if self.stopped:
+            return   # given up: JetStream redelivers these to whoever reads the durable next
         if self.recovering:
             # Kept back: what recovery reads must reach the Bridge first.
             self._deferred.extend(arrived)
@@ -208,7 +220,7 @@ class PullConsumer:
         """Recovery is over: hand over what arrived meanwhile, and let requests be made."""
         self.recovering = False
         deferred, self._deferred = self._deferred, []
-        if deferred:
+        if deferred and not self.stopped:
             self._on_messages(self._sub, deferred)
 
     def _status(self, msg: Any, code: str, description: str) -> None:

@@ -106,13 +106,14 @@ def stream_messages(url: str, stream: str) -> list:
     return _run(url, read)
 
 
-def publish_spread(bus, total: int, keys: int, *, per_key_sequence: bool = False) -> None:
-    """Publish ``total`` envelopes round-robin over aggregates ``agg-<k>`` on ``orders.<k>``,
-    each carrying its number (or, with ``per_key_sequence``, its number within its key);
-    every one must be stored."""
+def publish_spread(bus, total: int, keys: int, *, per_key_sequence: bool = False,
+                   subject: str | None = None) -> None:
+    """Publish ``total`` envelopes round-robin over aggregates ``agg-<k>`` on ``orders.<k>``
+    (or on ``subject``, which may hold ``{aggregate_id}``), each carrying its number (or,
+    with ``per_key_sequence``, its number within its key); every one must be stored."""
     from actorbus import Envelope
     results = bus.publish_many([
-        (f"orders.{n % keys}",
+        (f"orders.{n % keys}" if subject is None else subject,
          Envelope.create(f"agg-{n % keys}", "T", str(n // keys if per_key_sequence else n).encode()))
         for n in range(total)])
     assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
@@ -160,6 +161,43 @@ class HostBus:
         self.process.wait(10)
         wait_for(lambda: not [pid for pid in self.pids if process_alive(pid)],
                  what="the host's processes gone")
+
+
+class GroupHost(HostBus):
+    """A member of a partitioned consumer group in a process of its own (``tests.group_host``)."""
+
+    def __init__(self, url: str, pids_file: Path, group: str, partitions: int, member: str,
+                 members: list[str] | None = None) -> None:
+        root = Path(__file__).resolve().parent.parent
+        self.pids_file = pids_file
+        self.pids: list[int] = []
+        self.member = member
+        args = [sys.executable, "-m", "tests.group_host", url, str(pids_file), group,
+                str(partitions), member]
+        if members:
+            args.append(",".join(members))
+        self.process = subprocess.Popen(args, cwd=root,
+                                        env={**os.environ, "PYTHONPATH": str(root)})
+
+    def stats(self) -> dict:
+        """Its bus's group stats as it last wrote them ({} before the first)."""
+        import json
+        try:
+            return json.loads(Path(f"{self.pids_file}.stats").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def terminate(self, timeout: float = 30.0) -> None:
+        """SIGTERM: the bus stops cleanly (drains, unpins, leaves); wait until its processes are gone."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout)
+        wait_for(lambda: not [pid for pid in self.pids if process_alive(pid)],
+                 what=f"member {self.member}'s processes gone")
+
+    def ensure_gone(self) -> None:
+        """Teardown: SIGKILL whatever of it still runs."""
+        if self.process.poll() is None or any(process_alive(pid) for pid in self.pids):
+            self.kill()
 
 
 def with_their_groups(pids: list[int]) -> set[int]:

@@ -1,0 +1,54 @@
+"""A bus of a partitioned consumer group in a process of its own, for the scale-out tests:
+``python -m tests.group_host URL PIDS_FILE GROUP PARTITIONS MEMBER [MEMBERS]``.
+
+It subscribes ``orders.*`` (stream ``ORDERS``) with the recording handler as member
+MEMBER of GROUP (static when MEMBERS, comma-separated, is given; elastic otherwise),
+writes the pid of every process of the bus to PIDS_FILE and, every 0.2 s, its group
+stats as JSON to PIDS_FILE.stats, and runs until it is killed or gets SIGTERM (then it
+stops cleanly: drains, unpins, leaves the group).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+from actorbus import EventBus
+from tests import handlers
+
+#: A dead member's pins move this long after its last pull request.
+PIN_TIMEOUT = 2.0
+#: Seconds between an elastic member's heartbeats (gone after three missed).
+HEARTBEAT = 0.5
+#: What the status file shows.
+STATS = ("partitions_owned", "group_members", "rebalances", "pinned", "standby", "received",
+         "processed", "recovered")
+
+
+def main(url: str, pids_file: str, group: str, partitions: str, member: str,
+         members: str | None = None) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    bus = EventBus(servers=url, pool_size=2, window=2048, group=group, partitions=int(partitions),
+                   member=member, members=members.split(",") if members else None,
+                   heartbeat=HEARTBEAT)
+    try:
+        bus.subscribe("orders.*", handlers.record, durable="orders", stream="ORDERS",
+                      ack_wait=5.0, pin_timeout=PIN_TIMEOUT, pull_expires=PIN_TIMEOUT / 4)
+        pids = {os.getpid(), *bus.pids.values(), *bus.runtime.pids()}
+        with open(pids_file + ".tmp", "w") as out:
+            out.write(" ".join(str(pid) for pid in sorted(pids)))
+        os.rename(pids_file + ".tmp", pids_file)
+        while not stop.wait(0.2):
+            stats = bus.stats()
+            with open(pids_file + ".stats.tmp", "w") as out:
+                json.dump({key: stats.get(key, 0) for key in STATS}, out)
+            os.rename(pids_file + ".stats.tmp", pids_file + ".stats")
+    finally:
+        bus.stop()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
