@@ -107,7 +107,7 @@ def stream_messages(url: str, stream: str) -> list:
 
 
 def publish_spread(bus, total: int, keys: int, *, per_key_sequence: bool = False,
-                   subject: str | None = None) -> None:
+                   subject: str | None = None, in_flight: int = 500) -> None:
     """Publish ``total`` envelopes round-robin over aggregates ``agg-<k>`` on ``orders.<k>``
     (or on ``subject``, which may hold ``{aggregate_id}``), each carrying its number (or,
     with ``per_key_sequence``, its number within its key); every one must be stored."""
@@ -115,7 +115,7 @@ def publish_spread(bus, total: int, keys: int, *, per_key_sequence: bool = False
     results = bus.publish_many([
         (f"orders.{n % keys}" if subject is None else subject,
          Envelope.create(f"agg-{n % keys}", "T", str(n // keys if per_key_sequence else n).encode()))
-        for n in range(total)])
+        for n in range(total)], in_flight=in_flight)
     assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
 
 

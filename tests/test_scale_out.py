@@ -7,6 +7,7 @@ handled what.
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,6 +61,29 @@ def publish(bus) -> None:
     publish_spread(bus, TOTAL, KEYS, per_key_sequence=True, subject="orders.{aggregate_id}")
 
 
+class Publishing:
+    """Publishes every envelope from a thread of its own, so the group is killed or grown
+    while envelopes still arrive (the three members handle as fast as one publishes)."""
+
+    def __init__(self, bus) -> None:
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(bus,), daemon=True)
+        self._thread.start()
+
+    def _run(self, bus) -> None:
+        try:
+            publish_spread(bus, TOTAL, KEYS, per_key_sequence=True,
+                           subject="orders.{aggregate_id}", in_flight=50)
+        except BaseException as exc:  # noqa: B036 - re-raised by the test in join()
+            self.failure = exc
+
+    def join(self) -> None:
+        self._thread.join(120)
+        assert not self._thread.is_alive(), "publishing did not finish"
+        if self.failure is not None:
+            raise self.failure
+
+
 def test_an_elastic_group_of_three_spreads_the_keys_each_to_one_member(hosts, make_bus, records):
     members = [hosts(name) for name in ("a", "b", "c")]
     wait_for(lambda: settled(members, 3), timeout=30, what="three members with their partitions")
@@ -74,3 +98,76 @@ def test_an_elastic_group_of_three_spreads_the_keys_each_to_one_member(hosts, ma
     assert report["lost"] == 0 and report["violations"] == 0, report
     assert not shared, f"{len(shared)} keys handled by more than one member, e.g. {list(shared.items())[:3]}"
     assert all(load.values()), load
+
+
+def test_a_killed_elastic_member_s_partitions_move_to_the_others_in_order(hosts, make_bus, records):
+    members = [hosts(name) for name in ("a", "b", "c")]
+    wait_for(lambda: settled(members, 3), timeout=30, what="three members with their partitions")
+    publishing = Publishing(make_bus(pool_size=0))
+    wait_for(lambda: len(read_records(records)) >= TOTAL // 5, what="handling under way",
+             interval=0.01)
+    victim, survivors = members[0], members[1:]
+    victim.kill()
+
+    wait_for(lambda: settled(survivors, 2), timeout=30, what="two members sharing the partitions")
+    publishing.join()
+    wait_for(lambda: all_handled(records, TOTAL), timeout=120, what="every envelope handled")
+    report = order_report(records, TOTAL, KEYS)
+    by_key = handlers_of(records, members)
+    moved = sum(1 for who in by_key.values() if victim.member in who and len(who) > 1)
+    per_member: dict = defaultdict(int)
+    member_of = {pid: host.member for host in members for pid in host.pids}
+    for record in read_records(records):
+        per_member[member_of.get(record.pid)] += 1
+    print(f"elastic member {victim.member} SIGKILLed: {report}; keys moved to a survivor {moved}; "
+          f"rebalances {[h.stats()['rebalances'] for h in survivors]}; handled {dict(per_member)}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+    assert moved > 0
+    assert all(h.stats()["rebalances"] >= 1 for h in survivors)
+
+
+def test_an_elastic_member_added_mid_stream_takes_partitions_over_in_order(hosts, make_bus, records):
+    members = [hosts(name) for name in ("a", "b")]
+    wait_for(lambda: settled(members, 2), timeout=30, what="two members with their partitions")
+    publishing = Publishing(make_bus(pool_size=0))
+    wait_for(lambda: len(read_records(records)) >= TOTAL // 5, what="handling under way",
+             interval=0.01)
+    members.append(hosts("c"))
+
+    wait_for(lambda: settled(members, 3), timeout=30, what="three members with their partitions")
+    publishing.join()
+    wait_for(lambda: all_handled(records, TOTAL), timeout=120, what="every envelope handled")
+    report = order_report(records, TOTAL, KEYS)
+    by_key = handlers_of(records, members)
+    newcomer = sum(1 for who in by_key.values() if "c" in who)
+    print(f"elastic member added mid-stream: {report}; keys the newcomer handled {newcomer}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+    assert newcomer > 0
+
+
+def test_a_static_group_fails_over_to_the_member_s_hot_standby_in_order(hosts, make_bus, records):
+    names = ["a", "b"]
+    first_a, b = hosts("a", names), hosts("b", names)
+    standby_a = hosts("a", names)
+    publishing = Publishing(make_bus(pool_size=0))
+    wait_for(lambda: len(read_records(records)) >= TOTAL // 5, what="handling under way",
+             interval=0.01)
+    both_a = {pid for h in (first_a, standby_a) for pid in h.pids}
+    active_a = first_a if first_a.stats().get("pinned") else standby_a
+    assert active_a.stats()["pinned"] == 1 and b.stats()["pinned"] == 1
+    idle_a = standby_a if active_a is first_a else first_a
+    assert idle_a.stats()["received"] == 0 and idle_a.stats()["standby"] == 1
+    active_a.kill()
+
+    publishing.join()
+    wait_for(lambda: all_handled(records, TOTAL), timeout=120, what="every envelope handled")
+    report = order_report(records, TOTAL, KEYS)
+    by_key = handlers_of(records, [active_a, idle_a, b])
+    print(f"static member a's active instance SIGKILLed: {report}; "
+          f"standby recovered {idle_a.stats()['recovered']}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+    # Each key stays with its member: a's keys with a's two instances, b's with b.
+    assert all(who <= {"a"} or who == {"b"} for who in by_key.values()), \
+        [k for k, w in by_key.items() if not (w <= {"a"} or w == {"b"})][:5]
+    assert idle_a.stats()["pinned"] == 1
+    assert any(r.pid in both_a for r in read_records(records))
