@@ -219,10 +219,14 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
               help="Address the metrics endpoint listens on [default: the topology's, else 127.0.0.1].")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds to let in-flight messages finish on SIGTERM or Ctrl-C.")
+@click.option("--member", default=None, metavar="NAME",
+              help="This instance's member name in the topology's consumer group (static: one "
+                   "of its members; elastic: default <host>-<pid>).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: int | None,
-        metrics_host: str | None, drain_timeout: float, debug: bool, **nats: str | None) -> None:
+        metrics_host: str | None, drain_timeout: float, member: str | None, debug: bool,
+        **nats: str | None) -> None:
     """Run TOPOLOGY (package.module:name, an actorbus Topology) until SIGTERM or
     Ctrl-C, then drain: stop fetching, let in-flight messages finish, stop.
 
@@ -241,7 +245,8 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
         console = Console()
         loaded = load_topology(topology)
         overrides: dict[str, Any] = {name: value for name, value in (("metrics_port", metrics_port),
-                                                      ("metrics_host", metrics_host))
+                                                      ("metrics_host", metrics_host),
+                                                      ("member", member))
                      if value is not None}
         overrides.update(nats_settings(ctx, nats))
         bus = loaded.start(servers, **overrides)
@@ -251,8 +256,11 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
             with console.status("starting") as status:
                 while True:
                     stats = bus.stats()
+                    group = (f"  partitions {stats['partitions_owned']}  members "
+                             f"{stats['group_members']}" if bus.config.group else "")
                     status.update(f"processed {stats['processed']}  failed {stats['failed']}  "
-                                  f"in flight {stats['in_flight']}  restarts {stats['restarts']}")
+                                  f"in flight {stats['in_flight']}  restarts {stats['restarts']}"
+                                  f"{group}")
                     time.sleep(1.0)
         except KeyboardInterrupt:
             console.print(f"draining (up to {drain_timeout:g} s)")

@@ -153,6 +153,14 @@ def assign_partitions(members: Sequence[str], partitions: int) -> dict[str, tupl
     return {member: tuple(parts) for member, parts in owned.items()}
 
 
+def partition_of(aggregate_id: str, partitions: int) -> int:
+    """The partition nats-server's ``{{partition(P, ...)}}`` gives a one-token key: FNV-1a 32 mod P."""
+    digest = 0x811C9DC5
+    for byte in aggregate_id.encode():
+        digest = ((digest ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return digest % partitions
+
+
 def check_partitioned_subject(subject: str) -> None:
     """Refuse a subject whose last token is not ``*``: the aggregate id must be a token there."""
     tokens = subject.split(".")

@@ -62,6 +62,23 @@ class BusCollector:
         yield restarts
         yield GaugeMetricFamily("actorbus_in_flight_messages",
                                 "Messages delivered and not yet settled.", value=stats["in_flight"])
+        if "pinned" in stats:
+            yield GaugeMetricFamily("actorbus_consumers_pinned",
+                                    "Durables of a priority group this bus is pinned on (active).",
+                                    value=stats["pinned"])
+            yield GaugeMetricFamily("actorbus_consumers_standby",
+                                    "Durables of a priority group this bus is a hot standby on.",
+                                    value=stats["standby"])
+        if "partitions_owned" in stats:
+            yield GaugeMetricFamily("actorbus_group_partitions_owned",
+                                    "Partitions of the consumer group this bus owns.",
+                                    value=stats["partitions_owned"])
+            yield GaugeMetricFamily("actorbus_group_members",
+                                    "Members of the consumer group, as this bus sees them.",
+                                    value=stats["group_members"])
+            yield CounterMetricFamily("actorbus_group_rebalances",
+                                      "Changes of the partitions this bus owns after the first.",
+                                      value=stats["rebalances"])
         depth = GaugeMetricFamily("actorbus_actor_queue_depth",
                                   "Messages held by each pool member (running or waiting).",
                                   labels=("member",))
