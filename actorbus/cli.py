@@ -222,11 +222,14 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
 @click.option("--member", default=None, metavar="NAME",
               help="This instance's member name in the topology's consumer group (static: one "
                    "of its members; elastic: default <host>-<pid>).")
+@click.option("--pid-file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the pids of every process of this instance (this one, the actor "
+                   "system's, each actor's) to this file, space-separated; removed on exit.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: int | None,
-        metrics_host: str | None, drain_timeout: float, member: str | None, debug: bool,
-        **nats: str | None) -> None:
+        metrics_host: str | None, drain_timeout: float, member: str | None,
+        pid_file: str | None, debug: bool, **nats: str | None) -> None:
     """Run TOPOLOGY (package.module:name, an actorbus Topology) until SIGTERM or
     Ctrl-C, then drain: stop fetching, let in-flight messages finish, stop.
 
@@ -250,6 +253,11 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
                      if value is not None}
         overrides.update(nats_settings(ctx, nats))
         bus = loaded.start(servers, **overrides)
+        if pid_file:
+            pids = sorted({os.getpid(), *bus.pids.values(), *bus.runtime.pids()})
+            with open(pid_file + ".tmp", "w") as out:
+                out.write(" ".join(map(str, pids)) + "\n")
+            os.replace(pid_file + ".tmp", pid_file)   # whole or not at all, for whoever polls it
         console.print(f"running {topology}: {len(loaded.subscriptions)} subscription(s), "
                       f"{len(bus.pids)} actor processes; SIGTERM or Ctrl-C drains and stops")
         try:
@@ -266,6 +274,9 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
             console.print(f"draining (up to {drain_timeout:g} s)")
         finally:
             bus.stop(timeout=drain_timeout)
+            if pid_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(pid_file)
         console.print("stopped")
         return 0
 

@@ -9,13 +9,12 @@ are published with nats-py directly; at the end no actor process is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 

@@ -45,3 +45,10 @@ def test_embedding(nats_server):
     assert "embedding: OK" in out
     assert "processed 25, acked 25" in out
     assert "0 left" in out
+
+
+def test_scale_out(nats_server):
+    out = run_example("scale_out", nats_server.url, timeout=120).stdout
+    assert "scale_out: OK" in out, out
+    assert "lost 0, accounts out of order 0" in out
+    assert "went on on the others" in out, out   # the killed instance had accounts left
