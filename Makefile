@@ -34,7 +34,7 @@ test: lint
 LIBRARY := actorbus actors bridge supervision
 TYPECHECK := $(VENV)/typecheck
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check $(LIBRARY) benchmarks
+	$(BIN)/ruff check $(LIBRARY) benchmarks examples
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/actorbus
 	ln -s $(CURDIR)/actorbus/*.py $(CURDIR)/actorbus/py.typed $(TYPECHECK)/actorbus/
 	for package in actors bridge supervision; do ln -s $(CURDIR)/$$package $(TYPECHECK)/actorbus/$$package; done

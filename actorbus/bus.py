@@ -291,5 +291,6 @@ def _group(name: str | None, partitions: int | None, member: str | None,
     if partitions is None:
         raise ConfigurationError(f"group {name!r} needs partitions=: how many ways the stream "
                                  "is split (fixed for the stream's life)")
-    return ConsumerGroup(name, partitions, member,
-                         None if members is None else tuple(members), heartbeat)
+    named = {} if member is None else {"member": member}   # None: the group's default
+    return ConsumerGroup(name, partitions, members=None if members is None else tuple(members),
+                         heartbeat=heartbeat, **named)

@@ -32,8 +32,8 @@ async def ensure_static_group(js: Any, sub: SubscriptionConfig, group: ConsumerG
     except BucketNotFoundError:
         kv = await js.create_key_value(bucket=STATIC_BUCKET, replicas=sub.replicas)
     key = f"{sub.stream}.{group.name}"
-    wanted = {"max_members": group.partitions, "filters": [sub.subject],
-              "members": list(group.members or ())}
+    members = list(group.members or ())
+    wanted = {"max_members": group.partitions, "filters": [sub.subject], "members": members}
     try:
         entry = await kv.get(key)
     except KeyNotFoundError:
@@ -42,7 +42,7 @@ async def ensure_static_group(js: Any, sub: SubscriptionConfig, group: ConsumerG
         try:
             await kv.create(key, json.dumps(wanted).encode())
             log.info("created static consumer group %s on stream %s: %d partitions over %s",
-                     group.name, sub.stream, group.partitions, ", ".join(wanted["members"]))
+                     group.name, sub.stream, group.partitions, ", ".join(members))
             return
         except Exception:   # another member wrote it first: check what it wrote
             entry = await kv.get(key)
@@ -52,12 +52,12 @@ async def ensure_static_group(js: Any, sub: SubscriptionConfig, group: ConsumerG
         raise ConfigurationError(f"static consumer group {key} in bucket {STATIC_BUCKET} is not "
                                  "JSON; delete that key") from None
     same = (stored.get("max_members") == group.partitions
-            and sorted(stored.get("members") or []) == sorted(wanted["members"])
+            and sorted(stored.get("members") or []) == sorted(members)
             and (stored.get("filters") or [">"]) in (wanted["filters"], [">"]))
     if not same:
         raise ConfigurationError(
             f"static consumer group {key} exists with {stored.get('max_members')} partitions and "
-            f"members {stored.get('members')}, not {group.partitions} and {wanted['members']}; "
+            f"members {stored.get('members')}, not {group.partitions} and {members}; "
             f"a static group is fixed: delete its key in bucket {STATIC_BUCKET} (and its "
             "durables) to change it, or use an elastic group")
 
