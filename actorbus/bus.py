@@ -291,6 +291,7 @@ def _group(name: str | None, partitions: int | None, member: str | None,
     if partitions is None:
         raise ConfigurationError(f"group {name!r} needs partitions=: how many ways the stream "
                                  "is split (fixed for the stream's life)")
-    named = {} if member is None else {"member": member}   # None: the group's default
-    return ConsumerGroup(name, partitions, members=None if members is None else tuple(members),
-                         heartbeat=heartbeat, **named)
+    listed = None if members is None else tuple(members)
+    if member is None:   # the group's default name
+        return ConsumerGroup(name, partitions, members=listed, heartbeat=heartbeat)
+    return ConsumerGroup(name, partitions, member, listed, heartbeat)
