@@ -296,10 +296,13 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
               help="Also write the rows as a JSON list to this file.")
 @click.option("--quick", is_flag=True,
               help="A quick check: 3000 messages, pool 2 only, no latency runs.")
+@click.option("--instances", default=None, metavar="COUNTS",
+              help="Instead: comma-separated counts of actorbus instances on this host, in one "
+                   "elastic consumer group (pool: the first of --pools), one row each.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: str,
-          json_path: str | None, quick: bool, debug: bool) -> None:
+          json_path: str | None, quick: bool, instances: str | None, debug: bool) -> None:
     """Throughput, latency, memory and per-key order: actorbus against a plain nats-py
     pull loop and a FastStream subscriber, on an embedded nats-server.
 
@@ -311,7 +314,19 @@ def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: st
         raise click.BadParameter(f"expected comma-separated integers, got {pools!r}",
                                  param_hint="--pools") from None
 
+    counts = None
+    if instances is not None:
+        try:
+            counts = [int(c) for c in instances.split(",") if c.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {instances!r}",
+                                     param_hint="--instances") from None
+
     def work() -> int:
+        if counts is not None:
+            from actorbus.benchmarks.instances import run_instances
+            return run_instances(counts, messages=3000 if quick else messages, keys=keys,
+                                 pool=sizes[0], json_path=json_path, console=Console())
         from actorbus.benchmarks import run
         return run.run_bench(messages=messages, keys=keys, cpu_us=cpu_us, pools=sizes,
                              json_path=json_path, quick=quick, console=Console())

@@ -40,6 +40,9 @@ STATIC_BUCKET = "static-consumer-groups"
 MAX_PARTITIONS = 1024
 #: Seconds between an elastic member's heartbeats, by default.
 DEFAULT_HEARTBEAT = 1.0
+#: Heartbeats a member may miss before it is taken as gone: a busy bus's heartbeat can be
+#: a second late, and a member taken as gone by mistake moves partitions in vain.
+MISSED_HEARTBEATS = 5
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -62,7 +65,7 @@ class ConsumerGroup:
     (elastic default: ``<host>-<pid>``). ``members``: the static member list
     (None: an elastic group). ``heartbeat``: seconds between an elastic
     member's heartbeats; it is taken as gone ``member_ttl`` seconds
-    (default three heartbeats) after its last one.
+    (default five heartbeats) after its last one.
     """
 
     name: str
@@ -100,7 +103,7 @@ class ConsumerGroup:
                 not self.heartbeat > 0:
             raise ConfigurationError(f"heartbeat must be a number > 0, got {self.heartbeat!r}")
         if self.member_ttl is None:
-            object.__setattr__(self, "member_ttl", 3 * self.heartbeat)
+            object.__setattr__(self, "member_ttl", MISSED_HEARTBEATS * self.heartbeat)
         if isinstance(self.member_ttl, bool) or not isinstance(self.member_ttl, (int, float)) or \
                 not self.member_ttl >= 2 * self.heartbeat:
             raise ConfigurationError(f"member_ttl must be at least twice the heartbeat "

@@ -17,7 +17,8 @@ import traceback
 from actorbus.benchmarks.common import CPU_US_ENV, RECORD_DIR_ENV
 
 MODULES = {"plain": "actorbus.benchmarks.plain", "faststream": "actorbus.benchmarks.faststream_peer",
-           "actorbus": "actorbus.benchmarks.actorbus_variant"}
+           "actorbus": "actorbus.benchmarks.actorbus_variant",
+           "group": "actorbus.benchmarks.instances"}
 
 
 def _interrupt(signum, frame):

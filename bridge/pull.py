@@ -183,6 +183,12 @@ class PullConsumer:
                  self.name, self.consumer.priority_group)
         self.pin_id = pin
         self.pins += 1
+        # Requests made before the pin carry no id: the server fills only the one it pinned
+        # (the oldest: this message's) and holds the others as a standby's until they expire,
+        # which would stall this consumer for up to pull_expires. Forgotten, they are made
+        # again with the id.
+        while len(self._requests) > 1:
+            self.requested -= self._requests.pop().remaining
         if self._on_pinned is not None:
             self.recovering = True
             self._on_pinned(self)

@@ -20,7 +20,7 @@ from tests import handlers
 
 #: A dead member's pins move this long after its last pull request.
 PIN_TIMEOUT = 2.0
-#: Seconds between an elastic member's heartbeats (gone after three missed).
+#: Seconds between an elastic member's heartbeats (gone after five missed).
 HEARTBEAT = 0.5
 #: What the status file shows.
 STATS = ("partitions_owned", "group_members", "rebalances", "pinned", "standby", "received",
