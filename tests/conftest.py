@@ -10,6 +10,7 @@ import pytest
 from actorbus import EventBus
 from actorbus.runtime import process_alive
 from actorbus.server import NatsServer
+from tests.cluster import NatsCluster
 from tests.support import file_log_config
 
 
@@ -22,6 +23,14 @@ def nats_server(tmp_path: Path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def nats_cluster():
+    """Three clustered nats-servers with JetStream on loopback, ready for R3 streams;
+    stopped by pid and their temp dir removed in teardown."""
+    with NatsCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture
