@@ -1,8 +1,9 @@
 """A bus of a partitioned consumer group in a process of its own, for the scale-out tests:
-``python -m tests.group_host URL PIDS_FILE GROUP PARTITIONS MEMBER [MEMBERS]``.
+``python -m tests.group_host URLS PIDS_FILE GROUP PARTITIONS MEMBER [MEMBERS [REPLICAS HEARTBEAT]]``.
 
 It subscribes ``orders.*`` (stream ``ORDERS``) with the recording handler as member
-MEMBER of GROUP (static when MEMBERS, comma-separated, is given; elastic otherwise),
+MEMBER of GROUP (static when MEMBERS, comma-separated, is given; elastic when it is
+empty or "-"), with REPLICAS copies of the stream (default 1) and HEARTBEAT seconds,
 writes the pid of every process of the bus to PIDS_FILE and, every 0.2 s, its group
 stats as JSON to PIDS_FILE.stats, and runs until it is killed or gets SIGTERM (then it
 stops cleanly: drains, unpins, leaves the group).
@@ -28,15 +29,16 @@ STATS = ("partitions_owned", "group_members", "rebalances", "pinned", "standby",
 
 
 def main(url: str, pids_file: str, group: str, partitions: str, member: str,
-         members: str | None = None) -> None:
+         members: str | None = None, replicas: str = "1", heartbeat: str = str(HEARTBEAT)) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     bus = EventBus(servers=url, pool_size=2, window=2048, group=group, partitions=int(partitions),
-                   member=member, members=members.split(",") if members else None,
-                   heartbeat=HEARTBEAT)
+                   member=member, members=members.split(",") if members not in (None, "", "-") else None,
+                   heartbeat=float(heartbeat))
     try:
         bus.subscribe("orders.*", handlers.record, durable="orders", stream="ORDERS",
-                      ack_wait=5.0, pin_timeout=PIN_TIMEOUT, pull_expires=PIN_TIMEOUT / 4)
+                      ack_wait=5.0, pin_timeout=PIN_TIMEOUT, pull_expires=PIN_TIMEOUT / 4,
+                      replicas=int(replicas))
         pids = {os.getpid(), *bus.pids.values(), *bus.runtime.pids()}
         with open(pids_file + ".tmp", "w") as out:
             out.write(" ".join(str(pid) for pid in sorted(pids)))

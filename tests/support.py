@@ -167,15 +167,18 @@ class GroupHost(HostBus):
     """A member of a partitioned consumer group in a process of its own (``tests.group_host``)."""
 
     def __init__(self, url: str, pids_file: Path, group: str, partitions: int, member: str,
-                 members: list[str] | None = None) -> None:
+                 members: list[str] | None = None, replicas: int = 1,
+                 heartbeat: float | None = None) -> None:
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
         self.member = member
         args = [sys.executable, "-m", "tests.group_host", url, str(pids_file), group,
                 str(partitions), member]
-        if members:
-            args.append(",".join(members))
+        args.append(",".join(members) if members else "-")
+        args.append(str(replicas))
+        if heartbeat is not None:
+            args.append(str(heartbeat))
         self.process = subprocess.Popen(args, cwd=root,
                                         env={**os.environ, "PYTHONPATH": str(root)})
 

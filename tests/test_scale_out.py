@@ -8,11 +8,13 @@ handled what.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
+from actorbus import Envelope
 from tests.support import GroupHost, publish_spread, read_records, wait_for
 from tests.test_ordered_recovery import all_handled, order_report
 
@@ -63,17 +65,41 @@ def publish(bus) -> None:
 
 class Publishing:
     """Publishes every envelope from a thread of its own, so the group is killed or grown
-    while envelopes still arrive (the three members handle as fast as one publishes)."""
+    while envelopes still arrive (the three members handle as fast as one publishes).
 
-    def __init__(self, bus) -> None:
+    ``patient``: while a cluster elects a stream leader publishes fail; each run of 50 (50
+    different keys) is retried until it is stored before the next, as a publisher that keeps
+    each key's order must (a retried copy that was stored already is dropped by its id).
+    """
+
+    def __init__(self, bus, patient: bool = False) -> None:
         self.failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(bus,), daemon=True)
+        self.retried = 0
+        target = self._run_patiently if patient else self._run
+        self._thread = threading.Thread(target=target, args=(bus,), daemon=True)
         self._thread.start()
 
     def _run(self, bus) -> None:
         try:
             publish_spread(bus, TOTAL, KEYS, per_key_sequence=True,
                            subject="orders.{aggregate_id}", in_flight=50)
+        except BaseException as exc:  # noqa: B036 - re-raised by the test in join()
+            self.failure = exc
+
+    def _run_patiently(self, bus) -> None:
+        try:
+            envelopes = [("orders.{aggregate_id}",
+                          Envelope.create(f"agg-{n % KEYS}", "T", str(n // KEYS).encode()))
+                         for n in range(TOTAL)]
+            for start in range(0, TOTAL, 50):
+                pending = envelopes[start:start + 50]
+                deadline = time.monotonic() + 60
+                while pending:
+                    results = bus.publish_many(pending, in_flight=50)
+                    pending = [item for item, result in zip(pending, results, strict=True)
+                               if not result.ok]
+                    self.retried += len(pending)
+                    assert time.monotonic() < deadline, f"{len(pending)} not stored within 60 s"
         except BaseException as exc:  # noqa: B036 - re-raised by the test in join()
             self.failure = exc
 
@@ -171,3 +197,35 @@ def test_a_static_group_fails_over_to_the_member_s_hot_standby_in_order(hosts, m
         [k for k, w in by_key.items() if not (w <= {"a"} or w == {"b"})][:5]
     assert idle_a.stats()["pinned"] == 1
     assert any(r.pid in both_a for r in read_records(records))
+
+
+@pytest.mark.cluster
+def test_an_elastic_group_on_a_three_node_cluster_survives_its_consumer_leader_s_server(
+        nats_cluster, tmp_path, records, make_bus):
+    # R3 stream, consumers and membership bucket. Heartbeats of 2 s: a member is gone after
+    # 10 s, longer than an election (4-9 s), so the kill moves no partition.
+    members = []
+    try:
+        for name in ("a", "b", "c"):
+            host = GroupHost(nats_cluster.urls, tmp_path / f"{name}.pids", "billing", PARTITIONS,
+                             name, replicas=3, heartbeat=2.0)
+            members.append(host)
+            host.wait_started()
+        wait_for(lambda: settled(members, 3), timeout=60, what="three members with their partitions")
+        publishing = Publishing(make_bus(pool_size=0, servers=nats_cluster.urls), patient=True)
+        wait_for(lambda: len(read_records(records)) >= TOTAL // 5, what="handling under way",
+                 interval=0.01)
+        leader = nats_cluster.consumer_leader("ORDERS", "billing-p0")
+        victim = nats_cluster.index_of(leader)
+        nats_cluster.kill(victim)
+
+        publishing.join()
+        wait_for(lambda: all_handled(records, TOTAL), timeout=120, what="every envelope handled")
+        report = order_report(records, TOTAL, KEYS)
+        new_leader = nats_cluster.wait_leader("ORDERS", "billing-p0", not_on=leader)
+        print(f"3-node cluster, server {leader} (leader of billing-p0) SIGKILLed: {report}; "
+              f"new leader {new_leader}; publishes retried {publishing.retried}")
+        assert report["lost"] == 0 and report["violations"] == 0, report
+    finally:
+        for host in members:
+            host.ensure_gone()
