@@ -182,7 +182,7 @@ class EventBus:
         happened), recovered (un-acked messages read back from the stream after a
         Bridge start or a reconnect), recoveries, duplicates_skipped (redeliveries of
         recovered messages acked without handling them again); pinned and standby (durables
-        of a priority group this bus is active or a hot standby on), pins, unpins; in a
+        of a priority group this bus got a message for under its pin, and the others), pins, unpins; in a
         consumer group, partitions_owned, group_members and rebalances; ``restarts`` split by level as
         restarts_bridge, restarts_router, restarts_pool; ``actors``, each
         supervised actor's state (starting, running, restarting, stopped);

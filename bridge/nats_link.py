@@ -18,7 +18,8 @@ from typing import Any
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
-from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, ElasticPartitions, layout_for
+from actorbus.bridge.layout import (ConsumerLayout, ConsumerSpec, ElasticPartitions, StaticMembers,
+                                    layout_for)
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.bridge.mailbox import Arrival, Mailbox
 from actorbus.bridge.membership import ElasticMembership, ensure_static_group
@@ -128,16 +129,19 @@ class NatsLink:
             counts["standby"] = len(grouped) - counts["pinned"]
             counts["pins"] = sum(c.pins for c in grouped)
             counts["unpins"] = sum(c.unpins for c in grouped)
-        group = self._config.group
-        if group is not None:
-            memberships = list(self._memberships.values())
-            counts["partitions_owned"] = (sum(len(m.owned or ()) for m in memberships)
-                                          if group.kind is GroupKind.ELASTIC else
-                                          len(getattr(self._layout, "partitions", tuple)()))
-            counts["group_members"] = (max((len(m.members) for m in memberships), default=0)
-                                       if group.kind is GroupKind.ELASTIC else len(group.members or ()))
-            counts["rebalances"] = sum(m.rebalances for m in memberships)
+        if self._config.group is not None:
+            counts.update(self._group_counts())
         return counts
+
+    def _group_counts(self) -> dict[str, int]:
+        """partitions_owned, group_members and rebalances of this bus's consumer group."""
+        if isinstance(self._layout, StaticMembers):
+            return {"partitions_owned": len(self._layout.partitions()),
+                    "group_members": len(self._layout.group.members or ()), "rebalances": 0}
+        memberships = list(self._memberships.values())
+        return {"partitions_owned": sum(len(m.owned or ()) for m in memberships),
+                "group_members": max((len(m.members) for m in memberships), default=0),
+                "rebalances": sum(m.rebalances for m in memberships)}
 
     def stop_fetching(self, timeout: float = 5.0) -> None:
         """Fetch nothing more; settling goes on."""

@@ -60,3 +60,17 @@ def test_a_metrics_port_in_use_is_named_with_the_option_that_sets_it(make_bus):
         with pytest.raises(MetricsPortInUse, match=rf"metrics port 127.0.0.1:{port} is in use.*"
                                                    r"metrics_port=.*--metrics-port"):
             make_bus(pool_size=1, metrics_port=port)
+
+
+def test_a_group_member_s_metrics_say_what_it_owns_and_how_often_that_changed(make_bus, records):
+    port = free_port()
+    bus = make_bus(pool_size=1, metrics_port=port, group="billing", partitions=6, member="solo")
+    bus.subscribe("orders.*", handlers.record, stream="ORDERS")
+    bus.publish_envelope("orders.{aggregate_id}", Envelope.create("acct-1", "T", b"1"))
+    wait_for_stats(bus, "processed", 1)
+    samples = scrape(port)
+    assert samples[("actorbus_group_partitions_owned", ())] == 6
+    assert samples[("actorbus_group_members", ())] == 1
+    assert samples[("actorbus_group_rebalances_total", ())] == 0
+    assert samples[("actorbus_consumers_pinned", ())] == 1    # acct-1's partition's durable
+    assert samples[("actorbus_consumers_standby", ())] == 5   # pinned only once a message comes
