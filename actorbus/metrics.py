@@ -32,6 +32,15 @@ _SETTLEMENTS = (("acked", "Messages acknowledged to JetStream."),
                 ("dead_lettered", "Messages published to a dead-letter subject and termed."),
                 ("retried", "In-place handler retries."))
 
+_GROUP_GAUGES = (
+    ("pinned", "actorbus_consumers_pinned",
+     "Durables of a priority group this bus got a message for under its pin (active)."),
+    ("standby", "actorbus_consumers_standby",
+     "Durables of a priority group this bus is not pinned on (another bus is, or nothing came)."),
+    ("partitions_owned", "actorbus_group_partitions_owned",
+     "Partitions of the consumer group this bus owns."),
+    ("group_members", "actorbus_group_members", "Members of the consumer group, as this bus sees them."))
+
 
 class BusCollector:
     """A prometheus-client collector that reads a bus's stats at each scrape."""
@@ -62,20 +71,10 @@ class BusCollector:
         yield restarts
         yield GaugeMetricFamily("actorbus_in_flight_messages",
                                 "Messages delivered and not yet settled.", value=stats["in_flight"])
-        if "pinned" in stats:
-            yield GaugeMetricFamily("actorbus_consumers_pinned",
-                                    "Durables of a priority group this bus is pinned on (active).",
-                                    value=stats["pinned"])
-            yield GaugeMetricFamily("actorbus_consumers_standby",
-                                    "Durables of a priority group this bus is a hot standby on.",
-                                    value=stats["standby"])
-        if "partitions_owned" in stats:
-            yield GaugeMetricFamily("actorbus_group_partitions_owned",
-                                    "Partitions of the consumer group this bus owns.",
-                                    value=stats["partitions_owned"])
-            yield GaugeMetricFamily("actorbus_group_members",
-                                    "Members of the consumer group, as this bus sees them.",
-                                    value=stats["group_members"])
+        for key, name, help_text in _GROUP_GAUGES:
+            if key in stats:   # only where the bus has a priority group or a consumer group
+                yield GaugeMetricFamily(name, help_text, value=stats[key])
+        if "rebalances" in stats:
             yield CounterMetricFamily("actorbus_group_rebalances",
                                       "Changes of the partitions this bus owns after the first.",
                                       value=stats["rebalances"])
