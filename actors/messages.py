@@ -276,6 +276,20 @@ class StartBridge:
     incarnation: int = 0  # restarts so far: keeps tokens of a restarted Bridge distinct
     #: Builds the Bridge's NATS side (None: the real one); a seam for tests of the Bridge.
     link_factory: Any = None
+    #: The pins the Bridge before it held, by durable: claimed again (see PinsHeld).
+    pins: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PinsHeld:
+    """Bridge → Supervisor, when they change: the pin ids it holds, by durable.
+
+    A pin id is all the server asks of the pinned client: a restarted Bridge
+    that pulls with its predecessor's ids goes on at once, where a new client
+    would wait ``pin_timeout`` for the dead one's pin to lapse.
+    """
+
+    pins: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, UNDELIVERED, BridgeReady,
                                       BusStopped,
                                       Completion, Delivery, Dispatch, DrainDeadline, Halt,
-                                      Outcome, PollMailbox, ProgressTick, RequestFailed,
+                                      Outcome, PinsHeld, PollMailbox, ProgressTick, RequestFailed,
                                       RouterChanged, StartBridge, Stats, StatsRequest, StopBus,
                                       Subscribe, Subscribed)
 from actorbus.actors.handlers import HandlerError
@@ -107,6 +107,8 @@ class Bridge(BusActor):
         self._router: Any = None
         self._mailbox = Mailbox()
         self._link: Any = None   # a NatsLink, or what StartBridge.link_factory builds
+        self._supervisor: Any = None   # who started it: told of the pins it holds
+        self._pins_reported: dict[str, str] = {}
         self._inflight = InFlightTable()
         self._subscriptions: dict[str, SubscriptionConfig] = {}
         self._direct: HandlerTable | None = None   # pool size 0
@@ -191,6 +193,9 @@ class Bridge(BusActor):
             self._direct = HandlerTable(watchdog=Watchdog())
         make_link = message.link_factory or NatsLink
         self._link = make_link(config, self._mailbox)
+        self._supervisor = sender
+        if message.pins:
+            self._link.claim_pins(message.pins)
         try:
             self._link.connect()
         except ConnectionError as exc:
@@ -256,6 +261,7 @@ class Bridge(BusActor):
                 self._take(sub, arrival.messages, deliveries, orders)
         if orders and self._link is not None:
             self._link.settle(orders)
+        self._report_pins()   # a pin comes with messages: told before they are handled
         self._handle_now(deliveries)
         self._report_held()
 
@@ -574,9 +580,18 @@ class Bridge(BusActor):
                 self._link.touch(msgs)
         self._forget_recovered(now)
         self._give_up_waiting(now)
+        self._report_pins()
         # Not held back for long, whatever the Router last said.
         self._dispatch(even_if_behind=True)
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
+
+    def _report_pins(self) -> None:
+        if self._link is None:
+            return
+        pins = self._link.pins()
+        if pins != self._pins_reported and self._supervisor is not None:
+            self._pins_reported = pins
+            self.send(self._supervisor, PinsHeld(pins))
 
     def _give_up_waiting(self, now: float) -> None:
         freed: list[Delivery] = []

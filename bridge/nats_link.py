@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Mapping
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
@@ -67,6 +67,7 @@ class NatsLink:
         self._by_durable: Counter[str] | None = (
             Counter() if isinstance(self._layout, ElasticPartitions) else None)
         self._releasing: dict[str, asyncio.Task] = {}
+        self._claimed: dict[str, str] = {}   # pins of the Bridge before this one, by durable
 
     # ------------------------------------------------------------ any thread
     def connect(self) -> None:
@@ -104,6 +105,15 @@ class NatsLink:
     def touch(self, msgs: list[Any]) -> None:
         """Tell JetStream these messages are still being worked on (``in_progress``)."""
         self._thread.call_soon(self._track, self._touch, msgs)
+
+    def claim_pins(self, pins: Mapping[str, str]) -> None:
+        """Pull with these pin ids (by durable) until pinned: the pins the Bridge before
+        this one held, so that it goes on without waiting for them to lapse."""
+        self._claimed = dict(pins)
+
+    def pins(self) -> dict[str, str]:
+        """The pin id of each durable this bus is pinned on now."""
+        return {name: c.pin_id for name, c in list(self._consumers.items()) if c.pin_id is not None}
 
     def set_held(self, held: int) -> None:
         """How many delivered messages the Bridge holds back for per-key order.
@@ -201,7 +211,7 @@ class NatsLink:
                 by_durable[durable] += len(msgs)
                 self._arrived(sub, msgs)
         consumer = PullConsumer(self._nc, sub, spec, arrived, self._schedule_top_up,
-                                self._schedule_recovery)
+                                self._schedule_recovery, self._claimed.pop(spec.durable, None))
         await consumer.start()
         self._consumers[spec.durable] = consumer
         if spec.priority_group is None:

@@ -64,7 +64,8 @@ class PullConsumer:
     def __init__(self, nc: Any, sub: SubscriptionConfig, consumer: ConsumerSpec,
                  on_messages: Callable[[SubscriptionConfig, list[Any]], None],
                  on_request_ended: Callable[[], None],
-                 on_pinned: Callable[[PullConsumer], None] | None = None) -> None:
+                 on_pinned: Callable[[PullConsumer], None] | None = None,
+                 claimed_pin: str | None = None) -> None:
         self._nc = nc
         self._sub = sub
         self.consumer = consumer
@@ -83,6 +84,10 @@ class PullConsumer:
         #: The server's pin for this client (``Nats-Pin-Id``) while it is the one pulling
         #: from a priority group; None while it is a standby.
         self.pin_id: str | None = None
+        #: A pin id this client asks with before it is pinned: its predecessor's, if a
+        #: Bridge died holding it. The server takes it as the same client (no wait for the
+        #: dead one's pin to lapse); the first message under it makes it this client's.
+        self.claimed_pin = claimed_pin
         self.pins = 0     # times pinned
         self.unpins = 0   # times the pin moved away (status 423)
         #: While True no request is made and arrivals are kept back (see :meth:`resume`).
@@ -140,8 +145,9 @@ class PullConsumer:
         request: dict[str, Any] = {"batch": count, "expires": int(expires * 1e9)}
         if self.consumer.priority_group is not None:
             request["group"] = self.consumer.priority_group
-            if self.pin_id is not None:
-                request["id"] = self.pin_id
+            pin = self.pin_id or self.claimed_pin
+            if pin is not None:
+                request["id"] = pin
         body = json.dumps(request).encode()
         await self._nc.publish(self._next_subject, body, reply=f"{self._inbox}.{self._numbers}")
 
@@ -182,6 +188,7 @@ class PullConsumer:
         log.info("durable %s: pinned in priority group %s; this bus is the active one",
                  self.name, self.consumer.priority_group)
         self.pin_id = pin
+        self.claimed_pin = None
         self.pins += 1
         # Requests made before the pin carry no id: the server fills only the one it pinned
         # (the oldest: this message's) and holds the others as a standby's until they expire,
@@ -233,6 +240,10 @@ class PullConsumer:
         if code == StatusCode.CONTROL_MESSAGE:  # the server's idle heartbeat
             return
         if code == PIN_MISMATCH:
+            if self.claimed_pin is not None:
+                log.info("durable %s: the pin of the Bridge before this one has lapsed or moved; "
+                         "pulling as a standby", self.name)
+                self.claimed_pin = None
             # The pin moved to another bus: pull on as a standby, without an id.
             if self.pin_id is not None:
                 log.warning("durable %s: the pin of priority group %s moved to another bus; this "

@@ -17,7 +17,7 @@ from collections import Counter
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (MEMBER_PREFIX, ActorState, BridgeChanged, BridgeReady, BusStarted,
                                       BusStopped, Halt, HandlerRegistered, MemberDied,
-                                      MemberRestarted, PoolFailed, PoolReady, RegisterHandler,
+                                      MemberRestarted, PinsHeld, PoolFailed, PoolReady, RegisterHandler,
                                       RequestFailed, RestartDue, RouterChanged, StartBridge,
                                       StartBus, StartPool, Stats, StatsRequest, StopBus, Subscribe,
                                       Subscribed, member_name)
@@ -59,6 +59,7 @@ class Supervisor(BusActor):
         self._subscribed: list[SubscriptionConfig] = []          # what a restarted Bridge resumes
         self._budget = RestartBudget()
         self._bridge_incarnation = 0
+        self._pins: dict[str, str] = {}   # the Bridge's, for the next one if it dies
         self._router_restarts_pending = False
         self._internal_ids = 0                       # negative request ids: our own requests
         self._last_counts: dict[str, int] = {}       # as of the last Stats relayed
@@ -100,6 +101,10 @@ class Supervisor(BusActor):
         # Only now may the Bridge fetch: a key is never handled before its actor exists.
         assert self._config is not None and self._start_request is not None  # StartBus came first
         self.send(self._bridge, StartBridge(self._start_request, self._config, self._router))
+
+    def receiveMsg_PinsHeld(self, message: PinsHeld, sender) -> None:
+        if sender == self._bridge:
+            self._pins = dict(message.pins)
 
     def receiveMsg_BridgeReady(self, message: BridgeReady, sender) -> None:
         self._pids["bridge"] = message.pid
@@ -259,7 +264,7 @@ class Supervisor(BusActor):
         if self._router is not None:
             self.send(self._router, BridgeChanged(self._bridge))
         self.send(self._bridge, StartBridge(self._next_internal_id(), self._config, self._router,
-                                            self._bridge_incarnation))
+                                            self._bridge_incarnation, pins=dict(self._pins)))
 
     def _give_up(self, reason: str) -> None:
         # The root has no parent to escalate to: stop, never keep acking while broken.

@@ -17,8 +17,8 @@ from thespian.actors import Actor, ActorSystem
 
 from actorbus import Envelope
 from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, BridgeReady, BusStopped, Completion,
-                                      Dispatch, Halt, Outcome, StartBridge, StopBus, Subscribe,
-                                      Subscribed)
+                                      Dispatch, Halt, Outcome, PinsHeld, StartBridge, StopBus,
+                                      Subscribe, Subscribed)
 from actorbus.bridge.actor import Bridge
 from actorbus.bridge.mailbox import Arrival
 from actorbus.bridge.recovery import RecoveredMsg
@@ -46,6 +46,8 @@ class FakeLink:
     fetching: bool = True
     closed: bool = False
     held: int = 0
+    pinned: dict[str, str] = field(default_factory=dict)   # the pins the test says it holds
+    claimed: dict[str, str] = field(default_factory=dict)
 
     def attach(self, config: BusConfig, mailbox: Any) -> "FakeLink":
         self.mailbox = mailbox
@@ -68,6 +70,12 @@ class FakeLink:
 
     def set_held(self, held: int) -> None:
         self.held = held
+
+    def claim_pins(self, pins: dict[str, str]) -> None:
+        self.claimed = dict(pins)
+
+    def pins(self) -> dict[str, str]:
+        return dict(self.pinned)
 
     def stop_fetching(self) -> None:
         self.fetching = False
@@ -282,3 +290,23 @@ def test_a_recovered_message_that_fails_is_handled_again_on_its_redelivery(bridg
     assert len(dispatched(system, router, 1)) == 1   # seq 2 waits for seq 1
     link.deliver("orders", msg("orders.a", envelope("a", b"1"), 1, delivered=2))
     assert [d.stream_sequence for d in dispatched(system, router, 3)] == [1, 1, 2]
+
+
+def test_the_bridge_tells_who_started_it_the_pins_it_holds_when_they_change(bridge):
+    system, actor, router, link = bridge
+    link.pinned["orders"] = "pin-1"
+    link.deliver("orders", msg("orders.a", envelope("a", b"1"), 1))   # pinned: messages come
+    reply = system.listen(2)   # reported to the starter (here: the test) as they are taken
+    while reply is not None and not isinstance(reply, PinsHeld):
+        reply = system.listen(2)
+    assert reply == PinsHeld({"orders": "pin-1"})
+
+
+def test_a_restarted_bridge_claims_the_pins_its_predecessor_held(system):
+    link = FakeLink()
+    actor = system.createActor(Bridge)
+    config = BusConfig(runtime="simple", pool_size=1)
+    assert isinstance(system.ask(actor, StartBridge(1, config, None, incarnation=1,
+                                                    link_factory=link.attach,
+                                                    pins={"orders": "pin-1"}), 5), BridgeReady)
+    assert link.claimed == {"orders": "pin-1"}

@@ -7,9 +7,13 @@ of its own that is SIGKILLed whole).
 """
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from actorbus import Envelope
+from actorbus.supervision import Backoff, OneForOne
 from tests import handlers
 from tests.bus_host import PIN_TIMEOUT
 from tests.support import HostBus, publish_spread, read_records, wait_for
@@ -77,3 +81,22 @@ def test_a_crashed_active_bus_fails_over_to_the_standby_in_order(make_bus, recor
     assert report["lost"] == 0 and report["violations"] == 0, report
     assert stats["pinned"] == 1 and stats["pins"] >= 1 and stats["recovered"] > 0
     assert by_standby and not host_pids & member_pids(standby)
+
+
+def test_a_restarted_bridge_goes_on_under_its_predecessor_s_pin_without_waiting_for_it(make_bus,
+                                                                                        records):
+    # A new client would wait pin_timeout (60 s here) for the dead Bridge's pin to lapse.
+    total, keys = 6000, 60
+    bus = make_bus(pool_size=2, supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
+    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0, pin_timeout=60.0)
+    publish_spread(bus, total, keys, per_key_sequence=True)
+    wait_for(lambda: len(read_records(records)) >= total // 4, what="handling under way",
+             interval=0.01)
+    os.kill(bus.pids["bridge"], signal.SIGKILL)
+
+    wait_for(lambda: all_handled(records, total), timeout=30,
+             what="every envelope handled well within pin_timeout")
+    report, stats = order_report(records, total, keys), bus.stats()
+    print(f"Bridge SIGKILLed, restarted under its pin: {report}, recovered {stats['recovered']}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+    assert stats["restarts_bridge"] == 1 and stats["pinned"] == 1
