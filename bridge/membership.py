@@ -16,7 +16,8 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.errors import (BucketNotFoundError, KeyDeletedError, KeyNotFoundError,
+                            KeyWrongLastSequenceError, NoKeysError)
 
 from actorbus.config import ConfigurationError, SubscriptionConfig
 from actorbus.groups import STATIC_BUCKET, ConsumerGroup, assign_partitions
@@ -36,7 +37,7 @@ async def ensure_static_group(js: Any, sub: SubscriptionConfig, group: ConsumerG
     wanted = {"max_members": group.partitions, "filters": [sub.subject], "members": members}
     try:
         entry = await kv.get(key)
-    except KeyNotFoundError:
+    except (KeyNotFoundError, KeyDeletedError):
         entry = None
     if entry is None or entry.value is None:
         try:
@@ -44,7 +45,7 @@ async def ensure_static_group(js: Any, sub: SubscriptionConfig, group: ConsumerG
             log.info("created static consumer group %s on stream %s: %d partitions over %s",
                      group.name, sub.stream, group.partitions, ", ".join(members))
             return
-        except Exception:   # another member wrote it first: check what it wrote
+        except KeyWrongLastSequenceError:   # another member wrote it first: check what it wrote
             entry = await kv.get(key)
     try:
         stored = json.loads(entry.value)
