@@ -29,7 +29,8 @@ from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
 from actorbus.bridge.extraction import extract_aggregate_id, invalid_id_header
 from actorbus.bridge.inflight import InFlight, InFlightTable
-from actorbus.bridge.mailbox import Mailbox
+from actorbus.bridge.jetstream import subject_covers
+from actorbus.bridge.mailbox import Mailbox, Released
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.bridge.nats_link import NatsLink
 from actorbus.bridge.ordering import KeyOrder
@@ -252,6 +253,9 @@ class Bridge(BusActor):
         deliveries: list[Delivery] = []
         orders: list[Order] = []
         for arrival in self._mailbox.drain():
+            if isinstance(arrival, Released):
+                self._drop_released(arrival)
+                continue
             sub = self._subscriptions.get(arrival.subscription)
             if sub is None:
                 continue
@@ -476,6 +480,29 @@ class Bridge(BusActor):
                 entry.delivery = delivery._replace(token=self._inflight.add(entry))
                 entry.held = False
                 freed.append(entry.delivery)
+
+    def _drop_released(self, released: Released) -> None:
+        """Drop what is held of a durable this bus gave up: its new owner reads it back and
+        handles it in order; handled here too (once its wait ran out), it could overtake."""
+        order = self._orders.get(released.subscription)
+        if order is None or not order.held:
+            return
+
+        def of_released(delivery: Delivery) -> bool:
+            entry = self._inflight.get(delivery.token)
+            return entry is not None and any(subject_covers(f, entry.msg.subject)
+                                             for f in released.filters)
+        dropped = order.drop(of_released)
+        forgotten: list[Any] = []   # what was delivered here and will not be settled here
+        for delivery in dropped:
+            entry = self._inflight.pop(delivery.token)
+            if entry is not None:
+                forgotten.extend((entry.attached or ()) if entry.recovered else (entry.msg,))
+        if forgotten and self._link is not None:
+            self._link.forget(forgotten)
+        if dropped:
+            log.info("%s: dropped %d held message(s) of %s, which moved to another bus",
+                     released.subscription, len(dropped), ", ".join(released.filters))
 
     def _hold_again(self, entry: InFlight, freed: list[Delivery]) -> None:
         """The pool deferred it behind an older failure of its key: hold it (in flight again)."""

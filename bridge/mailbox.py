@@ -21,6 +21,15 @@ class Arrival(NamedTuple):
     recovered: bool = False
 
 
+class Released(NamedTuple):
+    """The NATS thread gave a durable up (its partition moved to another bus): what the
+    Bridge holds back of it for per-key order is dropped, neither handled nor settled,
+    for the new owner reads it back in order. ``filters``: the durable's subject filters."""
+
+    subscription: str
+    filters: tuple[str, ...]
+
+
 class Mailbox:
     """A thread-safe queue with a readable file descriptor while it holds anything."""
 

@@ -21,7 +21,7 @@ from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream
 from actorbus.bridge.layout import (ConsumerLayout, ConsumerSpec, ElasticPartitions, StaticMembers,
                                     layout_for)
 from actorbus.bridge.loop_thread import LoopThread
-from actorbus.bridge.mailbox import Arrival, Mailbox
+from actorbus.bridge.mailbox import Arrival, Mailbox, Released
 from actorbus.bridge.membership import ElasticMembership, ensure_static_group
 from actorbus.bridge.metadata import consumer_of
 from actorbus.bridge.pull import PullConsumer
@@ -114,6 +114,16 @@ class NatsLink:
     def pins(self) -> dict[str, str]:
         """The pin id of each durable this bus is pinned on now."""
         return {name: c.pin_id for name, c in list(self._consumers.items()) if c.pin_id is not None}
+
+    def forget(self, msgs: list[Any]) -> None:
+        """These delivered messages will not be settled here (their partition moved away)."""
+        self._thread.call_soon(self._forget, msgs)
+
+    def _forget(self, msgs: list[Any]) -> None:
+        self._outstanding -= len(msgs)
+        if self._by_durable is not None:
+            for msg in msgs:
+                self._by_durable[consumer_of(msg.reply) or ""] -= 1
 
     def set_held(self, held: int) -> None:
         """How many delivered messages the Bridge holds back for per-key order.
@@ -246,6 +256,7 @@ class NatsLink:
         durable = consumer.name
         try:
             await consumer.stop()
+            self._mailbox.put(Released(consumer.subscription, consumer.consumer.filter_subjects))
             deadline = time.monotonic() + consumer.ack_wait
             assert self._by_durable is not None
             while self._by_durable[durable] > 0 and time.monotonic() < deadline:

@@ -18,7 +18,7 @@ Only the Bridge actor's thread uses it.
 from __future__ import annotations
 
 import bisect
-from typing import Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -107,6 +107,20 @@ class KeyOrder(Generic[T]):
             del self._held[key]
         self.held -= len(free)
         return free
+
+    def drop(self, matches: Callable[[T], bool]) -> list[T]:
+        """Remove the held items ``matches`` picks (their partition moved to another bus) and
+        return them; their keys' other state stays, and ends as it would."""
+        dropped: list[T] = []
+        for key in list(self._held):
+            kept = [pair for pair in self._held[key] if not matches(pair[1])]
+            dropped.extend(item for _, item in self._held[key] if matches(item))
+            if kept:
+                self._held[key] = kept
+            else:
+                del self._held[key]
+        self.held -= len(dropped)
+        return dropped
 
     def _hold(self, key: str, sequence: int, item: T) -> None:
         held = self._held.setdefault(key, [])

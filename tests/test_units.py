@@ -248,3 +248,16 @@ def test_recovery_reads_back_redeliveries_kept_back_but_not_first_deliveries():
     consumer._deferred = [SimpleNamespace(reply=f"$JS.ACK.ORDERS.orders.{count}.{seq}.{seq}.0.0")
                           for count, seq in ((2, 7), (1, 12), (3, 5), (1, 13))]
     assert consumer.first_deliveries_kept_back() == {12, 13}
+
+
+def test_key_order_drops_the_held_items_picked_and_keeps_the_rest_in_order():
+    from actorbus.bridge.ordering import KeyOrder
+    order: KeyOrder[str] = KeyOrder()
+    order.wait("a", 1, until=10.0)
+    order.wait("b", 5, until=10.0)
+    assert not order.admit("a", 2, "a2") and not order.admit("a", 3, "a3")
+    assert not order.admit("b", 6, "b6")
+    assert order.drop(lambda item: item in ("a2", "b6")) == ["a2", "b6"]
+    assert order.held == 1
+    assert order.admit("a", 1, "a1")          # a's redelivery comes back
+    assert order.released("a") == ["a3"] and order.released("b") == [] and order.held == 0
