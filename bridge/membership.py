@@ -93,6 +93,14 @@ class ElasticMembership:
             self._kv = await self._js.create_key_value(
                 bucket=self._group.bucket, history=1, ttl=self._group.member_ttl,
                 replicas=self._replicas)
+        else:
+            ttl = (await self._kv.status()).ttl
+            if ttl and abs(ttl - self._group.member_ttl) > 0.001:
+                # The first member made the bucket: its age limit is everyone's.
+                log.warning("group %s: its bucket %s forgets a member %gs after its last "
+                            "heartbeat, not the %gs this bus was given (heartbeat %gs); give every "
+                            "member the same heartbeat", self._group.name, self._group.bucket,
+                            ttl, self._group.member_ttl, self._group.heartbeat)
         await self._beat()
         await self._rebalance()
         self._tasks = [asyncio.create_task(self._heartbeats(), name="group-heartbeat"),
