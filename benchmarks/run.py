@@ -288,7 +288,7 @@ def _latency(label: str, number: int, kind: str, extra: dict[str, Any], peak: fl
     with console.status(f"{label}: latency at " + ", ".join(
             f"{phase['rate']:,.0f}" for phase in phases[1:]) + " msg/s"):
         try:
-            _run_worker(params, work_dir, pace=pace)
+            result = _run_worker(params, work_dir, pace=pace)
         except WorkerFailed as exc:
             console.print(f"[red]{label} latency run failed[/]: {exc}")
             shutil.rmtree(record_dir, ignore_errors=True)
@@ -298,6 +298,10 @@ def _latency(label: str, number: int, kind: str, extra: dict[str, Any], peak: fl
     records = read_records(record_dir)
     shutil.rmtree(record_dir, ignore_errors=True)
     _distinct, duplicates, violations = check_order(records)
+    cpu = result.get("cpu_seconds")
+    if cpu:
+        console.print(f"{label}: CPU s by process over its latency run: " +
+                      ", ".join(f"{name} {seconds:g}" for name, seconds in cpu.items()))
     for phase in phases[1:]:
         if "first_ns" not in phase:
             continue
