@@ -1,4 +1,4 @@
-"""Router and aggregate actor logic on Thespian's simpleSystemBase (no server, one thread)."""
+"""Router, pool table and aggregate actor logic on Thespian's simpleSystemBase (no server, one thread)."""
 from __future__ import annotations
 
 import pickle
@@ -9,25 +9,41 @@ from thespian.actors import Actor, ActorSystem
 
 from actorbus.actors.member import PoolMember
 from actorbus.actors.messages import (FAILED, SUCCEEDED, UNDELIVERED, Completion, Delivery, Dispatch,
-                                      HandlerRegistered, Outcome, PoolReady, RegisterHandler,
-                                      StartMember, StartPool)
+                                      HandlerRegistered, Outcome, PoolMembers, PoolReady,
+                                      RegisterHandler, StartMember, StartPool)
+from actorbus.actors.pool import PoolTable
 from actorbus.actors.router import Router
 from actorbus.config import SubscriptionConfig
 from tests.support import read_records
 
 
 class CollectingBridge(Actor):
-    """Stands in for the Bridge: keeps completions, hands them over on request."""
+    """Stands in for the Bridge: routes with a pool table where the Router says the members
+    are, keeps the completions, hands them over on request."""
 
     def __init__(self):
         super().__init__()
+        self.pool = PoolTable()
+        self.announcements = []
         self.completions = []
 
     def receiveMessage(self, message, sender):
-        if isinstance(message, Completion):
+        if isinstance(message, PoolMembers):
+            self.announcements.append(message)
+            self.pool.update(message.addresses, message.max_resends)
+        elif isinstance(message, tuple) and message[0] == "route":
+            self.pool.route(message[1])
+            self._dispatch()
+        elif isinstance(message, Completion):
+            self.pool.completed(message, sender)
             self.completions.append(message)
+            self._dispatch()
         elif message == "report":
-            self.send(sender, list(self.completions))
+            self.send(sender, (list(self.completions), list(self.announcements)))
+
+    def _dispatch(self):
+        for address, dispatch in self.pool.dispatches():
+            self.send(address, dispatch)
 
 
 @pytest.fixture
@@ -41,21 +57,23 @@ def delivery(token: int, key: str, seq: int) -> Delivery:
     return Delivery(token, "orders", f"orders.{key}", str(seq).encode(), None, key, key, None, 1, seq)
 
 
-def test_router_routes_by_key_in_dispatch_sequence_order(system, records):
+def test_router_announces_its_members_and_the_pool_table_routes_by_key(system, records):
     bridge = system.createActor(CollectingBridge)
     router = system.createActor(Router)
-    assert isinstance(system.ask(router, StartPool(3, bridge), 5), PoolReady)
     spec = SubscriptionConfig("orders.>", "tests.handlers:record", envelope=False,
                               durable="orders")
+    # The handlers come with StartPool: the members run them before the Bridge hears of them.
+    assert isinstance(system.ask(router, StartPool(3, bridge, subscriptions=(spec,)), 5),
+                      PoolReady)
     assert isinstance(system.ask(router, RegisterHandler(7, spec), 5), HandlerRegistered)
 
     keys = [f"k{i}" for i in range(6)]
-    first = Dispatch(tuple(delivery(i + 1, k, 0) for i, k in enumerate(keys)), sequence=1)
-    second = Dispatch(tuple(delivery(i + 7, k, 1) for i, k in enumerate(keys)), sequence=2)
-    system.tell(router, second)   # arrives early: must wait for the first
-    system.tell(router, first)
+    system.tell(bridge, ("route", tuple(delivery(i + 1, k, 0) for i, k in enumerate(keys))))
+    system.tell(bridge, ("route", tuple(delivery(i + 7, k, 1) for i, k in enumerate(keys))))
 
-    completions = system.ask(bridge, "report", 5)
+    completions, announcements = system.ask(bridge, "report", 5)
+    assert len(announcements) == 1 and None not in announcements[0].addresses
+    assert len(announcements[0].addresses) == 3
     outcomes = [o for c in completions for o in c.outcomes()]
     assert sorted(o.token for o in outcomes) == list(range(1, 13))
     assert all(o.kind == SUCCEEDED for o in outcomes)
