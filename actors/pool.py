@@ -27,6 +27,12 @@ MAX_MEMBER_BATCH = 512
 #: Most dispatches outstanding per member: the next is queued there while
 #: it works on one, so it does not sit idle for a round trip.
 MAX_MEMBER_DISPATCHES = 2
+#: Fewest deliveries a second outstanding dispatch carries. A member with nothing
+#: outstanding gets a delivery at once; one that is busy gets a second dispatch only
+#: when that many have gathered, else what gathers waits for its completion (it is
+#: working, so that is soon) and goes as one dispatch: under moderate load this
+#: halves the actor messages per delivery, under heavy load the second slot is full.
+MIN_SECOND_BATCH = 128
 
 #: Most routing keys whose pool index is remembered before starting afresh.
 _MAX_REMEMBERED_KEYS = 100_000
@@ -168,7 +174,8 @@ class PoolTable:
         epoch = self.epoch
         for member in self._members:
             while member.waiting and member.address is not None and \
-                    member.outstanding < MAX_MEMBER_DISPATCHES:
+                    member.outstanding < MAX_MEMBER_DISPATCHES and \
+                    (not member.outstanding or len(member.waiting) >= MIN_SECOND_BATCH):
                 size = MAX_MEMBER_BATCH
                 if member.suspects:
                     if member.outstanding:
