@@ -49,6 +49,9 @@ class NatsLink:
         self._stopped: list[PullConsumer] = []   # stopped fetching; unpinned when closing
         self._ticker: asyncio.Task | None = None
         self._settling: set[asyncio.Task] = set()
+        # Settled, written, not yet confirmed by a flush: (counts, how many).
+        self._unconfirmed: list[tuple[Counter[str], int]] = []
+        self._confirming = False
         self._closing = False
         self._outstanding = 0
         self._held = 0   # of the outstanding, held back by the Bridge for per-key order
@@ -265,19 +268,38 @@ class NatsLink:
                 done["settle_errors"] += 1
                 log.warning("could not %s message on %s: %s: %s", order.action, msg.subject,
                             type(exc).__name__, exc)
+        self._unconfirmed.append((done, len(actions)))
+        if not self._confirming:
+            self._confirming = True
+            await self._confirm()
+
+    async def _confirm(self) -> None:
+        """Flush, and count what was settled before the flush; again while more was settled
+        meanwhile. One flush (a round trip to the server) confirms every settlement written
+        before it: not one per completion."""
         try:
-            # Counted only once the server has them: during an outage nats-py
-            # buffers acks that may never take effect.
-            await self._nc.flush(timeout=_SETTLE_FLUSH_TIMEOUT)
-        except Exception as exc:
-            unconfirmed = len(actions) - done["settle_errors"]
-            done = Counter(settle_errors=len(actions))
-            log.warning("%d settlement(s) not confirmed by the server (%s: %s); JetStream will "
-                        "redeliver what did not take effect", unconfirmed, type(exc).__name__, exc)
-        with self._counts_lock:
-            self._counts.update(done)
-        self._outstanding -= len(actions)
-        await self._top_up()
+            while self._unconfirmed:
+                batch, self._unconfirmed = self._unconfirmed, []
+                settled = sum(count for _done, count in batch)
+                done: Counter[str] = Counter()
+                for counts, _count in batch:
+                    done.update(counts)
+                try:
+                    # Counted only once the server has them: during an outage nats-py
+                    # buffers acks that may never take effect.
+                    await self._nc.flush(timeout=_SETTLE_FLUSH_TIMEOUT)
+                except Exception as exc:
+                    unconfirmed = settled - done["settle_errors"]
+                    done = Counter(settle_errors=settled)
+                    log.warning("%d settlement(s) not confirmed by the server (%s: %s); JetStream "
+                                "will redeliver what did not take effect", unconfirmed,
+                                type(exc).__name__, exc)
+                with self._counts_lock:
+                    self._counts.update(done)
+                self._outstanding -= settled
+                await self._top_up()
+        finally:
+            self._confirming = False
 
     async def _stop_fetching(self) -> None:
         # Without interest on the inbox the server drops the waiting requests.
