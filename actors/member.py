@@ -84,7 +84,7 @@ class PoolMember(BusActor):
             if position >= len(fresh):
                 break
             self.send(sender, Completion.of(done, self._index, final=False))
-        # Answered even when empty: the Router counts the dispatch outstanding until it is.
+        # Answered even when empty: the Bridge counts the dispatch outstanding until it is.
         self.send(sender, Completion.of(done, self._index))
 
     def _run(self, deliveries: list, start: int) -> tuple[list, int]:

@@ -18,7 +18,7 @@ Address = Any
 
 
 # ---------------------------------------------------------------- hot path
-# Every delivery crosses two process boundaries and every outcome two more,
+# Every delivery crosses a process boundary (Bridge → member) and every outcome one more,
 # each a pickle and an unpickle: the per-message parts are named tuples
 # (a slotted dataclass pickles through Python code, several times slower),
 # and the common outcome, a first-try success, travels as a bare token.
@@ -236,14 +236,15 @@ class MemberRestarted:
 
 @dataclass(frozen=True, slots=True)
 class BridgeChanged:
-    """Supervisor → Router: the Bridge was restarted; completions go to ``bridge`` now."""
+    """Supervisor → Router: the Bridge was restarted; tell ``bridge`` where the members are."""
 
     bridge: Address
 
 
 @dataclass(frozen=True, slots=True)
 class RouterChanged:
-    """Supervisor → Bridge: the Router (and its pool) was restarted; re-send what is in flight."""
+    """Supervisor → Bridge: the Router (and its pool) was restarted; what the old members held
+    goes to the new ones once the new Router says where they are (:class:`PoolMembers`)."""
 
     router: Address
 

@@ -139,3 +139,54 @@ def test_completions_carry_first_try_successes_as_bare_tokens():
     assert again == completion and type(again.others[0]) is Outcome
     d = pickle.loads(pickle.dumps(delivery(9, "k", 1)))
     assert type(d) is Delivery and d.routing_key == "k" and d.token == 9
+
+
+def test_pool_table_resends_what_a_dead_member_held_in_order_and_counts_attempts():
+    pool = PoolTable()
+    pool.update(("m0", "m1"), max_resends=1)
+    keys = ["a", "b", "c", "d", "e", "f"]
+    pool.route([delivery(i + 1, k, 0) for i, k in enumerate(keys)])
+    sent = list(pool.dispatches())
+    index = {address: [d.token for d in dispatch.deliveries] for address, dispatch in sent}
+    assert sorted(t for tokens in index.values() for t in tokens) == [1, 2, 3, 4, 5, 6]
+    assert all(dispatch.sequence == 1 for _address, dispatch in sent)
+    victim = "m0" if index.get("m0") else "m1"
+    tokens = index[victim]
+    # A busy member gets no second dispatch for a few deliveries: they wait for its completion.
+    pool.route([delivery(7, keys[tokens[0] - 1], 1)])
+    assert list(pool.dispatches()) == []
+    position = ("m0", "m1").index(victim)
+    down = (None, "m1") if position == 0 else ("m0", None)
+    up = ("m0-new", "m1") if position == 0 else ("m0", "m1-new")
+    assert pool.update(down, 1) == ([], [])
+    assert pool.depths()[position] == len(tokens) + 1
+    resumed, exhausted = pool.update(up, 1)
+    assert resumed == [position] and exhausted == []
+    # Re-sent one at a time (suspects), in the original order, numbered afresh.
+    (address, first), = pool.dispatches()
+    assert address == up[position] and first.sequence == 1
+    assert [d.token for d in first.deliveries] == tokens[:1]
+    pool.completed(Completion.of([Outcome(tokens[0], SUCCEEDED)], member=position), address)
+    assert [d.token for _a, dispatch in pool.dispatches() for d in dispatch.deliveries] == tokens[1:2]
+    # It dies again: the one it held is past max_resends and fails as undelivered; what
+    # waited here did not reach this incarnation, is not counted again and goes next.
+    pool.update(down, 1)
+    resumed, exhausted = pool.update(up, 1)
+    assert [o.token for o in exhausted] == tokens[1:2] and resumed == [position]
+    assert all(o.kind == UNDELIVERED for o in exhausted)
+    assert pool.depths()[position] == len(tokens) - 2 + 1
+    following = [d.token for _a, dispatch in pool.dispatches() for d in dispatch.deliveries]
+    assert following == (tokens[2:3] if len(tokens) > 2 else [7])
+
+
+def test_pool_table_replaced_pool_resends_without_counting():
+    pool = PoolTable(epoch=3)
+    pool.update(("m0",), max_resends=0)
+    pool.route([delivery(1, "a", 0), delivery(2, "a", 1)])
+    (_address, dispatch), = pool.dispatches()
+    assert dispatch.epoch == 3
+    # The Router and its pool were restarted: new addresses, no word of a death.
+    resumed, exhausted = pool.update(("n0",), max_resends=0)
+    assert resumed == [0] and exhausted == []
+    (address, again), = pool.dispatches()
+    assert address == "n0" and [d.token for d in again.deliveries] == [1, 2] and again.sequence == 1
