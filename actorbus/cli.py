@@ -294,25 +294,46 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
               help="Comma-separated actorbus pool sizes, one row each.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               help="Also write the rows as a JSON list to this file.")
+@click.option("--rates", default="200,2000,half", show_default=True,
+              help="Comma-separated publish rates (msg/s) of the latency runs; 'half' is half "
+                   "of each variant's own peak throughput; '' for none.")
+@click.option("--latency-seconds", type=click.FloatRange(min=0, min_open=True),
+              help="Length of each latency phase  [default: 5, 1 with --quick]")
+@click.option("--latency-keys", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Aggregate ids the paced publisher spreads its envelopes over.")
+@click.option("--variants", "kinds", default="plain,faststream,actorbus", show_default=True,
+              help="Comma-separated kinds of variant to run (plain, faststream, actorbus).")
 @click.option("--quick", is_flag=True,
-              help="A quick check: 3000 messages, pool 2 only, no latency runs.")
+              help="A quick check: 3000 messages, pool 2 only, 1 s latency phases.")
 @click.option("--instances", default=None, metavar="COUNTS",
               help="Instead: comma-separated counts of actorbus instances on this host, in one "
                    "elastic consumer group (pool: the first of --pools), one row each.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: str,
-          json_path: str | None, quick: bool, instances: str | None, debug: bool) -> None:
+          json_path: str | None, rates: str, latency_seconds: float | None, latency_keys: int,
+          kinds: str, quick: bool, instances: str | None, debug: bool) -> None:
     """Throughput, latency, memory and per-key order: actorbus against a plain nats-py
     pull loop and a FastStream subscriber, on an embedded nats-server.
 
     Exits 0 when every variant that ran kept per-key order, 1 otherwise.
     """
+    from actorbus.benchmarks import run
+
     try:
         sizes = [int(p) for p in pools.split(",") if p.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {pools!r}",
                                  param_hint="--pools") from None
+    try:
+        rate_specs = run.parse_rates(rates)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rates") from None
+    variant_kinds = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = sorted(set(variant_kinds) - set(run.KINDS))
+    if unknown or not variant_kinds:
+        raise click.BadParameter(f"expected some of {', '.join(run.KINDS)}, got {kinds!r}",
+                                 param_hint="--variants")
 
     counts = None
     if instances is not None:
@@ -323,13 +344,16 @@ def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: st
                                      param_hint="--instances") from None
 
     def work() -> int:
+        # Both tables are wider than 80 columns: not wrapped when the output is not a terminal.
+        console = Console() if sys.stdout.isatty() else Console(width=140)
         if counts is not None:
             from actorbus.benchmarks.instances import run_instances
             return run_instances(counts, messages=3000 if quick else messages, keys=keys,
-                                 pool=sizes[0], json_path=json_path, console=Console())
-        from actorbus.benchmarks import run
+                                 pool=sizes[0], json_path=json_path, console=console)
         return run.run_bench(messages=messages, keys=keys, cpu_us=cpu_us, pools=sizes,
-                             json_path=json_path, quick=quick, console=Console())
+                             json_path=json_path, quick=quick, console=console,
+                             rates=rate_specs, latency_seconds=latency_seconds,
+                             latency_keys=latency_keys, kinds=variant_kinds)
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 

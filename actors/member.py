@@ -29,10 +29,11 @@ class PoolMember(BusActor):
         super().__init__()
         self._index = -1
         self._table = HandlerTable(watchdog=Watchdog())
-        # Tokens reach a member in increasing order (the Router keeps the
-        # Bridge's order), so anything at or below the last one is a copy.
+        # Tokens reach a member in increasing order (the Bridge routes in fetch
+        # order), so anything at or below the last one is a copy.
         self._last_token = 0
         self._dispatches: Resequencer[Dispatch] = Resequencer()
+        self._epoch = 0   # the incarnation of the Bridge whose dispatches are numbered here
         # The user's handlers run here, not on the actor's thread: Thespian forked this
         # process deep in its parent's call stack, and a handler's calls crossing
         # CPython's 16 KB frame-stack chunk there map and unmap a chunk per call (measured:
@@ -57,7 +58,14 @@ class PoolMember(BusActor):
         self.send(sender, HandlerRegistered(message.request_id, error, self._index))
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
-        # The transport may hand dispatches over out of order: handle them in the Router's.
+        if message.epoch != self._epoch:
+            if message.epoch < self._epoch:
+                log.warning("pool member %d dropped a dispatch of an earlier Bridge", self._index)
+                return
+            # A restarted Bridge numbers its dispatches from 1 again.
+            self._epoch = message.epoch
+            self._dispatches.reset()
+        # The transport may hand dispatches over out of order: handle them in the Bridge's.
         for dispatch in self._dispatches.arrived(message.sequence, message):
             self._handle(dispatch, sender)
 
@@ -76,7 +84,7 @@ class PoolMember(BusActor):
             if position >= len(fresh):
                 break
             self.send(sender, Completion.of(done, self._index, final=False))
-        # Answered even when empty: the Router counts the dispatch outstanding until it is.
+        # Answered even when empty: the Bridge counts the dispatch outstanding until it is.
         self.send(sender, Completion.of(done, self._index))
 
     def _run(self, deliveries: list, start: int) -> tuple[list, int]:

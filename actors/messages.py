@@ -18,7 +18,7 @@ Address = Any
 
 
 # ---------------------------------------------------------------- hot path
-# Every delivery crosses two process boundaries and every outcome two more,
+# Every delivery crosses a process boundary (Bridge → member) and every outcome one more,
 # each a pickle and an unpickle: the per-message parts are named tuples
 # (a slotted dataclass pickles through Python code, several times slower),
 # and the common outcome, a first-try success, travels as a bare token.
@@ -45,17 +45,18 @@ class Delivery(NamedTuple):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Dispatch:
-    """Bridge → Router → pool member: deliveries to handle, in order.
+    """Bridge → pool member: deliveries to handle, in order.
 
-    ``sequence`` numbers the Bridge's dispatches (1, 2, ...) so the Router
-    routes them in the order they were fetched even if the transport
-    hands them over in another, and the Router's dispatches to each member
-    (1, 2, ... per incarnation) so the member handles them in the order
-    they were routed.
+    ``sequence`` numbers the dispatches to one member incarnation (1, 2, ...)
+    so the member handles them in the order they were routed even if the
+    transport hands them over in another. ``epoch`` is the Bridge's
+    incarnation: a restarted Bridge numbers from 1 again, and a member
+    starts afresh when the epoch goes up.
     """
 
     deliveries: tuple[Delivery, ...]
     sequence: int
+    epoch: int = 0
 
     def __repr__(self) -> str:
         return f"Dispatch(#{self.sequence}, {len(self.deliveries)} deliveries)"
@@ -93,7 +94,7 @@ class Outcome(NamedTuple):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Completion:
-    """Pool member → Router → Bridge: the outcomes of one dispatch.
+    """Pool member → Bridge: the outcomes of one dispatch.
 
     A delivery handled on its first attempt is just its token in
     ``succeeded`` and its handler time at the same place in ``seconds``;
@@ -104,15 +105,13 @@ class Completion:
     A member working through a long dispatch reports what it has finished
     as it goes (``final=False``), so those messages are acked without
     waiting for the rest; the last part of a dispatch has ``final=True``
-    and only it ends the dispatch in the Router's bookkeeping.
+    and only it ends the dispatch in the Bridge's pool bookkeeping.
     """
 
     succeeded: tuple[int, ...] = ()
     seconds: tuple[float, ...] = ()
     others: tuple[Outcome, ...] = ()
     member: int = -1
-    queue_depths: tuple[int, ...] = ()  # per member, as the Router forwards it
-    routed: int = 0  # the Router has routed the Bridge's dispatches up to this sequence
     final: bool = True  # the last part of its dispatch (partial reports have False)
 
     @classmethod
@@ -186,7 +185,7 @@ class BusStarted:
 
 @dataclass(frozen=True, slots=True)
 class StartPool:
-    """Supervisor → Router: create ``size`` pool members; completions go to ``bridge``.
+    """Supervisor → Router: create ``size`` pool members; ``bridge`` hears where they are.
 
     ``policy`` restarts members that die; a delivery re-sent to a restarted
     member more than ``max_resends`` times fails by its kind instead.
@@ -196,6 +195,27 @@ class StartPool:
     bridge: Address
     policy: RestartPolicy | None = None  # None: OneForOne()
     max_resends: int = 3
+    #: Handlers the members run from the start (a restarted pool's, before the Bridge
+    #: hears where its members are).
+    subscriptions: tuple[SubscriptionConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMembers:
+    """Router → Bridge: where each pool member is, by index (None: dead, a restart may follow).
+
+    Sent once every member has started, and again whenever one dies or is back.
+    The Bridge sends the members their dispatches itself and re-sends, in order,
+    what a member held when it died; a delivery re-sent more than
+    ``max_resends`` times fails by its kind instead.
+    """
+
+    addresses: tuple[Address | None, ...]
+    max_resends: int = 3
+
+    def __repr__(self) -> str:
+        up = sum(address is not None for address in self.addresses)
+        return f"PoolMembers({up} of {len(self.addresses)} up)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,14 +236,15 @@ class MemberRestarted:
 
 @dataclass(frozen=True, slots=True)
 class BridgeChanged:
-    """Supervisor → Router: the Bridge was restarted; completions go to ``bridge`` now."""
+    """Supervisor → Router: the Bridge was restarted; tell ``bridge`` where the members are."""
 
     bridge: Address
 
 
 @dataclass(frozen=True, slots=True)
 class RouterChanged:
-    """Supervisor → Bridge: the Router (and its pool) was restarted; re-send what is in flight."""
+    """Supervisor → Bridge: the Router (and its pool) was restarted; what the old members held
+    goes to the new ones once the new Router says where they are (:class:`PoolMembers`)."""
 
     router: Address
 

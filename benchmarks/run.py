@@ -9,9 +9,12 @@
    pull loop, the FastStream pull subscriber, actorbus with each pool size.
    ``msgs_per_s`` covers the consume phase only; the records give the per-key
    order check.
-3. Unless ``quick``: per row, a paced run at half that row's peak rate on a
-   stream of its own, publish time in the payload; the handler records its
-   completion time, which stands in for the ack time.
+3. Latency, per variant: one consumer process on a stream of its own, and a
+   paced publisher (core NATS publish, captured by the stream) at each rate
+   of ``rates`` in turn (``half``: half that variant's own peak from step 2),
+   ``keys`` = 50 aggregates, publish time in the payload; the handler records
+   when it starts its work. Each phase starts once the previous one has been
+   handled; a short warm-up phase is not counted.
 """
 from __future__ import annotations
 
@@ -46,10 +49,23 @@ from actorbus.benchmarks.common import (
 ROOT = Path(__file__).resolve().parent.parent
 #: Messages per pipelined chunk of the pre-publish.
 PUBLISH_CHUNK = 1000
-#: Length of each paced latency run, in seconds.
+#: Length of each paced latency phase, in seconds (``--quick``: QUICK_LATENCY_SECONDS).
 LATENCY_SECONDS = 5.0
+QUICK_LATENCY_SECONDS = 1.0
+#: Aggregates the paced publisher spreads its envelopes over.
+LATENCY_KEYS = 50
+#: The rate that stands for half of a variant's own peak throughput.
+HALF = "half"
+DEFAULT_RATES = ("200", "2000", HALF)
+#: Fewest messages in a latency phase (a p99 needs a hundred at least).
+MIN_PHASE_MESSAGES = 200
+#: A first phase that is not counted: connections, imports and first calls warm up.
+WARMUP_RATE = 200.0
+WARMUP_MESSAGES = 100
 QUICK_MESSAGES = 3000
 QUICK_POOLS = (2,)
+#: The variant kinds, for ``kinds``.
+KINDS = ("plain", "faststream", "actorbus")
 #: Handler tasks of the second FastStream row (its concurrent pull subscriber).
 FASTSTREAM_WORKERS = 8
 
@@ -83,24 +99,54 @@ async def _add_stream(url: str, name: str, subject: str) -> None:
         await nc.close()
 
 
-async def _paced_publish(url: str, subject: str, rate: float, count: int, keys: int) -> float:
-    """Publish ``count`` envelopes at ``rate``/s (core NATS publish, captured by the stream),
-    each with its publish time (``time.monotonic_ns()``) in the payload; return the achieved rate."""
+async def _paced_phase(nc: Any, subject: str, rate: float, count: int, keys: int,
+                      next_seq: list[int]) -> tuple[int, int]:
+    """Publish ``count`` envelopes at ``rate``/s over ``keys`` aggregates, each with its
+    publish time (``time.monotonic_ns()``, system-wide) in the payload; return the first and
+    last publish times."""
+    first_ns = time.monotonic_ns()
+    started = time.perf_counter()
+    sent = 0
+    while sent < count:
+        due = min(count, int((time.perf_counter() - started) * rate) + 1)
+        while sent < due:
+            index = next_seq[-1] % keys   # the last slot counts messages: keys round-robin
+            await nc.publish(subject, make_envelope(f"k{index}", next_seq[index], time.monotonic_ns()))
+            next_seq[index] += 1
+            next_seq[-1] += 1
+            sent += 1
+        await nc.flush()
+        await asyncio.sleep(0.001)
+    return first_ns, time.monotonic_ns()
+
+
+def _records_written(record_dir: Path) -> int:
+    """Lines the handlers have written to ``record_dir`` so far."""
+    total = 0
+    for path in record_dir.glob("records-*.txt"):
+        with open(path, "rb") as handle:
+            total += handle.read().count(b"\n")
+    return total
+
+
+async def _paced_publish(url: str, subject: str, keys: int, phases: list[dict[str, Any]],
+                         record_dir: Path, timeout: float) -> None:
+    """Run each phase (``rate``, ``count``) in turn: publish paced (core NATS publish, captured
+    by the stream), then wait until the handlers have recorded all of it, so that no phase's
+    backlog spills into the next. Fills in each phase's ``first_ns``, ``last_ns``, ``achieved``."""
     nc = await nats.connect(url, name="bench-pacer")
     try:
-        next_seq = [0] * keys
-        started = time.perf_counter()
-        sent = 0
-        while sent < count:
-            due = min(count, int((time.perf_counter() - started) * rate) + 1)
-            while sent < due:
-                index = sent % keys
-                await nc.publish(subject, make_envelope(f"k{index}", next_seq[index], time.monotonic_ns()))
-                next_seq[index] += 1
-                sent += 1
-            await nc.flush()
-            await asyncio.sleep(0.001)
-        return count / max(time.perf_counter() - started, 1e-9)
+        next_seq = [0] * (keys + 1)
+        expected = 0
+        for phase in phases:
+            started = time.perf_counter()
+            phase["first_ns"], phase["last_ns"] = await _paced_phase(
+                nc, subject, phase["rate"], phase["count"], keys, next_seq)
+            phase["achieved"] = phase["count"] / max(time.perf_counter() - started, 1e-9)
+            expected += phase["count"]
+            deadline = time.monotonic() + timeout
+            while _records_written(record_dir) < expected and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
     finally:
         await nc.close()
 
@@ -195,57 +241,128 @@ def _throughput(label: str, kind: str, extra: dict[str, Any], url: str, messages
                       order_violations=violations, notes=notes)
 
 
-def _latency(r: dict[str, Any], number: int, kind: str, extra: dict[str, Any], url: str,
-             keys: int, cpu_us: float, work_dir: Path, console: Console) -> None:
-    """Fill ``p50_ms``/``p99_ms`` of row ``r`` from a paced run at half its peak rate."""
-    rate = r["msgs_per_s"] / 2
-    count = max(500, int(rate * LATENCY_SECONDS))
+def parse_rates(text: str) -> list[str]:
+    """``"200,2000,half"`` → ``["200", "2000", "half"]``; raise ValueError on anything else."""
+    rates = [part.strip().lower() for part in text.split(",") if part.strip()]
+    for rate in rates:
+        if rate != HALF and not (rate.replace(".", "", 1).isdigit() and float(rate) > 0):
+            raise ValueError(f"a rate is a positive number of msg/s or {HALF!r}, got {rate!r}")
+    return rates
+
+
+def _latency(label: str, number: int, kind: str, extra: dict[str, Any], peak: float | None,
+             rates: list[str], url: str, keys: int, cpu_us: float, seconds: float, work_dir: Path,
+             console: Console) -> list[dict[str, Any]]:
+    """One latency row per rate of ``rates`` for a variant: one consumer process, a paced phase
+    per rate on a stream of its own (after a short warm-up that is not counted)."""
+    rows: list[dict[str, Any]] = []
+    phases: list[dict[str, Any]] = [{"spec": "warm-up", "rate": WARMUP_RATE,
+                                     "count": WARMUP_MESSAGES}]
+    for spec in rates:
+        rate = peak / 2 if spec == HALF and peak else (None if spec == HALF else float(spec))
+        if rate is None:
+            rows.append(report.latency_row(label, spec, notes="no peak rate measured"))
+        else:
+            phases.append({"spec": spec, "rate": rate, "count": max(MIN_PHASE_MESSAGES,
+                                                                   int(rate * seconds))})
+    if len(phases) == 1:
+        return rows
     stream, subject = f"LAT{number}", f"lat{number}.events"
-    slug = f"lat-{_slug(r['variant'])}"
+    slug = f"lat-{_slug(label)}"
     record_dir = work_dir / slug
     record_dir.mkdir()
     asyncio.run(_add_stream(url, stream, subject))
+    total = sum(phase["count"] for phase in phases)
+    drain = 30.0 + total / 1000
     params = {"kind": kind, "url": url, "stream": stream, "subject": subject, "durable": slug,
-              "count": count, "cpu_us": cpu_us, "record_dir": str(record_dir),
-              "timeout": 60 + count / rate * 3, "ready_path": str(work_dir / f"{slug}.ready"),
+              "count": total, "cpu_us": cpu_us, "record_dir": str(record_dir),
+              "timeout": 60 + sum(phase["count"] / phase["rate"] for phase in phases) + drain,
+              "ready_path": str(work_dir / f"{slug}.ready"),
               "log_path": str(work_dir / f"{slug}.log"), **extra}
-    pace = {"url": url, "subject": subject, "rate": rate, "count": count, "keys": keys}
-    with console.status(f"{r['variant']}: latency at {rate:,.0f} msg/s"):
+    pace = {"url": url, "subject": subject, "keys": keys, "phases": phases,
+            "record_dir": record_dir, "timeout": drain}
+    with console.status(f"{label}: latency at " + ", ".join(
+            f"{phase['rate']:,.0f}" for phase in phases[1:]) + " msg/s"):
         try:
-            _run_worker(params, work_dir, pace=pace)
+            result = _run_worker(params, work_dir, pace=pace)
         except WorkerFailed as exc:
-            console.print(f"[red]{r['variant']} latency run failed[/]: {exc}")
-            r["notes"] += f"; latency run FAILED: {str(exc).splitlines()[0]}"
-            return
-    values = latencies_ms(read_records(record_dir))
+            console.print(f"[red]{label} latency run failed[/]: {exc}")
+            shutil.rmtree(record_dir, ignore_errors=True)
+            return rows + [report.latency_row(label, phase["spec"], rate=round(phase["rate"]),
+                                              notes=f"FAILED: {str(exc).splitlines()[0]}")
+                           for phase in phases[1:]]
+    records = read_records(record_dir)
     shutil.rmtree(record_dir, ignore_errors=True)
-    r["p50_ms"] = round(percentile(values, 0.50), 2) if values else None
-    r["p99_ms"] = round(percentile(values, 0.99), 2) if values else None
-    console.print(f"{r['variant']}: latency at {rate:,.0f} msg/s over {len(values):,} msgs: "
-                  f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+    _distinct, duplicates, violations = check_order(records)
+    cpu = result.get("cpu_seconds")
+    if cpu:
+        console.print(f"{label}: CPU s by process over its latency run: " +
+                      ", ".join(f"{name} {seconds:g}" for name, seconds in cpu.items()))
+    for phase in phases[1:]:
+        if "first_ns" not in phase:
+            continue
+        low, high = phase["first_ns"], phase["last_ns"]
+        values = latencies_ms(r for r in records if r[3] is not None and low <= r[3] <= high)
+        notes = "" if len(values) == phase["count"] else \
+            f"{len(values)} of {phase['count']} recorded"
+        if peak and phase["rate"] > peak:
+            notes += ("; " if notes else "") + f"above this variant's peak ({peak:,.0f} msg/s)"
+        if duplicates:
+            notes += ("; " if notes else "") + f"{duplicates} duplicates in the run"
+
+        def at(q: float, values: list[float] = values) -> float | None:
+            value = percentile(values, q)
+            return None if value is None else round(value, 2)
+
+        row = report.latency_row(label, phase["spec"], rate=round(phase["rate"]),
+                                 achieved_rate=round(phase["achieved"]), messages=len(values),
+                                 p50_ms=at(0.50), p90_ms=at(0.90), p99_ms=at(0.99),
+                                 max_ms=at(1.0), order_violations=violations, notes=notes)
+        rows.append(row)
+        console.print(f"{label}: latency at {phase['rate']:,.0f} msg/s ({phase['spec']}) over "
+                      f"{len(values):,} msgs: p50 {row['p50_ms']} ms, p90 {row['p90_ms']} ms, "
+                      f"p99 {row['p99_ms']} ms")
+    order = {spec: i for i, spec in enumerate(rates)}
+    rows.sort(key=lambda r: order.get(r["rate_spec"], len(order)))
+    return rows
 
 
 def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
               pools: list[int] | tuple[int, ...] = (2, 4, 8), json_path: str | None = None,
-              quick: bool = False, console: Console | None = None) -> int:
-    """Run every variant and print the table (and write ``json_path``); 0 if all ran in order."""
+              quick: bool = False, console: Console | None = None,
+              rates: list[str] | tuple[str, ...] = DEFAULT_RATES,
+              latency_seconds: float | None = None, latency_keys: int = LATENCY_KEYS,
+              kinds: list[str] | tuple[str, ...] | None = None) -> int:
+    """Run every variant (of ``kinds``: plain, faststream, actorbus; all when None), print the
+    throughput table, then the latency table at each of ``rates`` (and write ``json_path``);
+    0 if all ran in order."""
     console = console or Console()
     if quick:
         messages, pools = min(messages, QUICK_MESSAGES), list(QUICK_POOLS)
-    if messages < 1 or keys < 1:
-        raise ValueError("messages and keys must be >= 1")
+    if latency_seconds is None:
+        latency_seconds = QUICK_LATENCY_SECONDS if quick else LATENCY_SECONDS
+    if messages < 1 or keys < 1 or latency_keys < 1:
+        raise ValueError("messages, keys and latency keys must be >= 1")
     if cpu_us < 0:
         raise ValueError("cpu-us must be >= 0")
+    if latency_seconds <= 0:
+        raise ValueError("latency seconds must be > 0")
+    rates = parse_rates(",".join(rates))
     pools = list(pools)
     if not pools or any(p < 1 for p in pools):
         raise ValueError(f"pools must be sizes >= 1, got {pools}")
+    unknown = set(kinds or ()) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown variant kind(s) {sorted(unknown)}; known: {', '.join(KINDS)}")
     timeout = 60 + messages / 1000 * (1 + cpu_us / 100)
     work_dir = Path(tempfile.mkdtemp(prefix="actorbus-bench-"))
     rows: list[dict[str, Any]] = []
+    latency_rows: list[dict[str, Any]] = []
     started = time.monotonic()
     console.print(f"[bold]actorbus bench[/]: {messages:,} envelopes over {keys:,} keys, "
-                  f"handler busy loop {cpu_us:g} µs, pools {pools}, {os.cpu_count()} CPUs"
-                  + (" (quick: no latency runs)" if quick else ""))
+                  f"handler busy loop {cpu_us:g} µs, pools {pools}, {os.cpu_count()} CPUs; latency "
+                  f"at {', '.join(rates) or 'no rate'} msg/s, {latency_seconds:g} s each, "
+                  f"{latency_keys} keys")
     try:
         with NatsServer(store_dir=work_dir / "nats") as server:
             publish_s = asyncio.run(_prepublish(server.url, messages, keys))
@@ -253,6 +370,8 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
                           f"({messages / publish_s:,.0f}/s), FILE storage")
             specs: dict[str, tuple[str, dict[str, Any]]] = {}
             for label, kind, extra in _variants(pools):
+                if kinds and kind not in kinds:
+                    continue
                 specs[label] = (kind, extra)
                 if kind == "faststream" and not faststream_peer.available():
                     rows.append(report.row(label, notes=faststream_peer.MISSING_NOTE))
@@ -261,20 +380,29 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
                 rows.append(_throughput(label, kind, extra, server.url, messages, keys, cpu_us,
                                         timeout, work_dir, console))
             report.add_ratios(rows)
-            if not quick:
+            if rates:
                 for number, r in enumerate(rows):
                     if r["msgs_per_s"]:
                         kind, extra = specs[r["variant"]]
-                        _latency(r, number, kind, extra, server.url, keys, cpu_us, work_dir, console)
+                        latency_rows += _latency(r["variant"], number, kind, extra,
+                                                 r["msgs_per_s"], rates, server.url, latency_keys,
+                                                 cpu_us, latency_seconds, work_dir, console)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.monotonic() - started
     report.print_table(rows, f"actorbus bench: {messages:,} msgs, {keys:,} keys, cpu {cpu_us:g} µs, "
                              f"{os.cpu_count()} CPUs, {elapsed:.0f} s", console)
-    console.print("msgs_per_s: consume phase only (publish done first). p50/p99: publish to handler "
-                  "completion (standing in for the ack) in a paced run at half the row's peak rate.")
+    console.print("msgs_per_s: consume phase only (publish done first).")
+    if latency_rows:
+        report.print_latency_table(
+            latency_rows, f"latency, publish → handler: paced publish, {latency_keys} keys, "
+                          f"{latency_seconds:g} s per rate", console)
+        console.print(f"{HALF}: half of the variant's own peak msgs_per_s above. Each variant's "
+                      "rates in one consumer process, one after another, each once the previous "
+                      "one is handled; publish time taken just before the publish, handler time "
+                      "when the handler starts its work.")
     if json_path:
-        report.write_json(rows, json_path)
+        report.write_json(rows + latency_rows, json_path)
         console.print(f"JSON: {json_path}")
-    bad = [r for r in rows if r["msgs_per_s"] is not None and r["order_violations"]]
+    bad = [r for r in rows + latency_rows if r["order_violations"]]
     return 1 if bad else 0

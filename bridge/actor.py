@@ -20,10 +20,11 @@ from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, UNDELIVERED, BridgeReady,
                                       BusStopped,
                                       Completion, Delivery, Dispatch, DrainDeadline, Halt,
-                                      Outcome, PinsHeld, PollMailbox, ProgressTick, RequestFailed,
-                                      RouterChanged, StartBridge, Stats, StatsRequest, StopBus,
-                                      Subscribe, Subscribed)
+                                      Outcome, PinsHeld, PollMailbox, PoolMembers, ProgressTick,
+                                      RequestFailed, RouterChanged, StartBridge, Stats,
+                                      StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.actors.handlers import HandlerError
+from actorbus.actors.pool import PoolTable
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
@@ -49,11 +50,6 @@ POLL_INTERVAL = 0.005
 
 #: How often the Bridge looks for messages that need an ``in_progress``.
 PROGRESS_INTERVAL = 0.25
-
-#: Dispatches the Router may not yet have routed before the Bridge holds the next back.
-#: Measured on 2 cores (100k envelopes, pool 2/4/8): 1 gave 29k/25k/21k msg/s and
-#: p50 16 ms at half rate; 2 gave 26k/22k/16k and 24 ms; 8 gave 26k/16k and 33 ms.
-MAX_UNROUTED_DISPATCHES = 1
 
 #: Bits of a token below the Bridge's incarnation: a restarted Bridge's tokens
 #: start above everything an earlier one handed out (pool members drop tokens
@@ -115,11 +111,9 @@ class Bridge(BusActor):
         self._direct: HandlerTable | None = None   # pool size 0
         self._counts: Counter[str] = Counter()   # not per subscription: invalid, retried
         self._tallies: dict[str, SubscriptionTally] = {}
-        self._queue_depths: tuple[int, ...] = ()
         self._watch: ThespianWatch | None = None
-        self._dispatches = 0      # numbered dispatches sent to the Router
-        self._routed = 0          # how many of them it has routed, as last heard
-        self._unsent: list[Delivery] = []
+        # Where the pool members are (the Router says), what each holds and what waits for it.
+        self._pool = PoolTable()
         self._drain: tuple[int, Any] | None = None   # (request id, who asked) while DRAINING
         # Per subscription: open, waiting and held sequences by key (per-key order under
         # redelivery), and what recovery read back: sequence → its entry while handled,
@@ -149,14 +143,23 @@ class Bridge(BusActor):
             self._finish_drain()
 
     def receiveMsg_Completion(self, message: Completion, sender) -> None:
-        if message.queue_depths:
-            self._queue_depths = message.queue_depths
-        self._routed = max(self._routed, message.routed)
+        self._pool.completed(message, sender)
         self._handle_now(self._complete(message))
         self._dispatch()
         self._report_held()
         if self._phase is BridgePhase.DRAINING and not self._busy():
             self._finish_drain()
+
+    def receiveMsg_PoolMembers(self, message: PoolMembers, sender) -> None:
+        resumed, exhausted = self._pool.update(message.addresses, message.max_resends)
+        depths = self._pool.depths()
+        for index in resumed:
+            log.warning("re-sending %d message(s) to pool member %d, in their order",
+                        depths[index], index)
+        if exhausted:
+            self._handle_now(self._complete(Completion.of(exhausted)))
+        self._dispatch()
+        self._report_held()
 
     def receiveMsg_StartBridge(self, message: StartBridge, sender) -> None:
         self._start(message, sender)
@@ -168,13 +171,13 @@ class Bridge(BusActor):
         self.send(sender, Stats(message.request_id, self._stats(),
                                 by_subscription={name: tally.snapshot()
                                                  for name, tally in self._tallies.items()},
-                                queue_depths=self._queue_depths))
+                                queue_depths=self._pool.depths()))
 
     def receiveMsg_StopBus(self, message: StopBus, sender) -> None:
         self._start_drain(message, sender)
 
     def receiveMsg_PoisonMessage(self, message, sender) -> None:
-        self._returned(message)
+        self._returned(message, sender)
 
     def receiveMsg_Halt(self, message: Halt, sender) -> None:
         self._halt(message.reason)
@@ -190,6 +193,7 @@ class Bridge(BusActor):
         self._config = config = message.config
         self._router = message.router
         self._inflight = InFlightTable(first_token=(message.incarnation << INCARNATION_SHIFT) + 1)
+        self._pool.epoch = message.incarnation
         if self._router is None:
             self._direct = HandlerTable(watchdog=Watchdog())
         make_link = message.link_factory or NatsLink
@@ -273,26 +277,20 @@ class Bridge(BusActor):
         """Send ``deliveries`` to the pool (or, without one, handle them here), in order."""
         while deliveries:
             if self._direct is None:
-                self._unsent.extend(deliveries)
+                self._pool.route(deliveries)
                 self._dispatch()
                 return
             # Handling may free held deliveries: those go next, round after round.
             completion = Completion.of(self._direct.process(deliveries))
             deliveries = self._complete(completion)
 
-    def _dispatch(self, *, even_if_behind: bool = False) -> None:
+    def _dispatch(self) -> None:
         # Thespian sends to one target one at a time, each waiting for the
-        # receiver's ack, and each send costs far more than a delivery: many
-        # small dispatches queue behind each other. While the Router has not
-        # routed the last one, deliveries gather here and go as one larger
-        # dispatch (completions report how far it has got).
-        if not self._unsent:
-            return
-        if not even_if_behind and self._dispatches - self._routed >= MAX_UNROUTED_DISPATCHES:
-            return
-        deliveries, self._unsent = tuple(self._unsent), []
-        self._dispatches += 1
-        self.send(self._router, Dispatch(deliveries, self._dispatches))
+        # receiver's ack, and each send costs far more than a delivery. A member
+        # with room gets what waits for it at once; one busy with two dispatches
+        # already gets what gathers meanwhile as one larger dispatch (the pool table).
+        for address, dispatch in self._pool.dispatches():
+            self.send(address, dispatch)
 
     def _take(self, sub: SubscriptionConfig, msgs: list, deliveries: list[Delivery],
               orders: list[Order]) -> None:
@@ -560,11 +558,14 @@ class Bridge(BusActor):
             self._last_held = held
             self._link.set_held(held)
 
-    def _returned(self, message: PoisonMessage) -> None:
+    def _returned(self, message: PoisonMessage, sender) -> None:
+        # A member raised twice on a dispatch (a bug in our own code): fail it by kind.
         returned = message.poisonMessage
         if isinstance(returned, Dispatch):
+            self._pool.returned(returned, sender)
             self._handle_now(self._complete(
-                returned.undelivered(f"the Router failed: {message.details}")))
+                returned.undelivered(f"pool member failed on dispatch: {message.details}")))
+            self._dispatch()
 
     # ------------------------------------------------------------ stats, stop
     def _stats(self) -> dict[str, int]:
@@ -584,14 +585,11 @@ class Bridge(BusActor):
         return len(self._inflight) - self._held()
 
     def _resend_to(self, router) -> None:
-        # The old pool's work is lost with it: send everything in flight to the
-        # new Router, in the order it was fetched, numbered from 1 again.
+        # The old pool's work is lost with it: what its members held goes again, in
+        # order, to the new members, once the new Router says where they are.
         self._router = router
-        deliveries = [e.delivery for e in self._inflight.entries() if not e.held]
-        self._dispatches = self._routed = 0
-        log.warning("the Router was restarted; re-sending %d message(s) in flight", len(deliveries))
-        self._unsent = deliveries
-        self._dispatch(even_if_behind=True)
+        log.warning("the Router was restarted; %d message(s) in flight go to its new pool",
+                    self._pool.held())
 
     def _signal_progress(self) -> None:
         # Handlers still running past half their AckWait: keep JetStream from redelivering.
@@ -608,8 +606,6 @@ class Bridge(BusActor):
         self._forget_recovered(now)
         self._give_up_waiting(now)
         self._report_pins()
-        # Not held back for long, whatever the Router last said.
-        self._dispatch(even_if_behind=True)
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
 
     def _report_pins(self) -> None:
@@ -657,7 +653,7 @@ class Bridge(BusActor):
         halted = self._phase is BridgePhase.HALTED
         if self._phase in (BridgePhase.STARTING, BridgePhase.RUNNING):
             self._phase = BridgePhase.DRAINING
-        self._dispatch(even_if_behind=True)   # fetched before the stop: let it complete
+        self._dispatch()   # fetched before the stop: let it complete
         if self._link is not None:
             self._link.stop_fetching()
         if self._busy() and not halted:

@@ -55,6 +55,9 @@ class NatsLink:
         self._stopped: list[PullConsumer] = []   # stopped fetching; unpinned when closing
         self._ticker: asyncio.Task | None = None
         self._settling: set[asyncio.Task] = set()
+        # Settled, written, not yet confirmed by a flush: (counts, how many).
+        self._unconfirmed: list[tuple[Counter[str], int, Counter[str] | None]] = []
+        self._confirming = False
         self._closing = False
         self._outstanding = 0
         self._held = 0   # of the outstanding, held back by the Bridge for per-key order
@@ -382,22 +385,44 @@ class NatsLink:
                 done["settle_errors"] += 1
                 log.warning("could not %s message on %s: %s: %s", order.action, msg.subject,
                             type(exc).__name__, exc)
+        durables = (None if self._by_durable is None else
+                    Counter(consumer_of(order.msg.reply) or "" for order in actions))
+        self._unconfirmed.append((done, len(actions), durables))
+        if not self._confirming:
+            self._confirming = True
+            await self._confirm()
+
+    async def _confirm(self) -> None:
+        """Flush, and count what was settled before the flush; again while more was settled
+        meanwhile. One flush (a round trip to the server) confirms every settlement written
+        before it: not one per completion."""
         try:
-            # Counted only once the server has them: during an outage nats-py
-            # buffers acks that may never take effect.
-            await self._nc.flush(timeout=_SETTLE_FLUSH_TIMEOUT)
-        except Exception as exc:
-            unconfirmed = len(actions) - done["settle_errors"]
-            done = Counter(settle_errors=len(actions))
-            log.warning("%d settlement(s) not confirmed by the server (%s: %s); JetStream will "
-                        "redeliver what did not take effect", unconfirmed, type(exc).__name__, exc)
-        with self._counts_lock:
-            self._counts.update(done)
-        self._outstanding -= len(actions)
-        if self._by_durable is not None:
-            for order in actions:
-                self._by_durable[consumer_of(order.msg.reply) or ""] -= 1
-        await self._top_up()
+            while self._unconfirmed:
+                batch, self._unconfirmed = self._unconfirmed, []
+                settled = sum(count for _done, count, _durables in batch)
+                done: Counter[str] = Counter()
+                for counts, _count, _durables in batch:
+                    done.update(counts)
+                try:
+                    # Counted only once the server has them: during an outage nats-py
+                    # buffers acks that may never take effect.
+                    await self._nc.flush(timeout=_SETTLE_FLUSH_TIMEOUT)
+                except Exception as exc:
+                    unconfirmed = settled - done["settle_errors"]
+                    done = Counter(settle_errors=settled)
+                    log.warning("%d settlement(s) not confirmed by the server (%s: %s); JetStream "
+                                "will redeliver what did not take effect", unconfirmed,
+                                type(exc).__name__, exc)
+                with self._counts_lock:
+                    self._counts.update(done)
+                self._outstanding -= settled
+                if self._by_durable is not None:
+                    # Only now may a drained partition be unpinned: its acks are at the server.
+                    for _done, _count, durables in batch:
+                        self._by_durable.subtract(durables)
+                await self._top_up()
+        finally:
+            self._confirming = False
 
     async def _stop_fetching(self) -> None:
         # The other members take this one's partitions as standbys now; they are

@@ -242,7 +242,8 @@ class Supervisor(BusActor):
             self._give_up(self._budget.exhausted(what, decision))
 
     def _resume_pool(self) -> None:
-        # Handlers first (ordered before any dispatch to the members), then the Bridge.
+        # The members got the handlers with StartPool, before the Bridge heard of them;
+        # registered again so that one a restarted member cannot import is logged.
         self._router_restarts_pending = False
         for subscription in self._subscribed:
             self.send(self._router, RegisterHandler(self._next_internal_id(), subscription))
@@ -257,7 +258,8 @@ class Supervisor(BusActor):
             self._router_restarts_pending = True
             self._router = self.createActor(Router)
             self.send(self._router, StartPool(self._config.pool_size, self._bridge,
-                                              policy=self._config.supervision.pool))
+                                              policy=self._config.supervision.pool,
+                                              subscriptions=tuple(self._subscribed)))
             return
         self._bridge_incarnation += 1
         self._bridge = self.createActor(Bridge)

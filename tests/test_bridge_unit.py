@@ -2,8 +2,8 @@
 
 The link is the Bridge's only way to NATS (``StartBridge.link_factory``);
 here it records what the Bridge asks of it, and the test plays JetStream
-(messages arrive in the mailbox) and the Router (a collecting actor, and
-completions sent back by the test). End-to-end behaviour on a real
+(messages arrive in the mailbox) and the pool (one collecting actor as its
+only member, and completions sent back by the test). End-to-end behaviour on a real
 nats-server is tested elsewhere.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from thespian.actors import Actor, ActorSystem
 
 from actorbus import Envelope
 from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, BridgeReady, BusStopped, Completion,
-                                      Dispatch, Halt, Outcome, PinsHeld, StartBridge, StopBus,
-                                      Subscribe, Subscribed)
+                                      Dispatch, Halt, Outcome, PinsHeld, PoolMembers, StartBridge,
+                                      StopBus, Subscribe, Subscribed)
 from actorbus.bridge.actor import Bridge
 from actorbus.bridge.mailbox import Arrival, Released
 from actorbus.bridge.metadata import delivery_numbers
@@ -99,8 +99,12 @@ class FakeLink:
         return [(order.msg.subject, order.action) for order in self.settled]
 
 
-class CollectingRouter(Actor):
-    """Stands in for the Router: keeps every dispatch, hands them over on request."""
+class CollectingMember(Actor):
+    """Stands in for the pool's only member: keeps every dispatch, hands them over on request.
+
+    It ends each dispatch at once with an empty completion (so the Bridge keeps sending it
+    more); the test reports the outcomes, in completions of its own.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,6 +113,7 @@ class CollectingRouter(Actor):
     def receiveMessage(self, message, sender):
         if isinstance(message, Dispatch):
             self.dispatches.append(message)
+            self.send(sender, Completion.of((), member=0))
         elif message == "report":
             self.send(sender, list(self.dispatches))
 
@@ -133,11 +138,12 @@ def system():
 def bridge(system):
     """A started Bridge on a fake link, subscribed to ``orders.>`` (envelopes, max_deliver 3)."""
     link = FakeLink()
-    router = system.createActor(CollectingRouter)
+    router = system.createActor(CollectingMember)
     actor = system.createActor(Bridge)
     config = BusConfig(runtime="simple", pool_size=1)
     assert isinstance(system.ask(actor, StartBridge(1, config, router, link_factory=link.attach), 5),
                       BridgeReady)
+    system.tell(actor, PoolMembers((router,)))   # the Router's word: the member is up
     sub = SubscriptionConfig("orders.>", "tests.handlers:record", durable="orders", max_deliver=3,
                              nak_delay=0.5)
     assert isinstance(system.ask(actor, Subscribe(2, sub), 5), Subscribed)
@@ -145,7 +151,7 @@ def bridge(system):
 
 
 def dispatched(system, router, count: int) -> list:
-    """The deliveries the Router has been sent, once there are ``count`` (the Bridge polls its mailbox)."""
+    """The deliveries the member has been sent, once there are ``count`` (the Bridge polls its mailbox)."""
     deadline = time.monotonic() + 5
     while True:
         deliveries = [d for dispatch in system.ask(router, "report", 5) for d in dispatch.deliveries]
@@ -154,7 +160,7 @@ def dispatched(system, router, count: int) -> list:
         system.listen(0.01)   # let the Bridge's mailbox poll run
 
 
-def test_deliveries_go_to_the_router_in_fetch_order_with_their_keys(bridge):
+def test_deliveries_go_to_the_pool_in_fetch_order_with_their_keys(bridge):
     system, actor, router, link = bridge
     link.deliver("orders", msg("orders.a", envelope("a", b"1"), 1), msg("orders.b", envelope("b", b"2"), 2),
                  msg("orders.a", envelope("a", b"3"), 3))
