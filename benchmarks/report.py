@@ -48,13 +48,17 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(rows: list[dict[str, Any]], title: str) -> Table:
+def _table(title: str, *numbers: str) -> Table:
+    """A table whose first column names the variant and whose others are numbers."""
     t = Table(title=title, show_header=True, header_style="bold", show_lines=False)
     t.add_column("variant", no_wrap=True)
-    t.add_column("msg/s", justify="right")
-    t.add_column("× plain", justify="right")
-    t.add_column("peak RSS MB", justify="right")
-    t.add_column("order viol.", justify="right")
+    for name in numbers:
+        t.add_column(name, justify="right")
+    return t
+
+
+def table(rows: list[dict[str, Any]], title: str) -> Table:
+    t = _table(title, "msg/s", "× plain", "peak RSS MB", "order viol.")
     for r in rows:
         t.add_row(r["variant"], _fmt(r["msgs_per_s"], ",.0f"), _fmt(r["ratio_to_plain"], ".2f"),
                   _fmt(r["peak_rss_mb"], ".0f"), _violations(r["order_violations"]))
@@ -62,16 +66,7 @@ def table(rows: list[dict[str, Any]], title: str) -> Table:
 
 
 def latency_table(rows: list[dict[str, Any]], title: str) -> Table:
-    t = Table(title=title, show_header=True, header_style="bold", show_lines=False)
-    t.add_column("variant", no_wrap=True)
-    t.add_column("rate", justify="right")
-    t.add_column("msg/s", justify="right")
-    t.add_column("msgs", justify="right")
-    t.add_column("p50 ms", justify="right")
-    t.add_column("p90 ms", justify="right")
-    t.add_column("p99 ms", justify="right")
-    t.add_column("max ms", justify="right")
-    t.add_column("order viol.", justify="right")
+    t = _table(title, "rate", "msg/s", "msgs", "p50 ms", "p90 ms", "p99 ms", "max ms", "order viol.")
     for r in rows:
         t.add_row(r["variant"], r["rate_spec"], _fmt(r["rate"], ",.0f"), _fmt(r["messages"], ",d"),
                   _fmt(r["p50_ms"], ".2f"), _fmt(r["p90_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"),
