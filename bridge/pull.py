@@ -44,12 +44,13 @@ _LOST_AFTER = 2.0
 
 
 class _Request:
-    __slots__ = ("number", "remaining", "deadline")
+    __slots__ = ("number", "remaining", "deadline", "with_pin")
 
-    def __init__(self, number: int, remaining: int, deadline: float) -> None:
+    def __init__(self, number: int, remaining: int, deadline: float, with_pin: bool) -> None:
         self.number = number
         self.remaining = remaining
         self.deadline = deadline
+        self.with_pin = with_pin   # made with a pin id
 
 
 class PullConsumer:
@@ -140,14 +141,15 @@ class PullConsumer:
         """Ask for ``count`` more messages (they may arrive any time before the request expires)."""
         self._numbers += 1
         expires = self._sub.pull_expires
-        self._requests.append(_Request(self._numbers, count, time.monotonic() + expires + _LOST_AFTER))
-        self.requested += count
         request: dict[str, Any] = {"batch": count, "expires": int(expires * 1e9)}
         if self.consumer.priority_group is not None:
             request["group"] = self.consumer.priority_group
             pin = self.pin_id or self.claimed_pin
             if pin is not None:
                 request["id"] = pin
+        self._requests.append(_Request(self._numbers, count, time.monotonic() + expires + _LOST_AFTER,
+                                       "id" in request))
+        self.requested += count
         body = json.dumps(request).encode()
         await self._nc.publish(self._next_subject, body, reply=f"{self._inbox}.{self._numbers}")
 
@@ -190,12 +192,14 @@ class PullConsumer:
         self.pin_id = pin
         self.claimed_pin = None
         self.pins += 1
-        # Requests made before the pin carry no id: the server fills only the one it pinned
-        # (the oldest: this message's) and holds the others as a standby's until they expire,
-        # which would stall this consumer for up to pull_expires. Forgotten, they are made
-        # again with the id.
-        while len(self._requests) > 1:
-            self.requested -= self._requests.pop().remaining
+        # Requests made before the pin without an id: the server fills only the one it
+        # pinned (the oldest: this message's) and holds the others as a standby's until they
+        # expire, which would stall this consumer for up to pull_expires. Forgotten, they
+        # are made again with the id.
+        for request in list(self._requests)[1:]:
+            if not request.with_pin:
+                self._requests.remove(request)
+                self.requested -= request.remaining
         if self._on_pinned is not None:
             self.recovering = True
             self._on_pinned(self)
