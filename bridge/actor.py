@@ -31,7 +31,7 @@ from actorbus.actors.watchdog import Watchdog
 from actorbus.bridge.extraction import extract_aggregate_id, invalid_id_header
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.jetstream import subject_covers
-from actorbus.bridge.mailbox import Mailbox, Released
+from actorbus.bridge.mailbox import Mailbox, PinsChanged, Released
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.bridge.nats_link import NatsLink
 from actorbus.bridge.ordering import KeyOrder
@@ -257,6 +257,9 @@ class Bridge(BusActor):
         deliveries: list[Delivery] = []
         orders: list[Order] = []
         for arrival in self._mailbox.drain():
+            if isinstance(arrival, PinsChanged):
+                self._report_pins()   # before the messages that came with the pin are handled
+                continue
             if isinstance(arrival, Released):
                 self._drop_released(arrival)
                 continue
@@ -269,7 +272,6 @@ class Bridge(BusActor):
                 self._take(sub, arrival.messages, deliveries, orders)
         if orders and self._link is not None:
             self._link.settle(orders)
-        self._report_pins()   # a pin comes with messages: told before they are handled
         self._handle_now(deliveries)
         self._report_held()
 
@@ -605,7 +607,7 @@ class Bridge(BusActor):
                 self._link.touch(msgs)
         self._forget_recovered(now)
         self._give_up_waiting(now)
-        self._report_pins()
+        self._report_pins()   # a pin lost (status 423) comes with no message
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
 
     def _report_pins(self) -> None:

@@ -30,6 +30,10 @@ class Released(NamedTuple):
     filters: tuple[str, ...]
 
 
+class PinsChanged(NamedTuple):
+    """The NATS thread was pinned on a durable: the Bridge tells the Supervisor its pins."""
+
+
 class Mailbox:
     """A thread-safe queue with a readable file descriptor while it holds anything."""
 

@@ -21,7 +21,7 @@ from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream
 from actorbus.bridge.layout import (ConsumerLayout, ConsumerSpec, ElasticPartitions, StaticMembers,
                                     layout_for)
 from actorbus.bridge.loop_thread import LoopThread
-from actorbus.bridge.mailbox import Arrival, Mailbox, Released
+from actorbus.bridge.mailbox import Arrival, Mailbox, PinsChanged, Released
 from actorbus.bridge.membership import ElasticMembership, ensure_static_group
 from actorbus.bridge.metadata import consumer_of
 from actorbus.bridge.pull import PullConsumer
@@ -125,8 +125,7 @@ class NatsLink:
     def _forget(self, msgs: list[Any]) -> None:
         self._outstanding -= len(msgs)
         if self._by_durable is not None:
-            for msg in msgs:
-                self._by_durable[consumer_of(msg.reply) or ""] -= 1
+            self._by_durable.subtract(_count_by_durable(msgs))
 
     def set_held(self, held: int) -> None:
         """How many delivered messages the Bridge holds back for per-key order.
@@ -224,7 +223,7 @@ class NatsLink:
                 by_durable[durable] += len(msgs)
                 self._arrived(sub, msgs)
         consumer = PullConsumer(self._nc, sub, spec, arrived, self._schedule_top_up,
-                                self._schedule_recovery, self._claimed.pop(spec.durable, None))
+                                self._pinned, self._claimed.pop(spec.durable, None))
         await consumer.start()
         self._consumers[spec.durable] = consumer
         if spec.priority_group is None:
@@ -278,6 +277,11 @@ class NatsLink:
     def _arrived(self, sub: SubscriptionConfig, msgs: list[Any]) -> None:
         self._outstanding += len(msgs)
         self._mailbox.put(Arrival(sub.name, msgs))
+
+    def _pinned(self, consumer: PullConsumer) -> None:
+        # Ahead of its messages in the mailbox: the Bridge reports its pins before handling them.
+        self._mailbox.put(PinsChanged())
+        self._schedule_recovery(consumer)
 
     def _schedule_recovery(self, consumer: PullConsumer) -> None:
         # Not awaited by the caller: a large gap takes a while to read (about 0.3 ms a
@@ -386,7 +390,7 @@ class NatsLink:
                 log.warning("could not %s message on %s: %s: %s", order.action, msg.subject,
                             type(exc).__name__, exc)
         durables = (None if self._by_durable is None else
-                    Counter(consumer_of(order.msg.reply) or "" for order in actions))
+                    _count_by_durable([order.msg for order in actions]))
         self._unconfirmed.append((done, len(actions), durables))
         if not self._confirming:
             self._confirming = True
@@ -509,3 +513,8 @@ class NatsLink:
         for consumer in consumers:
             await self._recover(consumer)
         await self._top_up()
+
+
+def _count_by_durable(msgs: list[Any]) -> Counter[str]:
+    """How many of ``msgs`` each durable delivered (by their ack subjects)."""
+    return Counter(consumer_of(msg.reply) or "" for msg in msgs)
