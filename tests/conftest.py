@@ -1,17 +1,15 @@
 """Fixtures: a real nats-server per test, and buses that are always stopped."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from actorbus import EventBus
-from actorbus.runtime import process_alive
 from actorbus.server import NatsServer
 from tests.cluster import NatsCluster
-from tests.support import file_log_config
+from tests.support import bus_factory
 
 
 @pytest.fixture
@@ -51,20 +49,5 @@ def log_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_bus(nats_server: NatsServer, records: Path, log_file: Path) -> Callable[..., EventBus]:
     """Build EventBus instances on the test's server; every one is stopped in teardown."""
-    buses: list[EventBus] = []
-
-    def make(**kwargs) -> EventBus:
-        kwargs.setdefault("servers", nats_server.url)
-        kwargs.setdefault("runtime", "processes")
-        if kwargs["runtime"] == "processes":  # the simple runtime logs through this process
-            kwargs.setdefault("log_config", file_log_config(log_file))
-        bus = EventBus(**kwargs)
-        buses.append(bus)
-        return bus
-
-    yield make
-    for bus in buses:
-        bus.stop()
-        for name, pid in bus.pids.items():
-            if pid != os.getpid():  # the simple runtime's actors live in this process
-                assert not process_alive(pid), f"{name} (pid {pid}) outlived its bus"
+    with bus_factory(log_file, servers=nats_server.url) as make:
+        yield make

@@ -31,6 +31,37 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+@contextlib.contextmanager
+def bus_factory(log_file: Path, **defaults: Any) -> Iterator[Callable[..., Any]]:
+    """Yield ``build(**kwargs)``: an EventBus with ``defaults`` under ``kwargs``, on the
+    processes runtime (its actors logging to ``log_file``) unless told otherwise. Every bus
+    built is stopped on exit, and none of its processes may outlive it."""
+    from actorbus import EventBus
+
+    buses: list[Any] = []
+
+    def build(**kwargs: Any) -> Any:
+        kwargs = {**defaults, **kwargs}
+        kwargs.setdefault("runtime", "processes")
+        if kwargs["runtime"] == "processes":  # the simple runtime logs through this process
+            kwargs.setdefault("log_config", file_log_config(log_file))
+        bus = EventBus(**kwargs)
+        buses.append(bus)
+        return bus
+
+    try:
+        yield build
+    finally:
+        for bus in buses:
+            bus.stop()
+            # SIGKILLed stragglers of the process group take a moment to be gone.
+            wait_for(lambda runtime=bus.runtime: not runtime.pids(), timeout=10,
+                     what="no actor process left")
+            for name, pid in bus.pids.items():
+                if pid != os.getpid():  # the simple runtime's actors live in this process
+                    assert not process_alive(pid), f"{name} (pid {pid}) outlived its bus"
+
+
 def wait_for_stats(bus, key: str, at_least: int, timeout: float = 60.0) -> dict:
     """Poll ``bus.stats()`` until ``stats[key] >= at_least``; return those stats."""
     return wait_for(lambda: (lambda s: s if s[key] >= at_least else None)(bus.stats()),
@@ -242,6 +273,14 @@ def ended_afterwards(process) -> Iterator[Any]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             process.wait()
+
+
+def stop_with_sigterm(process, timeout: float = 60.0) -> tuple[int, set[int]]:
+    """SIGTERM a CLI process (it drains and stops); return its exit code and the processes
+    it had, for :func:`wait_until_gone`."""
+    tree = process_tree(process)
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout), tree
 
 
 def wait_until_gone(pids: set[int], what: str) -> None:

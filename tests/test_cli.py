@@ -15,8 +15,8 @@ import pytest
 
 from actorbus import Envelope
 from actorbus.runtime import process_alive
-from tests.support import (consumer_info, ended_afterwards, process_tree, read_records, wait_for,
-                           wait_until_gone)
+from tests.support import (consumer_info, ended_afterwards, process_tree, read_records,
+                           stop_with_sigterm, wait_for, wait_until_gone)
 
 pytestmark = pytest.mark.integration
 
@@ -40,10 +40,9 @@ def test_sigterm_drains_and_leaves_nothing_running(tmp_path):
         wait_for(lambda: "actors up" in (tmp_path / "out.txt").read_text(), timeout=60,
                  what="the demo's actors")
         time.sleep(0.5)  # let it publish for a moment
-        tree = process_tree(process)
+        code, tree = stop_with_sigterm(process)
         assert len(tree) >= 5, tree  # nats-server, Thespian's admin and logger, the actors
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 130  # drained, then stopped
+        assert code == 130  # drained, then stopped
     text = (tmp_path / "out.txt").read_text()
     assert "interrupted: draining" in text and text.rstrip().endswith("interrupted: stopped")
     wait_until_gone(tree, "every process of the demo to exit")
@@ -134,9 +133,8 @@ def test_run_serves_a_topology_and_drains_on_sigterm(tmp_path, nats_server, reco
                  what="the topology to start")
         publish_one(nats_server.url)
         wait_for(lambda: [r for r in read_records(records) if r.kind == "ok"], what="the handler")
-        tree = process_tree(process)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        code, tree = stop_with_sigterm(process)
+        assert code == 0
     text = out_path.read_text()
     assert "draining" in text and text.rstrip().endswith("stopped")
     assert consumer_info(nats_server.url, "ORDERS", "orders").num_ack_pending == 0

@@ -27,7 +27,7 @@ from actorbus.ports import free_port
 from actorbus.runtime import process_alive
 from actorbus.server import NatsServer
 import actorbus.bus
-from tests.support import file_log_config, stream_info, wait_for, wait_for_stats
+from tests.support import bus_factory, stream_info, wait_for, wait_for_stats
 
 pytestmark = pytest.mark.integration
 
@@ -145,21 +145,8 @@ def admin_url(server: NatsServer) -> str:
 @pytest.fixture
 def built(records, log_file):
     """Buses built by the test, each stopped in teardown with its processes gone."""
-    buses: list[EventBus] = []
-
-    def build(**kwargs) -> EventBus:
-        kwargs.setdefault("runtime", "processes")
-        kwargs.setdefault("pool_size", 1)
-        kwargs.setdefault("log_config", file_log_config(log_file))
-        bus = EventBus(**kwargs)
-        buses.append(bus)
-        return bus
-
-    yield build
-    for bus in buses:
-        bus.stop()
-        # SIGKILLed stragglers of the process group take a moment to be gone.
-        wait_for(lambda: not bus.runtime.pids(), timeout=10, what="no actor process left")
+    with bus_factory(log_file, pool_size=1) as build:
+        yield build
 
 
 def consume_hundred(bus: EventBus, name: str) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import ended_afterwards, process_tree, wait_for, wait_until_gone
+from tests.support import ended_afterwards, stop_with_sigterm, wait_for, wait_until_gone
 from tests.test_cli import ACTORBUS
 
 pytestmark = pytest.mark.integration
@@ -66,9 +65,8 @@ def test_every_readme_snippet_runs_as_pasted(tmp_path, nats_server):
         # The tour's publish reached its Account aggregates: balances grow in order.
         wait_for(lambda: "acct-1 22" in out_path.read_text(), timeout=30,
                  what="acct-1's final balance (1+4+7+10)")
-        tree = process_tree(tour)
-        tour.send_signal(signal.SIGTERM)
-        assert tour.wait(60) == 0
+        code, tree = stop_with_sigterm(tour)
+        assert code == 0
     wait_until_gone(tree, "every process of the tour to exit")
 
 
@@ -92,7 +90,6 @@ def test_actorbus_run_of_the_examples_works_only_from_the_checkout_root(tmp_path
     with ended_afterwards(process):
         wait_for(lambda: "running examples.orders:topology" in out_path.read_text(), timeout=60,
                  what="the example topology, from the root")
-        tree = process_tree(process)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        code, tree = stop_with_sigterm(process)
+        assert code == 0
     wait_until_gone(tree, "every process of the example to exit")
