@@ -216,10 +216,7 @@ class PoolTable:
         if index is None:
             return
         member = self._members[index]
-        for delivery in dispatch.deliveries:
-            member.held.pop(delivery.token, None)
-            self._resends.pop(delivery.token, None)
-            member.suspects.discard(delivery.token)
+        self._forget(member, tuple(delivery.token for delivery in dispatch.deliveries))
         member.outstanding = max(0, member.outstanding - 1)
 
     def depths(self) -> tuple[int, ...]:
