@@ -52,7 +52,8 @@ class NatsLink:
         self._nc: Any = None
         self._js: Any = None
         self._consumers: dict[str, PullConsumer] = {}
-        self._stopped: list[PullConsumer] = []   # stopped fetching; unpinned when closing
+        #: Stopped fetching, not yet unpinned: they keep their pins while they drain.
+        self._stopped: list[PullConsumer] = []
         self._ticker: asyncio.Task | None = None
         self._settling: set[asyncio.Task] = set()
         # Settled, written, not yet confirmed by a flush: (counts, how many).
@@ -256,6 +257,7 @@ class NatsLink:
         """Stop pulling ``consumer``; once what it delivered here is settled, unpin it so that
         its new owner, pinned next, finds every message before the next one acked."""
         durable = consumer.name
+        self._stopped.append(consumer)
         try:
             await consumer.stop()
             self._mailbox.put(Released(consumer.subscription, consumer.consumer.filter_subjects))
@@ -263,14 +265,14 @@ class NatsLink:
             assert self._by_durable is not None
             while self._by_durable[durable] > 0 and time.monotonic() < deadline:
                 if self._closing:
-                    self._stopped.append(consumer)   # unpinned by _close, after the last flush
-                    return
+                    return   # unpinned by _close, after the last flush
                 await asyncio.sleep(_DRAIN_POLL)
             if self._by_durable[durable] > 0:
                 log.warning("durable %s: %d message(s) still unsettled after ack_wait; unpinning "
                             "anyway, its new owner reads them back", durable,
                             self._by_durable[durable])
             await self._unpin_one(consumer)
+            self._stopped.remove(consumer)
         finally:
             self._releasing.pop(durable, None)
 
@@ -337,13 +339,22 @@ class NatsLink:
 
     async def _tick(self) -> None:
         # Requests lost with a server restart are never answered: forget them
-        # once they are well past their expiry, and ask again.
+        # once they are well past their expiry, and ask again. Pins are renewed
+        # while the window leaves no room to ask, and while a stopped consumer drains.
         while True:
             await asyncio.sleep(_TICK)
             now = time.monotonic()
             for consumer in self._consumers.values():
                 consumer.forget(now)
             await self._top_up()
+            for consumer in [*self._consumers.values(), *self._stopped]:
+                if self._nc is None or self._nc.is_closed:
+                    break
+                try:
+                    await consumer.keep_pin(now)
+                except Exception as exc:
+                    log.warning("renewing the pin of %s failed: %s: %s", consumer.name,
+                                type(exc).__name__, exc)
 
     def _track(self, work: Any, items: list[Any] | None) -> None:
         # Kept until done, so that closing waits for what was already handed over.
@@ -434,11 +445,8 @@ class NatsLink:
         memberships, self._memberships = list(self._memberships.values()), {}
         for membership in memberships:
             await membership.leave()
-        # Without interest on the inbox the server drops the waiting requests.
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-            self._ticker = None
+        # Without interest on the inbox the server drops the waiting requests. The ticker
+        # goes on renewing the pins until _close unpins.
         consumers, self._consumers = list(self._consumers.values()), {}
         for consumer in consumers:
             try:
@@ -464,12 +472,13 @@ class NatsLink:
                 error = json.loads(reply.data).get("error")
                 if error:
                     raise RuntimeError(error.get("description", error))
-                consumer.pin_id = None
                 log.info("durable %s: unpinned; a standby takes over", spec.durable)
             except Exception as exc:
                 log.warning("could not unpin durable %s (%s: %s); a standby takes over after "
                             "pin_timeout (%gs)", spec.durable, type(exc).__name__, exc,
                             spec.pin_timeout)
+            finally:
+                consumer.pin_id = None   # no longer renewed either way
 
     async def _close(self) -> None:
         self._closing = True
@@ -483,6 +492,11 @@ class NatsLink:
                 log.warning("flushing before close failed: %s", exc)
             # Only now: a standby pinned earlier would recover what was still settling.
             await self._unpin()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+        if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
 
     async def _on_error(self, exc: Exception) -> None:

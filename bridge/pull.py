@@ -13,6 +13,11 @@ ended. Messages do not name their request (they carry their own subject),
 but the server fills waiting requests oldest first, so they are counted
 off the oldest. A request that has seen neither its messages nor its
 status well past its expiry (a server restart loses them) is forgotten.
+
+A pin lapses ``pin_timeout`` after the last request that carried it, even
+while its client is busy with what it was given: the server counts
+requests, not deliveries or acks. A bus whose window stays full that long
+renews it with a request that cannot take a message (see :meth:`keep_pin`).
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ _QUIET = {StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT, PIN_MISMATCH}
 _WARN_EVERY = 5.0
 #: A request not ended this long after its expiry is taken as lost.
 _LOST_AFTER = 2.0
+#: The reply token of the requests that only renew a pin (the others are numbered).
+_KEEP = "pin"
 
 
 class _Request:
@@ -91,6 +98,7 @@ class PullConsumer:
         self.claimed_pin = claimed_pin
         self.pins = 0     # times pinned
         self.unpins = 0   # times the pin moved away (status 423)
+        self._pin_renewed_at = 0.0   # when a request last carried the pin id
         #: While True no request is made and arrivals are kept back (see :meth:`resume`).
         self.recovering = False
         #: Set by :meth:`stop`: nothing more is handed over.
@@ -150,8 +158,26 @@ class PullConsumer:
         self._requests.append(_Request(self._numbers, count, time.monotonic() + expires + _LOST_AFTER,
                                        "id" in request))
         self.requested += count
+        if "id" in request:
+            self._pin_renewed_at = time.monotonic()
         body = json.dumps(request).encode()
         await self._nc.publish(self._next_subject, body, reply=f"{self._inbox}.{self._numbers}")
+
+    async def keep_pin(self, now: float) -> None:
+        """Renew this client's pin if no request has carried it for ``pull_expires``.
+
+        The renewal is a request of at most one byte, which no message fits: the server
+        ends it (409) at the first message instead of delivering it, so the window holds.
+        Stopped consumers renew too, until they unpin: a draining bus keeps its pin, and
+        its successor is pinned only once what it delivered is settled.
+        """
+        if self.pin_id is None or now - self._pin_renewed_at < self._sub.pull_expires:
+            return
+        self._pin_renewed_at = now
+        request = {"batch": 1, "max_bytes": 1, "expires": int(self._sub.pull_expires * 1e9),
+                   "group": self.consumer.priority_group, "id": self.pin_id}
+        await self._nc.publish(self._next_subject, json.dumps(request).encode(),
+                               reply=f"{self._inbox}.{_KEEP}")
 
     def forget(self, now: float | None = None) -> int:
         """Forget requests lost past their expiry (all of them without ``now``); return how many."""
@@ -192,6 +218,7 @@ class PullConsumer:
         self.pin_id = pin
         self.claimed_pin = None
         self.pins += 1
+        self._pin_renewed_at = time.monotonic()   # a pin's timer starts when it is given
         # Requests made before the pin without an id: the server fills only the one it
         # pinned (the oldest: this message's) and holds the others as a standby's until they
         # expire, which would stall this consumer for up to pull_expires. Forgotten, they
@@ -255,6 +282,8 @@ class PullConsumer:
                 self.pin_id = None
                 self.unpins += 1
         number = msg.subject.rsplit(".", 1)[-1]
+        if number == _KEEP:
+            return   # a renewal ends at expiry or at the first message; nothing was asked
         for request in self._requests:
             if str(request.number) == number:
                 self._requests.remove(request)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import nats
@@ -79,5 +80,47 @@ def test_requests_lost_past_their_expiry_are_forgotten(nats_server):
             # As after a server restart: never answered, long past expiry.
             assert consumer.forget(time.monotonic() + 60) == 2
             assert consumer.requested == 0
+
+    asyncio.run(scenario())
+
+
+async def _pinned_client(js, consumer) -> str | None:
+    """The pin id the server holds for the consumer's priority group, if any."""
+    spec = consumer.consumer
+    reply = await js._nc.request(f"$JS.API.CONSUMER.INFO.{spec.stream}.{spec.durable}", b"",
+                                 timeout=2)
+    groups = json.loads(reply.data).get("priority_groups") or [{}]
+    return groups[0].get("pinned_client_id")
+
+
+def test_a_pinned_consumer_that_asks_for_nothing_keeps_its_pin_by_renewing_it(nats_server):
+    # As a bus whose window stays full: it makes no request, only renewals.
+    sub = SubscriptionConfig("keep.>", "tests.handlers:record", envelope=False, durable="keep",
+                             pull_expires=0.25, pin_timeout=0.5)
+
+    async def scenario():
+        arrived = []
+        async with _consumer(nats_server.url, sub, lambda s, msgs: arrived.extend(msgs),
+                             lambda: None) as (js, consumer):
+            for n in range(3):
+                await js.publish(f"keep.k{n}", str(n).encode())
+            await consumer.request(1)
+            await _until(lambda: arrived, what="the first message")
+            pin = consumer.pin_id
+            assert pin is not None and await _pinned_client(js, consumer) == pin
+
+            renew_until = time.monotonic() + 4 * sub.pin_timeout
+            while time.monotonic() < renew_until:
+                await consumer.keep_pin(time.monotonic())
+                await asyncio.sleep(0.05)   # the link's tick
+            assert await _pinned_client(js, consumer) == pin
+            assert len(arrived) == 1   # two more were there; the renewals took none
+            assert consumer.pin_id == pin and consumer.unpins == 0
+
+            # Without renewals the server lets the pin go.
+            lapsed = time.monotonic()
+            while await _pinned_client(js, consumer) == pin:
+                assert time.monotonic() - lapsed < 5, "the pin never lapsed"
+                await asyncio.sleep(0.05)
 
     asyncio.run(scenario())
