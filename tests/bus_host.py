@@ -1,14 +1,15 @@
 """A bus in a process of its own, for tests that kill the whole host:
-``python -m tests.bus_host URL PIDS_FILE [PIN_TIMEOUT]``.
+``python -m tests.bus_host URL PIDS_FILE [--pin-timeout S] [--handler NAME]``.
 
-It subscribes ``orders.>`` (durable ``orders``) with the recording handler,
+It subscribes ``orders.>`` (durable ``orders``) with a handler of
+``tests.handlers`` (``record`` unless told),
 writes the pid of every process of the bus (itself, Thespian's admin and
 logger, every actor) to PIDS_FILE, and runs until it is killed.
 """
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import time
 
 from actorbus import EventBus
@@ -19,9 +20,10 @@ from tests import handlers
 PIN_TIMEOUT = 2.0
 
 
-def main(url: str, pids_file: str, pin_timeout: float = PIN_TIMEOUT) -> None:
+def main(url: str, pids_file: str, pin_timeout: float = PIN_TIMEOUT,
+         handler: str = "record") -> None:
     bus = EventBus(servers=url, pool_size=2, window=2048)
-    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0,
+    bus.subscribe("orders.>", getattr(handlers, handler), durable="orders", ack_wait=5.0,
                   pin_timeout=pin_timeout, pull_expires=pin_timeout / 4)
     pids = {os.getpid(), *bus.pids.values(), *bus.runtime.pids()}
     with open(pids_file + ".tmp", "w") as out:
@@ -32,4 +34,10 @@ def main(url: str, pids_file: str, pin_timeout: float = PIN_TIMEOUT) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(float(a) for a in sys.argv[3:4]))
+    parser = argparse.ArgumentParser(prog="python -m tests.bus_host")
+    parser.add_argument("url")
+    parser.add_argument("pids_file")
+    parser.add_argument("--pin-timeout", type=float, default=PIN_TIMEOUT)
+    parser.add_argument("--handler", default="record")
+    args = parser.parse_args()
+    main(args.url, args.pids_file, args.pin_timeout, args.handler)

@@ -138,15 +138,16 @@ def stream_messages(url: str, stream: str) -> list:
 
 
 def publish_spread(bus, total: int, keys: int, *, per_key_sequence: bool = False,
-                   subject: str | None = None, in_flight: int = 500) -> None:
-    """Publish ``total`` envelopes round-robin over aggregates ``agg-<k>`` on ``orders.<k>``
-    (or on ``subject``, which may hold ``{aggregate_id}``), each carrying its number (or,
-    with ``per_key_sequence``, its number within its key); every one must be stored."""
+                   subject: str | None = None, in_flight: int = 500, start: int = 0) -> None:
+    """Publish envelopes ``start`` up to ``total`` round-robin over aggregates ``agg-<k>`` on
+    ``orders.<k>`` (or on ``subject``, which may hold ``{aggregate_id}``), each carrying its
+    number (or, with ``per_key_sequence``, its number within its key); every one must be
+    stored."""
     from actorbus import Envelope
     results = bus.publish_many([
         (f"orders.{n % keys}" if subject is None else subject,
          Envelope.create(f"agg-{n % keys}", "T", str(n // keys if per_key_sequence else n).encode()))
-        for n in range(total)], in_flight=in_flight)
+        for n in range(start, total)], in_flight=in_flight)
     assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
 
 
@@ -165,13 +166,14 @@ def create_stream(url: str, name: str, subjects: list[str], storage: str = "memo
 class HostBus:
     """A bus in a process of its own (``tests.bus_host``), to be killed whole like a crashed host."""
 
-    def __init__(self, url: str, pids_file: Path, pin_timeout: float | None = None) -> None:
+    def __init__(self, url: str, pids_file: Path, pin_timeout: float | None = None,
+                 handler: str = "record") -> None:
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
-        args = [sys.executable, "-m", "tests.bus_host", url, str(pids_file)]
+        args = [sys.executable, "-m", "tests.bus_host", url, str(pids_file), "--handler", handler]
         if pin_timeout is not None:
-            args.append(str(pin_timeout))
+            args += ["--pin-timeout", str(pin_timeout)]
         self.process = subprocess.Popen(args, cwd=root,
                                         env={**os.environ, "PYTHONPATH": str(root)})
 

@@ -66,7 +66,8 @@ def test_a_killed_bridge_recovers_its_gap_first_and_keeps_per_key_order(make_bus
 def test_a_killed_host_is_recovered_by_the_next_bus_on_the_durable(make_bus, records, nats_server,
                                                                    tmp_path):
     total, keys = 10_000, 100
-    host = HostBus(nats_server.url, tmp_path / "host.pids")
+    # A slow handler (2 ms): the host is still busy when it is killed.
+    host = HostBus(nats_server.url, tmp_path / "host.pids", handler="slow_record")
     try:
         host.wait_started()
         publisher = make_bus(pool_size=1)   # publishes only; consumes nothing

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 
@@ -58,15 +60,89 @@ def test_a_second_bus_on_the_durable_is_a_hot_standby_and_takes_over_on_a_clean_
     assert standby.stats()["pinned"] == 1
 
 
+#: A pin that lapses quickly; the handlers' messages are not redelivered meanwhile.
+QUICK_PIN = {"pin_timeout": 1.0, "pull_expires": 0.25, "ack_wait": 30.0}
+
+
+def _held_by_active_with_standby(make_bus, records):
+    """An active bus whose window (4) is full of handlers waiting for the release marker,
+    12 envelopes over 3 keys published, and a standby on the same durable."""
+    active = make_bus(pool_size=2, window=4)
+    active.subscribe("orders.>", handlers.hold_until_released, durable="orders", **QUICK_PIN)
+    publish(active, 0, 1)
+    wait_for(lambda: read_records(records), what="the first message started")   # pinned
+    standby = make_bus(pool_size=2, window=4)
+    standby.subscribe("orders.>", handlers.hold_until_released, durable="orders", **QUICK_PIN)
+    publish(active, 1, 11)
+    wait_for(lambda: active.stats()["received"] >= 4, what="the active bus's window full")
+    return active, standby
+
+
+def _standby_idle_for(standby, seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        assert standby.stats()["received"] == 0, "the pin lapsed to the standby"
+        time.sleep(0.1)
+
+
+def _handled_in_order(records, count: int) -> list:
+    wait_for(lambda: len([r for r in read_records(records) if r.kind == "ok"]) >= count,
+             what=f"all {count} handled")
+    done = [r for r in read_records(records) if r.kind == "ok"]
+    assert sorted(int(r.data) for r in done) == list(range(count))
+    for key in ("acct-0", "acct-1", "acct-2"):
+        numbers = [int(r.data) for r in done if r.aggregate_id == key]
+        assert numbers == sorted(numbers), (key, numbers)
+    return done
+
+
+def test_a_pinned_bus_busy_for_longer_than_pin_timeout_keeps_its_keys(make_bus, records):
+    # No room in its window to ask for more: only its renewals keep the pin.
+    active, standby = _held_by_active_with_standby(make_bus, records)
+    _standby_idle_for(standby, 3 * QUICK_PIN["pin_timeout"])
+    (records / handlers.RELEASE_MARKER).touch()
+
+    done = _handled_in_order(records, 12)
+    assert {r.pid for r in done} <= member_pids(active)
+    assert standby.stats()["received"] == 0 and active.stats()["unpins"] == 0
+
+
+def test_a_bus_draining_for_longer_than_pin_timeout_keeps_its_keys_until_it_unpins(make_bus,
+                                                                                  records,
+                                                                                  log_file):
+    active, standby = _held_by_active_with_standby(make_bus, records)
+    stopping = threading.Thread(target=active.stop, kwargs={"timeout": 30})
+    stopping.start()
+    try:
+        wait_for(lambda: "draining 4 message(s)" in log_file.read_text(),
+                 what="the drain under way")
+        _standby_idle_for(standby, 3 * QUICK_PIN["pin_timeout"])
+    finally:
+        (records / handlers.RELEASE_MARKER).touch()
+        stopping.join(60)
+    assert not stopping.is_alive()
+
+    done = _handled_in_order(records, 12)
+    by_active = {int(r.data) for r in done if r.pid in member_pids(active)}
+    assert len(by_active) == 4 and standby.stats()["received"] == 8   # the rest, after the unpin
+
+
 def test_a_crashed_active_bus_fails_over_to_the_standby_in_order(make_bus, records, nats_server,
                                                                 tmp_path):
-    total, keys = 10_000, 100
-    host = HostBus(nats_server.url, tmp_path / "host.pids", pin_timeout=PIN_TIMEOUT)
+    total, keys, first = 10_000, 100, 1000
+    # A slow handler (2 ms): the host is still busy when it is killed.
+    host = HostBus(nats_server.url, tmp_path / "host.pids", pin_timeout=PIN_TIMEOUT,
+                   handler="slow_record")
     try:
         host_pids = set(host.wait_started())
         standby = make_bus(pool_size=2)
+        # The host is pinned by the first messages it handles, before the standby pulls:
+        # otherwise whichever pull request waits first at the first message gets the pin.
+        publish_spread(standby, first, keys, per_key_sequence=True)
+        wait_for(lambda: read_records(records), what="the host handling", interval=0.01)
+        assert {r.pid for r in read_records(records)} <= host_pids
         standby.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0, **PINNING)
-        publish_spread(standby, total, keys, per_key_sequence=True)
+        publish_spread(standby, total, keys, per_key_sequence=True, start=first)
         wait_for(lambda: len(read_records(records)) >= 2000, what="the active bus handling",
                  interval=0.01)
         assert standby.stats()["received"] == 0   # idle while the other is pinned
