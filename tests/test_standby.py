@@ -114,8 +114,10 @@ def test_a_bus_draining_for_longer_than_pin_timeout_keeps_its_keys_until_it_unpi
     stopping = threading.Thread(target=active.stop, kwargs={"timeout": 30})
     stopping.start()
     try:
-        wait_for(lambda: "draining 4 message(s)" in log_file.read_text(),
-                 what="the drain under way")
+        try:
+            wait_for(lambda: "draining " in log_file.read_text(), what="the drain under way")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the log:\n{log_file.read_text()}") from None
         _standby_idle_for(standby, 3 * QUICK_PIN["pin_timeout"])
     finally:
         (records / handlers.RELEASE_MARKER).touch()
@@ -164,7 +166,9 @@ def test_a_restarted_bridge_goes_on_under_its_predecessor_s_pin_without_waiting_
     # A new client would wait pin_timeout (60 s here) for the dead Bridge's pin to lapse.
     total, keys = 6000, 60
     bus = make_bus(pool_size=2, supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
-    bus.subscribe("orders.>", handlers.record, durable="orders", ack_wait=5.0, pin_timeout=60.0)
+    # A slow handler (2 ms): the bus is still busy when its Bridge is killed.
+    bus.subscribe("orders.>", handlers.slow_record, durable="orders", ack_wait=5.0,
+                  pin_timeout=60.0)
     publish_spread(bus, total, keys, per_key_sequence=True)
     wait_for(lambda: len(read_records(records)) >= total // 4, what="handling under way",
              interval=0.01)
@@ -175,4 +179,4 @@ def test_a_restarted_bridge_goes_on_under_its_predecessor_s_pin_without_waiting_
     report, stats = order_report(records, total, keys), bus.stats()
     print(f"Bridge SIGKILLed, restarted under its pin: {report}, recovered {stats['recovered']}")
     assert report["lost"] == 0 and report["violations"] == 0, report
-    assert stats["restarts_bridge"] == 1 and stats["pinned"] == 1
+    assert stats["restarts_bridge"] == 1 and stats["pinned"] == 1 and stats["recovered"] > 0
