@@ -18,7 +18,11 @@ def adopt_actor_process_root() -> None:
     root = logging.getLogger()
     for manager in {id(m): m for m in (_IMPORT_TIME_MANAGER, logging.Logger.manager)}.values():
         for logger in list(manager.loggerDict.values()):
-            if isinstance(logger, logging.Logger) and isinstance(logger.parent, logging.RootLogger) \
-                    and logger.parent is not root:
+            if not isinstance(logger, logging.Logger):
+                continue
+            if isinstance(logger.parent, logging.RootLogger) and logger.parent is not root:
                 logger.parent = root
-                logger._cache.clear()  # type: ignore[attr-defined]  # isEnabledFor answers cached under the old root
+            # Every logger, not only those re-parented: ``isEnabledFor`` answers cached in
+            # the parent process (INFO off under its WARNING root, say) came with the fork,
+            # and would drop records that this process's root lets through.
+            logger._cache.clear()  # type: ignore[attr-defined]
