@@ -23,6 +23,7 @@ import trustme
 from actorbus import BusError, ConfigurationError, Envelope, EventBus, NatsAuth
 from actorbus.bridge.connection import connect_options
 from actorbus.config import BusConfig, mask_url
+from actorbus.groups import STATIC_BUCKET
 from actorbus.ports import free_port
 from actorbus.runtime import process_alive
 from actorbus.server import NatsServer
@@ -48,6 +49,27 @@ def least_privilege(stream: str, durable: str, subject: str) -> tuple[list[str],
                f"$JS.API.CONSUMER.UNPIN.{stream}.{durable}",
                f"$JS.ACK.{stream}.{durable}.>", f"deadletter.{stream}", subject]
     return publish, ["_INBOX.>"]
+
+
+def group_member_privilege(stream: str, group: str, consumers: list[str], subject: str,
+                           static: bool) -> tuple[list[str], list[str]]:
+    """What README lists for a member of a consumer group reading ``consumers`` (its group's
+    durables: ``<group>-<member>`` or ``<group>-p<i>``)."""
+    publish, subscribe = least_privilege(stream, consumers[0], subject)
+    per_consumer = [p for p in publish if p.endswith(f".{consumers[0]}") or f".{consumers[0]}." in p]
+    publish = [p for p in publish if p not in per_consumer]
+    for consumer in consumers:
+        publish += [p.replace(f".{consumers[0]}", f".{consumer}") for p in per_consumer]
+    if static:
+        bucket = f"KV_{STATIC_BUCKET}"
+        publish += [f"$JS.API.STREAM.INFO.{bucket}", f"$JS.API.STREAM.CREATE.{bucket}",
+                    f"$JS.API.STREAM.MSG.GET.{bucket}", f"$KV.{STATIC_BUCKET}.{stream}.{group}"]
+    else:
+        bucket = f"KV_actorbus-group-{group}"
+        publish += [f"$JS.API.STREAM.INFO.{bucket}", f"$JS.API.STREAM.CREATE.{bucket}",
+                    f"$JS.API.CONSUMER.CREATE.{bucket}", f"$JS.API.CONSUMER.INFO.{bucket}.*",
+                    f"$KV.actorbus-group-{group}.{stream}.*"]
+    return publish, subscribe
 
 
 def _quoted(items: list[str]) -> str:
@@ -108,6 +130,35 @@ authorization {{
        permissions: {{ publish: {{ allow: [{_quoted(lacking)}] }},
                        subscribe: {{ allow: [{_quoted(subscribe)}] }} }} }}
     {{ nkey: {nkey_seed[1]} }}
+  ]
+}}
+""")
+    yield server
+    server.close()
+
+
+#: The consumer groups of the group tests: 4 partitions over members a and b.
+GROUP_PARTITIONS = 4
+
+
+@pytest.fixture(scope="module")
+def group_server(tmp_path_factory):
+    """Users with exactly a group member's permissions: ``elastic`` for group ``billing``,
+    ``static`` for group ``invoices`` (members a and b), both on stream ``GROUPS``."""
+    elastic, subscribe = group_member_privilege(
+        "GROUPS", "billing", [f"billing-p{p}" for p in range(GROUP_PARTITIONS)], "billing.*",
+        static=False)
+    static, _ = group_member_privilege("INVOICES", "invoices", ["invoices-a", "invoices-b"],
+                                       "invoices.*", static=True)
+    server = _server(tmp_path_factory, "groups", f"""
+authorization {{
+  users = [
+    {{ user: elastic, password: "{LEAST_PASSWORD}",
+       permissions: {{ publish: {{ allow: [{_quoted(elastic)}] }},
+                       subscribe: {{ allow: [{_quoted(subscribe)}] }} }} }}
+    {{ user: static, password: "{LEAST_PASSWORD}",
+       permissions: {{ publish: {{ allow: [{_quoted(static)}] }},
+                       subscribe: {{ allow: [{_quoted(subscribe)}] }} }} }}
   ]
 }}
 """)
@@ -288,6 +339,34 @@ def test_the_listed_permissions_cover_recovering_an_unacked_gap(built, users_ser
     bus.subscribe("least.>", "tests.handlers:record", durable="least", stream="LEAST")
     bus.publish("least.after", Envelope.create("after", "T", b"x").encode())  # pins this bus
     assert wait_for_stats(bus, "processed", 4)["recovered"] == 3
+
+
+@pytest.mark.parametrize("kind", ["elastic", "static"])
+def test_group_members_with_only_the_listed_permissions_share_the_work_and_hand_it_over(
+        kind, built, group_server, log_file):
+    name = "billing" if kind == "elastic" else "invoices"
+    members = None if kind == "elastic" else ["a", "b"]
+    buses = {member: built(servers=group_server.url, user=kind, password=LEAST_PASSWORD,
+                           group=name, partitions=GROUP_PARTITIONS, member=member,
+                           members=members, heartbeat=0.5)
+             for member in ("a", "b")}
+    for bus in buses.values():
+        bus.subscribe(f"{name}.*", "tests.handlers:record", durable=name,
+                      stream="GROUPS" if kind == "elastic" else "INVOICES")
+    wait_for(lambda: all(b.stats()["partitions_owned"] == GROUP_PARTITIONS // 2
+                         for b in buses.values()), what="the partitions shared")
+    results = buses["a"].publish_many([(f"{name}.{{aggregate_id}}",
+                                        Envelope.create(f"k{n}", "T", b"%d" % n))
+                                       for n in range(40)])
+    assert all(r.ok for r in results)
+    wait_for(lambda: sum(b.stats()["acked"] for b in buses.values()) == 40, what="all 40 acked")
+    assert all(b.stats()["acked"] for b in buses.values())   # both took part
+
+    buses["b"].stop()   # deletes its heartbeat (elastic), drains, unpins
+    if kind == "elastic":
+        wait_for(lambda: buses["a"].stats()["partitions_owned"] == GROUP_PARTITIONS,
+                 what="a taking b's partitions")
+    assert "permissions violation" not in log_file.read_text().lower()
 
 
 def test_a_user_missing_a_permission_gets_a_clear_error(built, users_server):
