@@ -272,9 +272,11 @@ class NatsLink:
                             "anyway, its new owner reads them back", durable,
                             self._by_durable[durable])
             await self._unpin_one(consumer)
-            self._stopped.remove(consumer)
         finally:
             self._releasing.pop(durable, None)
+            if not self._closing:
+                # Renewed no more: unpinned, or (had the release failed) left to lapse.
+                self._stopped.remove(consumer)
 
     def _arrived(self, sub: SubscriptionConfig, msgs: list[Any]) -> None:
         self._outstanding += len(msgs)
