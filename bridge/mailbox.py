@@ -22,16 +22,18 @@ class Arrival(NamedTuple):
 
 
 class Released(NamedTuple):
-    """The NATS thread gave a durable up (its partition moved to another bus): what the
-    Bridge holds back of it for per-key order is dropped, neither handled nor settled,
-    for the new owner reads it back in order. ``filters``: the durable's subject filters."""
+    """The NATS thread gave a durable up (its partition moved to another bus), or lost its
+    pin to another bus: what the Bridge holds back of it for per-key order is dropped,
+    neither handled nor settled, for the new owner reads it back in order. ``filters``:
+    the durable's subject filters."""
 
     subscription: str
     filters: tuple[str, ...]
 
 
 class PinsChanged(NamedTuple):
-    """The NATS thread was pinned on a durable: the Bridge tells the Supervisor its pins."""
+    """The NATS thread was pinned on a durable, or lost a pin: the Bridge tells the Supervisor
+    its pins."""
 
 
 class Mailbox:

@@ -224,7 +224,8 @@ class NatsLink:
                 by_durable[durable] += len(msgs)
                 self._arrived(sub, msgs)
         consumer = PullConsumer(self._nc, sub, spec, arrived, self._schedule_top_up,
-                                self._pinned, self._claimed.pop(spec.durable, None))
+                                self._pinned, self._claimed.pop(spec.durable, None),
+                                self._unpinned)
         await consumer.start()
         self._consumers[spec.durable] = consumer
         if spec.priority_group is None:
@@ -286,6 +287,12 @@ class NatsLink:
         # Ahead of its messages in the mailbox: the Bridge reports its pins before handling them.
         self._mailbox.put(PinsChanged())
         self._schedule_recovery(consumer)
+
+    def _unpinned(self, consumer: PullConsumer) -> None:
+        # Another bus holds the pin now and reads back what this one left un-acked: what
+        # the Bridge holds back of it for per-key order is that bus's to handle, in order.
+        self._mailbox.put(Released(consumer.subscription, consumer.consumer.filter_subjects))
+        self._mailbox.put(PinsChanged())
 
     def _schedule_recovery(self, consumer: PullConsumer) -> None:
         # Not awaited by the caller: a large gap takes a while to read (about 0.3 ms a

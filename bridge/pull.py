@@ -73,7 +73,8 @@ class PullConsumer:
                  on_messages: Callable[[SubscriptionConfig, list[Any]], None],
                  on_request_ended: Callable[[], None],
                  on_pinned: Callable[[PullConsumer], None] | None = None,
-                 claimed_pin: str | None = None) -> None:
+                 claimed_pin: str | None = None,
+                 on_unpinned: Callable[[PullConsumer], None] | None = None) -> None:
         self._nc = nc
         self._sub = sub
         self.consumer = consumer
@@ -89,6 +90,7 @@ class PullConsumer:
         self._deferred: list[Any] = []
         self.requested = 0  # asked for, neither arrived nor ended
         self._on_pinned = on_pinned
+        self._on_unpinned = on_unpinned
         #: The server's pin for this client (``Nats-Pin-Id``) while it is the one pulling
         #: from a priority group; None while it is a standby.
         self.pin_id: str | None = None
@@ -281,6 +283,8 @@ class PullConsumer:
                             "bus is a standby now", self.name, self.consumer.priority_group)
                 self.pin_id = None
                 self.unpins += 1
+                if self._on_unpinned is not None:
+                    self._on_unpinned(self)
         number = msg.subject.rsplit(".", 1)[-1]
         if number == _KEEP:
             return   # a renewal ends at expiry or at the first message; nothing was asked

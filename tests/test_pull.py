@@ -15,15 +15,16 @@ from actorbus.config import SubscriptionConfig
 
 
 @contextlib.asynccontextmanager
-async def _consumer(url: str, sub: SubscriptionConfig, on_messages, on_request_ended):
-    """A started PullConsumer on ``sub``'s stream and durable, stopped and disconnected after."""
+async def _consumer(url: str, sub: SubscriptionConfig, on_messages, on_request_ended, **hooks):
+    """A started PullConsumer on ``sub``'s stream and durable (``hooks``: its other
+    callbacks), stopped and disconnected after."""
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         await ensure_stream(js, sub)
         (spec,) = SingleDurable().consumers(sub)
         await ensure_consumer(js, sub, spec)
-        consumer = PullConsumer(nc, sub, spec, on_messages, on_request_ended)
+        consumer = PullConsumer(nc, sub, spec, on_messages, on_request_ended, **hooks)
         await consumer.start()
         yield js, consumer
         await consumer.stop()
@@ -122,5 +123,39 @@ def test_a_pinned_consumer_that_asks_for_nothing_keeps_its_pin_by_renewing_it(na
             while await _pinned_client(js, consumer) == pin:
                 assert time.monotonic() - lapsed < 5, "the pin never lapsed"
                 await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+
+
+def test_a_consumer_whose_pin_moved_to_another_client_says_so_and_pulls_as_a_standby(nats_server):
+    sub = SubscriptionConfig("moved.>", "tests.handlers:record", envelope=False, durable="moved",
+                             pull_expires=0.5)
+
+    async def scenario():
+        arrived, unpinned = [], []
+        async with _consumer(nats_server.url, sub, lambda s, msgs: arrived.extend(msgs),
+                             lambda: None, on_unpinned=unpinned.append) as (js, first):
+            await js.publish("moved.a", b"1")
+            await first.request(1)
+            await _until(lambda: arrived, what="the first message")
+            assert first.pin_id is not None
+
+            # As after a stall longer than pin_timeout: the pin goes to another client.
+            spec = first.consumer
+            await js._nc.request(f"$JS.API.CONSUMER.UNPIN.{spec.stream}.{spec.durable}",
+                                 json.dumps({"group": spec.priority_group}).encode(), timeout=2)
+            other = PullConsumer(js._nc, sub, spec, lambda s, msgs: arrived.extend(msgs),
+                                 lambda: None)
+            await other.start()
+            try:
+                await js.publish("moved.b", b"2")
+                await other.request(1)
+                await _until(lambda: other.pin_id is not None, what="the other client pinned")
+
+                await first.request(1)   # still under the old pin id: 423
+                await _until(lambda: unpinned, what="the moved pin noticed")
+                assert unpinned == [first] and first.pin_id is None and first.unpins == 1
+            finally:
+                await other.stop()
 
     asyncio.run(scenario())
