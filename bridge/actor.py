@@ -607,7 +607,7 @@ class Bridge(BusActor):
                 self._link.touch(msgs)
         self._forget_recovered(now)
         self._give_up_waiting(now)
-        self._report_pins()   # a pin lost (status 423) comes with no message
+        self._report_pins()   # besides PinsChanged: stopping to fetch lets pins go with none
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
 
     def _report_pins(self) -> None:

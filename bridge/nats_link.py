@@ -225,7 +225,7 @@ class NatsLink:
                 self._arrived(sub, msgs)
         consumer = PullConsumer(self._nc, sub, spec, arrived, self._schedule_top_up,
                                 self._pinned, self._claimed.pop(spec.durable, None),
-                                self._unpinned)
+                                self._let_go)
         await consumer.start()
         self._consumers[spec.durable] = consumer
         if spec.priority_group is None:
@@ -261,7 +261,7 @@ class NatsLink:
         self._stopped.append(consumer)
         try:
             await consumer.stop()
-            self._mailbox.put(Released(consumer.subscription, consumer.consumer.filter_subjects))
+            self._let_go(consumer)
             deadline = time.monotonic() + consumer.ack_wait
             assert self._by_durable is not None
             while self._by_durable[durable] > 0 and time.monotonic() < deadline:
@@ -288,9 +288,10 @@ class NatsLink:
         self._mailbox.put(PinsChanged())
         self._schedule_recovery(consumer)
 
-    def _unpinned(self, consumer: PullConsumer) -> None:
-        # Another bus holds the pin now and reads back what this one left un-acked: what
-        # the Bridge holds back of it for per-key order is that bus's to handle, in order.
+    def _let_go(self, consumer: PullConsumer) -> None:
+        # Its partition moved, or its pin: another bus reads back what this one left
+        # un-acked, so what the Bridge holds back of it for per-key order is that bus's to
+        # handle, in order. And the pins this bus holds changed.
         self._mailbox.put(Released(consumer.subscription, consumer.consumer.filter_subjects))
         self._mailbox.put(PinsChanged())
 
@@ -356,9 +357,9 @@ class NatsLink:
             for consumer in self._consumers.values():
                 consumer.forget(now)
             await self._top_up()
+            if self._nc is None or self._nc.is_closed:
+                continue
             for consumer in [*self._consumers.values(), *self._stopped]:
-                if self._nc is None or self._nc.is_closed:
-                    break
                 try:
                     await consumer.keep_pin(now)
                 except Exception as exc:
