@@ -11,8 +11,9 @@ each member's dispatches are numbered for its incarnation and handled
 there in that order. A member has at most ``MAX_MEMBER_DISPATCHES``
 outstanding; what is routed to it meanwhile waits here and goes as its
 next batch. That is the only batching on the way in: a delivery goes at
-once to a member that has room, and gathers with others only while the
-member is busy with two dispatches already.
+once to a member with nothing outstanding; to a busy one, a second
+dispatch goes only once ``MIN_SECOND_BATCH`` deliveries have gathered,
+and otherwise they wait for its completion and go together.
 """
 from __future__ import annotations
 

@@ -288,9 +288,9 @@ class Bridge(BusActor):
 
     def _dispatch(self) -> None:
         # Thespian sends to one target one at a time, each waiting for the
-        # receiver's ack, and each send costs far more than a delivery. A member
-        # with room gets what waits for it at once; one busy with two dispatches
-        # already gets what gathers meanwhile as one larger dispatch (the pool table).
+        # receiver's ack, and each send costs far more than a delivery. An idle member
+        # gets what waits for it at once; a busy one gets what gathers meanwhile as one
+        # larger dispatch (when and how large: the pool table).
         for address, dispatch in self._pool.dispatches():
             self.send(address, dispatch)
 
