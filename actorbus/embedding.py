@@ -14,7 +14,8 @@ a ``request_id`` that its reply repeats::
 
 A failed request is answered with :class:`RequestFailed`. Use
 :func:`actor_system` (or apply :func:`bind_transport` before starting a
-system yourself) so that the actor transport listens on loopback only.
+system yourself) so that the actor transport listens on loopback only and
+refuses any process that is not one of the system's own.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, Sta
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.runtime import ProcessRuntime
 from actorbus.supervision.supervisor import Supervisor
+from actorbus.transport_auth import sign_transport
 from actorbus.transport_binding import hold_transport_host, resolve_transport_host
 
 __all__ = ["Supervisor", "BusConfig", "SubscriptionConfig", "StartBus", "BusStarted", "Subscribe",
@@ -49,8 +51,10 @@ def actor_system(admin_port: int | None = None, transport_host: str | None = Non
 @contextlib.contextmanager
 def bind_transport(host: str | None = None) -> Iterator[str]:
     """Bind every actor transport socket started inside the block to ``host``
-    (loopback by default; see :mod:`actorbus.transport_binding`); yields the host."""
+    (loopback by default; see :mod:`actorbus.transport_binding`) and sign its frames
+    (:mod:`actorbus.transport_auth`); yields the host."""
     chosen = resolve_transport_host(host)
+    sign_transport()
     release = hold_transport_host(chosen)
     try:
         yield chosen

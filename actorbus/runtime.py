@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 from thespian.actors import ActorSystem
 
 from actorbus.ports import free_port
+from actorbus.transport_auth import sign_transport
 from actorbus.transport_binding import hold_transport_host, resolve_transport_host
 
 log = logging.getLogger("actorbus.runtime")
@@ -30,14 +31,16 @@ log = logging.getLogger("actorbus.runtime")
 class ProcessRuntime:
     """A multiprocTCPBase actor system on its own admin port, listening on
     ``transport_host`` (loopback unless asked otherwise: see
-    :mod:`actorbus.transport_binding`)."""
+    :mod:`actorbus.transport_binding`), every frame signed with a key only its
+    own processes hold (:mod:`actorbus.transport_auth`)."""
 
     def __init__(self, admin_port: int | None = None, log_config: dict | None = None,
                  transport_host: str | None = None) -> None:
         self.admin_port = admin_port or free_port()
         self.transport_host = resolve_transport_host(transport_host)
         # Before the system starts: its admin, logger and actors are forked
-        # from this process (and from each other) and inherit the binding.
+        # from this process (and from each other) and inherit the binding and the key.
+        sign_transport()
         self._release_transport = hold_transport_host(self.transport_host)
         before = set(descendants(os.getpid()))
         try:

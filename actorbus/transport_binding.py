@@ -2,8 +2,9 @@
 
 Under ``multiprocTCPBase`` every actor, Thespian's admin, its logger and the
 program that starts the system each listen on a TCP socket, and Thespian
-unpickles whatever arrives there: whoever reaches one of those ports runs
-code in that process. Thespian (the same code from 3.10.7 to 4.0.1, the
+unpickles whatever arrives there (:mod:`actorbus.transport_auth` makes it
+refuse frames not signed with the bus's key; this module keeps the sockets
+off the network in the first place). Thespian (the same code from 3.10.7 to 4.0.1, the
 latest release) binds every one of them to ``('', port)``, all interfaces:
 ``IPBase.IPActorAddress`` sets ``bindname = ('', port)`` for every
 "external" address, and every address the TCP transport listens on is made
@@ -118,9 +119,10 @@ def hold_transport_host(host: str) -> Callable[[], None]:
         if target is not None:
             _check_adjusted(target)
     if not loopback:
-        log.warning("Thespian's actor transport listens on %s (transport_host): it is "
-                    "unauthenticated pickle, and anyone who reaches these ports runs code in "
-                    "the actor processes; use it only on a trusted network", host)
+        log.warning("Thespian's actor transport listens on %s (transport_host): its frames "
+                    "are signed but not encrypted, so anyone on the network path reads every "
+                    "message between the actors and can replay them; use it only on a trusted "
+                    "network", host)
     released = False
 
     def release() -> None:

@@ -126,7 +126,7 @@ def test_opting_out_to_every_interface_warns(caplog):
         release()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "0.0.0.0" in warnings[0].getMessage()
-    assert "unauthenticated pickle" in warnings[0].getMessage()
+    assert "not encrypted" in warnings[0].getMessage()
 
 
 def test_loopback_is_the_default_and_binds_and_advertises_it(caplog, monkeypatch):
