@@ -14,7 +14,7 @@ from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import Envelope
 from actorbus.config import (BusConfig, ConfigurationError, NatsAuth, SubscriptionConfig, resolve_auth,
                              servers_from_env)
-from actorbus.groups import DEFAULT_HEARTBEAT, ConsumerGroup
+from actorbus.groups import DEFAULT_HEARTBEAT, ConsumerGroup, is_partitionable
 from actorbus.metrics import MetricsServer
 from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
 from actorbus.runtime import ProcessRuntime, SimpleRuntime, make_runtime
@@ -67,6 +67,13 @@ class EventBus:
     defaults to ``<host>-<pid>``; ``heartbeat`` seconds between its
     heartbeats). Every subscription of such a bus is partitioned: its
     subject ends with the aggregate id as a ``*`` token (``orders.*``).
+
+    Using more cores with one bus: ``partitions`` without ``group``
+    partitions the streams this bus's subscriptions create, for each subject
+    that ends with the aggregate id as a ``*`` token, and ``bridges`` Bridges
+    (default: one per four cores, at most one per partition) share the
+    partitions; a subscription whose key is not in its subject is read by
+    one Bridge.
     """
 
     def __init__(self, servers: str | list[str] | tuple[str, ...] | None = None,
@@ -81,7 +88,7 @@ class EventBus:
                  tls_key: str | None = None, group: str | None = None,
                  partitions: int | None = None, member: str | None = None,
                  members: Iterable[str] | None = None,
-                 heartbeat: float = DEFAULT_HEARTBEAT) -> None:
+                 heartbeat: float = DEFAULT_HEARTBEAT, bridges: int | None = None) -> None:
         if servers is None:
             servers = servers_from_env(default=DEFAULT_SERVERS)
         # A str is split on commas by BusConfig itself.
@@ -91,7 +98,9 @@ class EventBus:
                                 auth=resolve_auth(auth, user=user, password=password, token=token,
                                                   nkey_seed=nkey_seed, creds=creds, tls_ca=tls_ca,
                                                   tls_cert=tls_cert, tls_key=tls_key),
-                                group=_group(group, partitions, member, members, heartbeat))
+                                group=_group(group, partitions, member, members, heartbeat),
+                                partitions=partitions if group is None else None,
+                                bridges=bridges)  # type: ignore[arg-type]  # None: the default
         self._request_timeout = request_timeout
         self._request_ids = itertools.count(1)
         self._subscriptions: dict[str, SubscriptionConfig] = {}
@@ -135,6 +144,8 @@ class EventBus:
         ref = handler_reference(handler)
         if self.config.group is not None:
             options.setdefault("partitions", self.config.group.partitions)
+        elif self.config.partitions is not None and is_partitionable(subject):
+            options.setdefault("partitions", self.config.partitions)
         # None: derived from the subject (SubscriptionConfig fills them in).
         sub = SubscriptionConfig(subject=subject, handler=ref, envelope=envelope,
                                  durable=durable, stream=stream, **options)  # type: ignore[arg-type]
@@ -282,9 +293,8 @@ class EventBus:
 
 def _group(name: str | None, partitions: int | None, member: str | None,
            members: Iterable[str] | None, heartbeat: float) -> ConsumerGroup | None:
-    if name is None:
-        given = [n for n, v in (("partitions", partitions), ("member", member),
-                                ("members", members)) if v is not None]
+    if name is None:   # partitions alone: this bus's own streams are partitioned
+        given = [n for n, v in (("member", member), ("members", members)) if v is not None]
         if given:
             raise ConfigurationError(f"{', '.join(given)} without group=: name the consumer group")
         return None

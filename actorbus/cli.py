@@ -308,11 +308,14 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
 @click.option("--instances", default=None, metavar="COUNTS",
               help="Instead: comma-separated counts of actorbus instances on this host, in one "
                    "elastic consumer group (pool: the first of --pools), one row each.")
+@click.option("--bridges", "bridge_counts", default="1,2", show_default=True, metavar="COUNTS",
+              help="Comma-separated Bridge counts, one actorbus row each (the first pool size) "
+                   "on a stream partitioned 8 ways; '' for none.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: str,
           json_path: str | None, rates: str, latency_seconds: float | None, latency_keys: int,
-          kinds: str, quick: bool, instances: str | None, debug: bool) -> None:
+          kinds: str, quick: bool, instances: str | None, bridge_counts: str, debug: bool) -> None:
     """Throughput, latency, memory and per-key order: actorbus against a plain nats-py
     pull loop and a FastStream subscriber, on an embedded nats-server.
 
@@ -335,6 +338,11 @@ def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: st
         raise click.BadParameter(f"expected some of {', '.join(run.KINDS)}, got {kinds!r}",
                                  param_hint="--variants")
 
+    try:
+        bridges = [int(k) for k in bridge_counts.split(",") if k.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {bridge_counts!r}",
+                                 param_hint="--bridges") from None
     counts = None
     if instances is not None:
         try:
@@ -353,7 +361,7 @@ def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: st
         return run.run_bench(messages=messages, keys=keys, cpu_us=cpu_us, pools=sizes,
                              json_path=json_path, quick=quick, console=console,
                              rates=rate_specs, latency_seconds=latency_seconds,
-                             latency_keys=latency_keys, kinds=variant_kinds)
+                             latency_keys=latency_keys, kinds=variant_kinds, bridges=bridges)
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 

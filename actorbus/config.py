@@ -16,10 +16,15 @@ from urllib.parse import urlsplit
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import DEFAULT_MAX_ENVELOPE_BYTES
 from actorbus.errors import ConfigurationError
-from actorbus.groups import ConsumerGroup, check_partitioned_subject
+from actorbus.groups import MAX_PARTITIONS, ConsumerGroup, check_partitioned_subject
 from actorbus.policies import SupervisionTree, as_tree, exponential_delay
 
 RUNTIMES = ("processes", "simple")
+#: Most Bridges a bus may run (each is a process with a NATS connection of its own).
+MAX_BRIDGES = 64
+#: Cores per Bridge of the default: a Bridge's work per message is about twice a
+#: trivial handler's, and the nats-server on the same host needs its share too.
+CORES_PER_BRIDGE = 4
 #: URL schemes nats-py connects with (a URL without one means ``nats://``).
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 #: Where a URL or a repr shows a secret.
@@ -389,6 +394,13 @@ class BusConfig:
     auth: NatsAuth = NatsAuth()
     #: This bus's place in a partitioned consumer group; None: it consumes whole durables.
     group: ConsumerGroup | None = None
+    #: Without a group: P for the streams of the subscriptions whose subject ends with the
+    #: aggregate id as a ``*`` token (the stream is partitioned on it, and the partitions
+    #: are spread over the Bridges); None: no stream is partitioned unless a subscription says.
+    partitions: int | None = None
+    #: Bridge actors (processes, NATS connections) that read the bus's partitioned
+    #: subscriptions, each a share of the partitions; None: :func:`default_bridges`.
+    bridges: int = None  # type: ignore[assignment]  # None: derived at construction
 
     def __post_init__(self) -> None:
         if isinstance(self.servers, str):
@@ -413,6 +425,23 @@ class BusConfig:
         _check_positive("connect_timeout", self.connect_timeout)
         if self.group is not None and not isinstance(self.group, ConsumerGroup):
             raise ConfigurationError(f"group must be a ConsumerGroup, got {type(self.group).__name__}")
+        if self.partitions is not None:
+            if self.group is not None:
+                raise ConfigurationError("partitions is the group's (ConsumerGroup.partitions) "
+                                         "on a bus in a consumer group")
+            _check_count("partitions", self.partitions, minimum=1)
+            if self.partitions > MAX_PARTITIONS:
+                raise ConfigurationError(f"partitions must be <= {MAX_PARTITIONS}, "
+                                         f"got {self.partitions}")
+        if self.bridges is None:
+            object.__setattr__(self, "bridges", default_bridges(self))
+        _check_count("bridges", self.bridges, minimum=1)
+        if self.bridges > MAX_BRIDGES:
+            raise ConfigurationError(f"bridges must be <= {MAX_BRIDGES}, got {self.bridges}")
+        if self.bridges > 1 and self.group is not None:
+            raise ConfigurationError(
+                f"bridges={self.bridges} with group {self.group.name!r}: a member of a consumer "
+                "group runs one Bridge (run more members to use more cores)")
         try:
             object.__setattr__(self, "supervision", as_tree(self.supervision))
         except ValueError as exc:
@@ -460,3 +489,16 @@ def _check_positive(what: str, value: object) -> None:
 def _check_count(what: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"{what} must be an int >= {minimum}, got {value!r}")
+
+
+def default_bridges(config: BusConfig) -> int:
+    """How many Bridges a bus runs unless told: one per :data:`CORES_PER_BRIDGE` cores
+    (at most one per partition) when its streams are partitioned, else one.
+
+    A Bridge is the one stage every message of its partitions passes through; one
+    per four cores keeps it from capping the pool on a big machine and costs
+    nothing on a small one (one Bridge up to seven cores)."""
+    if config.group is not None or config.partitions is None:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(config.partitions, cores // CORES_PER_BRIDGE))

@@ -166,11 +166,17 @@ def partition_of(aggregate_id: str, partitions: int) -> int:
 
 def check_partitioned_subject(subject: str) -> None:
     """Refuse a subject whose last token is not ``*``: the aggregate id must be a token there."""
-    tokens = subject.split(".")
-    if tokens[-1] != "*" or ">" in tokens:
+    if not is_partitionable(subject):
         raise ConfigurationError(
             f"a partitioned subscription's subject must end with the aggregate id as a '*' token "
             f"and have no '>' (e.g. 'orders.*'), got {subject!r}")
+
+
+def is_partitionable(subject: str) -> bool:
+    """True when ``subject`` ends with a ``*`` token and has no ``>``: a stream can be
+    partitioned on that token (see :func:`check_partitioned_subject`)."""
+    tokens = subject.split(".")
+    return tokens[-1] == "*" and ">" not in tokens
 
 
 def partition_transform(subject: str, partitions: int) -> str:

@@ -22,6 +22,19 @@ log = logging.getLogger("actorbus.actors")
 REPORT_INTERVAL = 0.05
 
 
+class _Feed:
+    """What a member knows of one Bridge's dispatches."""
+
+    __slots__ = ("epoch", "last_token", "dispatches")
+
+    def __init__(self) -> None:
+        self.epoch = 0   # the incarnation of the Bridge whose dispatches are numbered here
+        # Tokens reach a member in increasing order (a Bridge routes in fetch order), so
+        # anything at or below the last one is a copy.
+        self.last_token = 0
+        self.dispatches: Resequencer[Dispatch] = Resequencer()
+
+
 class PoolMember(BusActor):
     """Handles each :class:`Dispatch` in order and answers its sender with one :class:`Completion`."""
 
@@ -29,11 +42,8 @@ class PoolMember(BusActor):
         super().__init__()
         self._index = -1
         self._table = HandlerTable(watchdog=Watchdog())
-        # Tokens reach a member in increasing order (the Bridge routes in fetch
-        # order), so anything at or below the last one is a copy.
-        self._last_token = 0
-        self._dispatches: Resequencer[Dispatch] = Resequencer()
-        self._epoch = 0   # the incarnation of the Bridge whose dispatches are numbered here
+        # Each Bridge of the bus numbers its dispatches and tokens on its own.
+        self._feeds: dict[int, _Feed] = {}
         # The user's handlers run here, not on the actor's thread: Thespian forked this
         # process deep in its parent's call stack, and a handler's calls crossing
         # CPython's 16 KB frame-stack chunk there map and unmap a chunk per call (measured:
@@ -58,24 +68,28 @@ class PoolMember(BusActor):
         self.send(sender, HandlerRegistered(message.request_id, error, self._index))
 
     def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
-        if message.epoch != self._epoch:
-            if message.epoch < self._epoch:
-                log.warning("pool member %d dropped a dispatch of an earlier Bridge", self._index)
+        feed = self._feeds.get(message.bridge)
+        if feed is None:
+            feed = self._feeds[message.bridge] = _Feed()
+        if message.epoch != feed.epoch:
+            if message.epoch < feed.epoch:
+                log.warning("pool member %d dropped a dispatch of an earlier Bridge %d",
+                            self._index, message.bridge)
                 return
             # A restarted Bridge numbers its dispatches from 1 again.
-            self._epoch = message.epoch
-            self._dispatches.reset()
+            feed.epoch = message.epoch
+            feed.dispatches.reset()
         # The transport may hand dispatches over out of order: handle them in the Bridge's.
-        for dispatch in self._dispatches.arrived(message.sequence, message):
-            self._handle(dispatch, sender)
+        for dispatch in feed.dispatches.arrived(message.sequence, message):
+            self._handle(dispatch, feed, sender)
 
-    def _handle(self, message: Dispatch, sender) -> None:
-        fresh = [d for d in message.deliveries if d.token > self._last_token]
+    def _handle(self, message: Dispatch, feed: _Feed, sender) -> None:
+        fresh = [d for d in message.deliveries if d.token > feed.last_token]
         if len(fresh) < len(message.deliveries):
             log.warning("pool member %d dropped %d delivery(ies) it had already handled",
                         self._index, len(message.deliveries) - len(fresh))
         if fresh:
-            self._last_token = fresh[-1].token
+            feed.last_token = fresh[-1].token
         # Handlers run on a thread of their own, in runs of about REPORT_INTERVAL; what a
         # run finished is reported from here (only the actor's thread may send).
         position = 0

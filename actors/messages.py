@@ -51,12 +51,15 @@ class Dispatch:
     so the member handles them in the order they were routed even if the
     transport hands them over in another. ``epoch`` is the Bridge's
     incarnation: a restarted Bridge numbers from 1 again, and a member
-    starts afresh when the epoch goes up.
+    starts afresh when the epoch goes up. ``bridge`` is the index of the
+    Bridge that sent it: a bus may run several, and a member keeps each one's
+    numbering apart.
     """
 
     deliveries: tuple[Delivery, ...]
     sequence: int
     epoch: int = 0
+    bridge: int = 0
 
     def __repr__(self) -> str:
         return f"Dispatch(#{self.sequence}, {len(self.deliveries)} deliveries)"
@@ -167,6 +170,15 @@ def member_name(index: int) -> str:
     return f"{MEMBER_PREFIX}{index}"
 
 
+BRIDGE_NAME = "bridge"
+
+
+def bridge_name(index: int) -> str:
+    """The name of Bridge ``index`` in ``pids`` and ``stats()["actors"]``: the first is
+    ``bridge``, as on a bus with one, the others ``bridge-1``, ``bridge-2``, ..."""
+    return BRIDGE_NAME if index == 0 else f"{BRIDGE_NAME}-{index}"
+
+
 @dataclass(frozen=True, slots=True)
 class StartBus:
     """Facade → Supervisor: build the Bridge and the pool for this configuration."""
@@ -185,14 +197,14 @@ class BusStarted:
 
 @dataclass(frozen=True, slots=True)
 class StartPool:
-    """Supervisor → Router: create ``size`` pool members; ``bridge`` hears where they are.
+    """Supervisor → Router: create ``size`` pool members; the ``bridges`` hear where they are.
 
     ``policy`` restarts members that die; a delivery re-sent to a restarted
     member more than ``max_resends`` times fails by its kind instead.
     """
 
     size: int
-    bridge: Address
+    bridges: tuple[Address, ...]
     policy: RestartPolicy | None = None  # None: OneForOne()
     max_resends: int = 3
     #: Handlers the members run from the start (a restarted pool's, before the Bridge
@@ -236,8 +248,9 @@ class MemberRestarted:
 
 @dataclass(frozen=True, slots=True)
 class BridgeChanged:
-    """Supervisor → Router: the Bridge was restarted; tell ``bridge`` where the members are."""
+    """Supervisor → Router: Bridge ``index`` was restarted; tell ``bridge`` where the members are."""
 
+    index: int
     bridge: Address
 
 
@@ -289,12 +302,19 @@ class MemberReady:
 
 @dataclass(frozen=True, slots=True)
 class StartBridge:
-    """Supervisor → Bridge: connect and be ready; dispatch to ``router`` (None: no pool)."""
+    """Supervisor → Bridge: connect and be ready; dispatch to ``router``'s pool (None: no pool).
+
+    ``index`` is this Bridge's place among the bus's ``bridges``: it reads the
+    partitions whose number is ``index`` modulo ``bridges`` (see
+    :mod:`actorbus.bridge.layout`).
+    """
 
     request_id: int
     config: BusConfig
     router: Address | None
     incarnation: int = 0  # restarts so far: keeps tokens of a restarted Bridge distinct
+    index: int = 0
+    bridges: int = 1
     #: Builds the Bridge's NATS side (None: the real one); a seam for tests of the Bridge.
     link_factory: Any = None
     #: The pins the Bridge before it held, by durable: claimed again (see PinsHeld).

@@ -59,13 +59,14 @@ class _Member:
 class PoolTable:
     """Routes deliveries to pool members, numbers their dispatches, and keeps what each holds."""
 
-    def __init__(self, epoch: int = 0) -> None:
+    def __init__(self, epoch: int = 0, bridge: int = 0) -> None:
         self._members: list[_Member] = []
         self._resends: dict[int, int] = {}       # token → times re-sent to a restarted member
         self._member_of_key: dict[str, int] = {}  # routing key → pool index, remembered
         self._unrouted: list[Delivery] = []       # came before the Router said where members are
-        #: The Bridge's incarnation, carried by every dispatch (see :class:`Dispatch`).
+        #: The Bridge's incarnation and index, carried by every dispatch (see :class:`Dispatch`).
         self.epoch = epoch
+        self.bridge = bridge
         self.max_resends = 3
 
     def __len__(self) -> int:
@@ -172,7 +173,7 @@ class PoolTable:
 
     def dispatches(self) -> Iterator[tuple[Address, Dispatch]]:
         """The dispatches due now: what waits for each member that is up and has room."""
-        epoch = self.epoch
+        epoch, bridge = self.epoch, self.bridge
         for member in self._members:
             while member.waiting and member.address is not None and \
                     member.outstanding < MAX_MEMBER_DISPATCHES and \
@@ -186,7 +187,7 @@ class PoolTable:
                 del member.waiting[:size]
                 member.outstanding += 1
                 member.sent += 1
-                yield member.address, Dispatch(tuple(batch), member.sent, epoch)
+                yield member.address, Dispatch(tuple(batch), member.sent, epoch, bridge)
 
     def completed(self, completion: Completion, sender: Address) -> None:
         """A member reports outcomes: they are no longer held; a final part ends a dispatch."""

@@ -56,7 +56,7 @@ class Router(BusActor):
     def __init__(self) -> None:
         super().__init__()
         self._supervisor = None
-        self._bridge = None
+        self._bridges: list = []   # each Bridge of the bus dispatches to every member
         self._members: list[_Member] = []
         self._subscriptions: list[SubscriptionConfig] = []
         self._budget = RestartBudget()
@@ -70,7 +70,7 @@ class Router(BusActor):
     # ------------------------------------------------------------ set-up
     def receiveMsg_StartPool(self, message: StartPool, sender) -> None:
         self._supervisor = sender
-        self._bridge = message.bridge
+        self._bridges = list(message.bridges)
         self._budget = RestartBudget(message.policy)
         self._max_resends = message.max_resends
         self._subscriptions = list(message.subscriptions)
@@ -93,13 +93,17 @@ class Router(BusActor):
                 self._announce()
                 self.send(self._supervisor, PoolReady(tuple(pids), os.getpid()))  # type: ignore[arg-type]
 
-    def _announce(self) -> None:
-        """Tell the Bridge where every member is (None where one is not up)."""
-        if self._bridge is None or not all(m.ready or m.restarting for m in self._members):
+    def _announce(self, bridges: list | None = None) -> None:
+        """Tell the Bridges (or those of ``bridges``) where every member is (None where one is
+        not up)."""
+        if not self._bridges or not all(m.ready or m.restarting for m in self._members):
             return   # all at once the first time: a restarted pool replaces the old as a whole
         self._announced = True
-        self.send(self._bridge, PoolMembers(
-            tuple(m.address if m.ready else None for m in self._members), self._max_resends))
+        where = PoolMembers(tuple(m.address if m.ready else None for m in self._members),
+                            self._max_resends)
+        for bridge in self._bridges if bridges is None else bridges:
+            if bridge is not None:   # None: a Bridge being restarted hears it once it is back
+                self.send(bridge, where)
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
         self._subscriptions = [s for s in self._subscriptions
@@ -139,9 +143,9 @@ class Router(BusActor):
     def receiveMsg_BridgeChanged(self, message: BridgeChanged, sender) -> None:
         # What the old Bridge dispatched still runs; its completions go to the dead
         # Bridge and JetStream redelivers those messages after AckWait.
-        self._bridge = message.bridge
+        self._bridges[message.index] = message.bridge
         if self._announced:
-            self._announce()
+            self._announce([message.bridge])
 
     # ------------------------------------------------------------ failures
     def receiveMsg_ActorExitRequest(self, message, sender) -> None:

@@ -41,7 +41,8 @@ def consume(params: dict) -> dict:
     count = params["count"]
     log_path = Path(params.get("log_path") or tempfile.mktemp(prefix="actorbus-bench-", suffix=".log"))
     with EventBus(servers=params["url"], pool_size=params["pool"], runtime="processes",
-                  log_config=_log_config(log_path)) as bus:
+                  log_config=_log_config(log_path), partitions=params.get("partitions"),
+                  bridges=params.get("bridges")) as bus:
         def pids() -> list[int]:
             return [os.getpid(), *bus.pids.values()]
 
@@ -70,5 +71,8 @@ def consume(params: dict) -> dict:
         notes += (f"; naked {final.get('naked')}, redelivered {final.get('redelivered')}, "
                   f"restarts {final.get('restarts')}")
     notes += "; CPU s by process: " + ", ".join(f"{name} {seconds:g}" for name, seconds in cpu.items())
+    notes += "; CPU µs per message: " + ", ".join(
+        f"{name} {seconds / max(count, 1) * 1e6:.1f}" for name, seconds in cpu.items()
+        if name.startswith("bridge") or name.startswith("member"))
     return {"elapsed": elapsed, "count": final["acked"], "peak_rss_mb": rss.peak_mb, "notes": notes,
             "cpu_seconds": cpu}

@@ -20,6 +20,11 @@ CPU_US_ENV = "ACTORBUS_BENCH_CPU_US"
 #: Subject prefix and stream of the throughput run.
 STREAM = "BENCH"
 SUBJECT = "bench.events"
+#: The stream of the ``--bridges`` rows: the aggregate id is the subject's last token, and the
+#: stream partitions itself on it (as a bus with ``partitions=`` creates its streams).
+PARTITIONED_STREAM = "BENCHP"
+PARTITIONED_SUBJECT = "benchp.*"
+BENCH_PARTITIONS = 8
 #: Consumer fetch size of the plain loop and the FastStream pull subscriber.
 FETCH_BATCH = 500
 

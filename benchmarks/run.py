@@ -30,13 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from nats.js.api import StorageType
+from nats.js.api import StorageType, SubjectTransform
 from rich.console import Console
 from rich.markup import escape
 
+from actorbus.groups import partition_transform
 from actorbus.server import NatsServer
 from actorbus.benchmarks import faststream_peer, report
 from actorbus.benchmarks.common import (
+    BENCH_PARTITIONS,
+    PARTITIONED_STREAM,
+    PARTITIONED_SUBJECT,
     STREAM,
     SUBJECT,
     check_order,
@@ -87,6 +91,26 @@ async def _prepublish(url: str, messages: int, keys: int) -> float:
         if info.state.messages != messages:
             raise RuntimeError(f"stream {STREAM} holds {info.state.messages} messages, {messages} published")
         return elapsed
+    finally:
+        await nc.close()
+
+
+async def _prepublish_partitioned(url: str, messages: int, keys: int) -> float:
+    """The same envelopes on the partitioned stream, each key the subject's last token."""
+    nc = await nats.connect(url, name="bench-publisher")
+    try:
+        js = nc.jetstream()
+        transform = SubjectTransform(src=PARTITIONED_SUBJECT,
+                                     dest=partition_transform(PARTITIONED_SUBJECT, BENCH_PARTITIONS))
+        await js.add_stream(name=PARTITIONED_STREAM, subjects=[PARTITIONED_SUBJECT],
+                            storage=StorageType.FILE, subject_transform=transform)
+        prefix = PARTITIONED_SUBJECT[:-1]
+        started = time.perf_counter()
+        for start in range(0, messages, PUBLISH_CHUNK):
+            indices = range(start, min(start + PUBLISH_CHUNK, messages))
+            await asyncio.gather(*(js.publish(f"{prefix}k{i % keys}", make_envelope(f"k{i % keys}", i // keys))
+                                   for i in indices))
+        return time.perf_counter() - started
     finally:
         await nc.close()
 
@@ -199,11 +223,13 @@ def _run_worker(params: dict[str, Any], work_dir: Path, *, pace: dict | None = N
 
 
 # ====================================================================== the whole run
-def _variants(pools: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
+def _variants(pools: list[int], bridges: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
     found = [("plain", "plain", {}), ("FastStream", "faststream", {}),
              (f"FastStream max_workers={FASTSTREAM_WORKERS}", "faststream",
               {"max_workers": FASTSTREAM_WORKERS})]
     found += [(f"actorbus pool={p}", "actorbus", {"pool": p}) for p in pools]
+    found += [(f"actorbus pool={pools[0]} bridges={k}", "actorbus",
+               {"pool": pools[0], "bridges": k, "partitions": BENCH_PARTITIONS}) for k in bridges]
     return found
 
 
@@ -217,7 +243,9 @@ def _throughput(label: str, kind: str, extra: dict[str, Any], url: str, messages
     slug = _slug(label)
     record_dir = work_dir / slug
     record_dir.mkdir()
-    params = {"kind": kind, "url": url, "stream": STREAM, "subject": SUBJECT, "durable": slug,
+    stream, subject = (PARTITIONED_STREAM, PARTITIONED_SUBJECT) if extra.get("bridges") else \
+        (STREAM, SUBJECT)
+    params = {"kind": kind, "url": url, "stream": stream, "subject": subject, "durable": slug,
               "count": messages, "cpu_us": cpu_us, "record_dir": str(record_dir),
               "timeout": timeout, "log_path": str(work_dir / f"{slug}.log"), **extra}
     with console.status(f"{label}: consuming {messages:,}"):
@@ -332,10 +360,13 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
               quick: bool = False, console: Console | None = None,
               rates: list[str] | tuple[str, ...] = DEFAULT_RATES,
               latency_seconds: float | None = None, latency_keys: int = LATENCY_KEYS,
-              kinds: list[str] | tuple[str, ...] | None = None) -> int:
+              kinds: list[str] | tuple[str, ...] | None = None,
+              bridges: list[int] | tuple[int, ...] = ()) -> int:
     """Run every variant (of ``kinds``: plain, faststream, actorbus; all when None), print the
     throughput table, then the latency table at each of ``rates`` (and write ``json_path``);
-    0 if all ran in order."""
+    0 if all ran in order. Each of ``bridges`` adds an actorbus row (the first pool size) on
+    a stream partitioned :data:`BENCH_PARTITIONS` ways, read by that many Bridges; those
+    rows have no latency phases."""
     console = console or Console()
     if quick:
         messages, pools = min(messages, QUICK_MESSAGES), list(QUICK_POOLS)
@@ -351,6 +382,9 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
     pools = list(pools)
     if not pools or any(p < 1 for p in pools):
         raise ValueError(f"pools must be sizes >= 1, got {pools}")
+    bridges = list(bridges)
+    if any(k < 1 or k > BENCH_PARTITIONS for k in bridges):
+        raise ValueError(f"bridges must be counts from 1 to {BENCH_PARTITIONS}, got {bridges}")
     unknown = set(kinds or ()) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown variant kind(s) {sorted(unknown)}; known: {', '.join(KINDS)}")
@@ -368,8 +402,12 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
             publish_s = asyncio.run(_prepublish(server.url, messages, keys))
             console.print(f"nats-server pid {server.pid}: published {messages:,} in {publish_s:.1f} s "
                           f"({messages / publish_s:,.0f}/s), FILE storage")
+            if bridges and (not kinds or "actorbus" in kinds):
+                publish_s = asyncio.run(_prepublish_partitioned(server.url, messages, keys))
+                console.print(f"published {messages:,} again on {PARTITIONED_STREAM} "
+                              f"({BENCH_PARTITIONS} partitions) in {publish_s:.1f} s")
             specs: dict[str, tuple[str, dict[str, Any]]] = {}
-            for label, kind, extra in _variants(pools):
+            for label, kind, extra in _variants(pools, bridges):
                 if kinds and kind not in kinds:
                     continue
                 specs[label] = (kind, extra)
@@ -382,7 +420,7 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
             report.add_ratios(rows)
             if rates:
                 for number, r in enumerate(rows):
-                    if r["msgs_per_s"]:
+                    if r["msgs_per_s"] and not specs[r["variant"]][1].get("bridges"):
                         kind, extra = specs[r["variant"]]
                         latency_rows += _latency(r["variant"], number, kind, extra,
                                                  r["msgs_per_s"], rates, server.url, latency_keys,

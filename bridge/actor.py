@@ -31,6 +31,7 @@ from actorbus.actors.watchdog import Watchdog
 from actorbus.bridge.extraction import extract_aggregate_id, invalid_id_header
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.jetstream import subject_covers
+from actorbus.bridge.layout import BridgePartitions, ConsumerLayout, layout_for
 from actorbus.bridge.mailbox import Mailbox, PinsChanged, Released
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.bridge.nats_link import NatsLink
@@ -122,6 +123,8 @@ class Bridge(BusActor):
         self._recovered: dict[str, dict[int, InFlight | float]] = {}
         self._last_held = 0
         self._invalid_key_warned: dict[str, float] = {}   # subscription → last warning (monotonic)
+        self._layout: ConsumerLayout = BridgePartitions()
+        self._reads: dict[str, bool] = {}   # subscription → this Bridge reads a durable of it
 
     def watch(self) -> ThespianWatch | None:
         """The mailbox's descriptor while connected (multiprocTCPBase)."""
@@ -169,7 +172,8 @@ class Bridge(BusActor):
 
     def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
         self.send(sender, Stats(message.request_id, self._stats(),
-                                by_subscription={name: tally.snapshot()
+                                by_subscription={name: {**tally.snapshot(),
+                                                        "bridges": int(self._reads.get(name, False))}
                                                  for name, tally in self._tallies.items()},
                                 queue_depths=self._pool.depths()))
 
@@ -193,11 +197,12 @@ class Bridge(BusActor):
         self._config = config = message.config
         self._router = message.router
         self._inflight = InFlightTable(first_token=(message.incarnation << INCARNATION_SHIFT) + 1)
-        self._pool.epoch = message.incarnation
+        self._pool.epoch, self._pool.bridge = message.incarnation, message.index
+        self._layout = layout_for(config, message.index)
         if self._router is None:
             self._direct = HandlerTable(watchdog=Watchdog())
         make_link = message.link_factory or NatsLink
-        self._link = make_link(config, self._mailbox)
+        self._link = make_link(config, self._mailbox, self._layout)
         self._supervisor = sender
         if message.pins:
             self._link.claim_pins(message.pins)
@@ -235,6 +240,13 @@ class Bridge(BusActor):
                                         f"{sub.handler}: {exc}"))
                 return
         self._subscriptions[sub.name] = sub
+        self._reads[sub.name] = bool(self._layout.consumers(sub))
+        if self._config is not None and self._config.bridges > 1 and sub.partitions is None \
+                and self._reads[sub.name]:
+            log.warning("subscription %s is read by one Bridge of %d: its stream is not "
+                        "partitioned (a subject ending with the aggregate id as a '*' token, "
+                        "with partitions=, lets every Bridge share it)", sub.name,
+                        self._config.bridges)
         self._orders.setdefault(sub.name, KeyOrder())
         self._recovered.setdefault(sub.name, {})
         self._tallies.setdefault(sub.name, SubscriptionTally("envelope" if sub.envelope else "plain"))

@@ -1,10 +1,14 @@
 """How a subscription is laid out as JetStream consumers.
 
 A bus on its own reads one durable consumer filtered on the subscription's
-subject (:class:`SingleDurable`). A bus in a partitioned consumer group
-(:mod:`actorbus.groups`) reads its member's durable (:class:`StaticMembers`)
-or one durable per partition it owns now (:class:`ElasticPartitions`). The
-Bridge's pull path only ever sees :class:`ConsumerSpec` values.
+subject (:class:`SingleDurable`), or, when the stream is partitioned (the
+aggregate id is the subject's last token), one durable per partition,
+spread over the bus's Bridges (:class:`BridgePartitions`): that is what
+lets several Bridges share a subscription while each key stays with one
+Bridge. A bus in a partitioned consumer group (:mod:`actorbus.groups`)
+reads its member's durable (:class:`StaticMembers`) or one durable per
+partition it owns now (:class:`ElasticPartitions`). The Bridge's pull path
+only ever sees :class:`ConsumerSpec` values.
 """
 from __future__ import annotations
 
@@ -43,6 +47,44 @@ class SingleDurable:
         """The one consumer of ``sub``."""
         return (ConsumerSpec(sub.stream, sub.durable, (sub.subject,), sub.priority_group,
                              sub.pin_timeout),)
+
+
+class BridgePartitions:
+    """A bus of ``bridges`` Bridges on its own; this is Bridge ``index``'s share.
+
+    A partitioned subscription has a durable per partition, ``<durable>-p<i>``,
+    and Bridge ``index`` reads those with ``i % bridges == index``: a key lives
+    in one partition, so in one Bridge. A durable per partition (rather than per
+    Bridge) keeps each partition's acks where they are when the number of
+    Bridges changes. A subscription that is not partitioned has no key the
+    server can split by: the first Bridge reads it alone (:class:`SingleDurable`).
+    """
+
+    def __init__(self, index: int = 0, bridges: int = 1) -> None:
+        if not 0 <= index < bridges:
+            raise ValueError(f"Bridge {index} of {bridges}")
+        self.index = index
+        self.bridges = bridges
+
+    def partitions(self, sub: SubscriptionConfig) -> tuple[int, ...]:
+        """The partitions of ``sub`` this Bridge reads (none when ``sub`` is not partitioned)."""
+        if sub.partitions is None:
+            return ()
+        return tuple(range(self.index, sub.partitions, self.bridges))
+
+    def consumers(self, sub: SubscriptionConfig) -> tuple[ConsumerSpec, ...]:
+        """This Bridge's durables of ``sub``."""
+        if sub.partitions is None:
+            return SingleDurable().consumers(sub) if self.index == 0 else ()
+        return tuple(ConsumerSpec(sub.stream, partition_durable(sub.durable, p),
+                                  (partition_filter(sub.subject, p),), sub.priority_group,
+                                  sub.pin_timeout)
+                     for p in self.partitions(sub))
+
+
+def partition_durable(durable: str, partition: int) -> str:
+    """The durable of one partition of a partitioned subscription on a bus of its own."""
+    return f"{durable}-p{partition}"
 
 
 class StaticMembers:
@@ -84,11 +126,11 @@ class ElasticPartitions:
                             sub.pin_timeout)
 
 
-def layout_for(config: BusConfig) -> ConsumerLayout:
-    """The layout a bus with ``config`` reads its subscriptions with."""
+def layout_for(config: BusConfig, index: int = 0) -> ConsumerLayout:
+    """The layout Bridge ``index`` of a bus with ``config`` reads its subscriptions with."""
     group = config.group
     if group is None:
-        return SingleDurable()
+        return BridgePartitions(index, config.bridges)
     if group.kind is GroupKind.STATIC:
         return StaticMembers(group)
     return ElasticPartitions(group)

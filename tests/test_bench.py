@@ -40,6 +40,15 @@ def test_bench_quick_writes_rows_in_order(tmp_path: Path) -> None:
         assert latency[(variant, "200")]["rate"] == 200
         # half: half of the variant's own peak
         assert abs(latency[(variant, "half")]["rate"] - throughput[variant]["msgs_per_s"] / 2) <= 1
+    # --bridges 1,2 (the default): a partitioned stream read by one Bridge, then by two.
+    for bridges in (1, 2):
+        row = throughput.get(f"actorbus pool=2 bridges={bridges}")
+        assert row is not None, sorted(throughput)
+        assert row["msgs_per_s"] > 0 and row["order_violations"] == 0, row
+        assert "MISSING" not in row["notes"], row
+    assert "bridge-1" in throughput["actorbus pool=2 bridges=2"]["notes"]
+    assert "bridge-1" not in throughput["actorbus pool=2 bridges=1"]["notes"]
+    assert not [key for key in latency if "bridges=" in key[0]]
     for row in throughput.values():
         assert tuple(row) == report.KEYS
     for row in latency.values():

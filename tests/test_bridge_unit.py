@@ -51,7 +51,7 @@ class FakeLink:
     forgotten: list[Any] = field(default_factory=list)
     claimed: dict[str, str] = field(default_factory=dict)
 
-    def attach(self, config: BusConfig, mailbox: Any) -> "FakeLink":
+    def attach(self, config: BusConfig, mailbox: Any, layout: Any = None) -> "FakeLink":
         self.mailbox = mailbox
         return self
 

@@ -63,7 +63,7 @@ def test_router_announces_its_members_and_the_pool_table_routes_by_key(system, r
     spec = SubscriptionConfig("orders.>", "tests.handlers:record", envelope=False,
                               durable="orders")
     # The handlers come with StartPool: the members run them before the Bridge hears of them.
-    assert isinstance(system.ask(router, StartPool(3, bridge, subscriptions=(spec,)), 5),
+    assert isinstance(system.ask(router, StartPool(3, (bridge,), subscriptions=(spec,)), 5),
                       PoolReady)
     assert isinstance(system.ask(router, RegisterHandler(7, spec), 5), HandlerRegistered)
 
