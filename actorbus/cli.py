@@ -225,11 +225,14 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
 @click.option("--pid-file", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the pids of every process of this instance (this one, the actor "
                    "system's, each actor's) to this file, space-separated; removed on exit.")
+@click.option("--bridges", type=click.IntRange(min=1, max=64), default=None,
+              help="Bridge processes sharing the partitioned subscriptions [default: the "
+                   "topology's, else one per four cores when it has partitions].")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: int | None,
         metrics_host: str | None, drain_timeout: float, member: str | None,
-        pid_file: str | None, debug: bool, **nats: str | None) -> None:
+        pid_file: str | None, bridges: int | None, debug: bool, **nats: str | None) -> None:
     """Run TOPOLOGY (package.module:name, an actorbus Topology) until SIGTERM or
     Ctrl-C, then drain: stop fetching, let in-flight messages finish, stop.
 
@@ -249,7 +252,8 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
         loaded = load_topology(topology)
         overrides: dict[str, Any] = {name: value for name, value in (("metrics_port", metrics_port),
                                                       ("metrics_host", metrics_host),
-                                                      ("member", member))
+                                                      ("member", member),
+                                                      ("bridges", bridges))
                      if value is not None}
         overrides.update(nats_settings(ctx, nats))
         bus = loaded.start(servers, **overrides)
@@ -308,8 +312,8 @@ def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: in
 @click.option("--instances", default=None, metavar="COUNTS",
               help="Instead: comma-separated counts of actorbus instances on this host, in one "
                    "elastic consumer group (pool: the first of --pools), one row each.")
-@click.option("--bridges", "bridge_counts", default="1,2", show_default=True, metavar="COUNTS",
-              help="Comma-separated Bridge counts, one actorbus row each (the first pool size) "
+@click.option("--bridges", "bridge_counts", default="1,2,4", show_default=True, metavar="COUNTS",
+              help="Comma-separated Bridge counts, one actorbus row each (the largest pool) "
                    "on a stream partitioned 8 ways; '' for none.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context

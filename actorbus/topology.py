@@ -27,7 +27,8 @@ class Topology:
     ``bus`` holds :class:`EventBus` keyword arguments (``pool_size``,
     ``supervision``, ``metrics_port``, credentials and TLS such as
     ``creds`` or ``tls_ca``, a consumer group's ``group``, ``partitions``
-    and ``members``, ...; ``actorbus run --member`` names the instance);
+    and ``members``, or ``partitions`` and ``bridges`` for one bus on many
+    cores, ...; ``actorbus run --member`` names the instance);
     ``servers`` may be overridden when the
     topology is started; without any, ``$NATS_URL`` or
     ``nats://127.0.0.1:4222``.

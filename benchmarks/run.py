@@ -37,6 +37,7 @@ from rich.markup import escape
 from actorbus.groups import partition_transform
 from actorbus.server import NatsServer
 from actorbus.benchmarks import faststream_peer, report
+from actorbus.benchmarks.procfs import process_cpu_seconds
 from actorbus.benchmarks.common import (
     BENCH_PARTITIONS,
     PARTITIONED_STREAM,
@@ -228,8 +229,9 @@ def _variants(pools: list[int], bridges: list[int]) -> list[tuple[str, str, dict
              (f"FastStream max_workers={FASTSTREAM_WORKERS}", "faststream",
               {"max_workers": FASTSTREAM_WORKERS})]
     found += [(f"actorbus pool={p}", "actorbus", {"pool": p}) for p in pools]
-    found += [(f"actorbus pool={pools[0]} bridges={k}", "actorbus",
-               {"pool": pools[0], "bridges": k, "partitions": BENCH_PARTITIONS}) for k in bridges]
+    # The largest pool: several Bridges are for a pool that one Bridge cannot keep busy.
+    found += [(f"actorbus pool={max(pools)} bridges={k}", "actorbus",
+               {"pool": max(pools), "bridges": k, "partitions": BENCH_PARTITIONS}) for k in bridges]
     return found
 
 
@@ -239,7 +241,7 @@ def _slug(label: str) -> str:
 
 def _throughput(label: str, kind: str, extra: dict[str, Any], url: str, messages: int,
                 keys: int, cpu_us: float, timeout: float, work_dir: Path,
-                console: Console) -> dict[str, Any]:
+                console: Console, server_pid: int | None = None) -> dict[str, Any]:
     slug = _slug(label)
     record_dir = work_dir / slug
     record_dir.mkdir()
@@ -248,6 +250,7 @@ def _throughput(label: str, kind: str, extra: dict[str, Any], url: str, messages
     params = {"kind": kind, "url": url, "stream": stream, "subject": subject, "durable": slug,
               "count": messages, "cpu_us": cpu_us, "record_dir": str(record_dir),
               "timeout": timeout, "log_path": str(work_dir / f"{slug}.log"), **extra}
+    server_cpu = process_cpu_seconds(server_pid) if server_pid else 0.0
     with console.status(f"{label}: consuming {messages:,}"):
         try:
             result = _run_worker(params, work_dir)
@@ -258,6 +261,10 @@ def _throughput(label: str, kind: str, extra: dict[str, Any], url: str, messages
     distinct, duplicates, violations = check_order(rows)
     rate = messages / result["elapsed"]
     notes = result["notes"]
+    if server_pid:
+        # From the worker's start to its end: start-up and the consume phase, not only the latter.
+        server_cpu = process_cpu_seconds(server_pid) - server_cpu
+        notes += f"; nats-server CPU {server_cpu:.2f} s ({server_cpu / messages * 1e6:.1f} µs per message)"
     if distinct != messages:
         notes += f"; {messages - distinct} MISSING"
     if duplicates:
@@ -364,7 +371,7 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
               bridges: list[int] | tuple[int, ...] = ()) -> int:
     """Run every variant (of ``kinds``: plain, faststream, actorbus; all when None), print the
     throughput table, then the latency table at each of ``rates`` (and write ``json_path``);
-    0 if all ran in order. Each of ``bridges`` adds an actorbus row (the first pool size) on
+    0 if all ran in order. Each of ``bridges`` adds an actorbus row (the largest pool) on
     a stream partitioned :data:`BENCH_PARTITIONS` ways, read by that many Bridges; those
     rows have no latency phases."""
     console = console or Console()
@@ -416,7 +423,7 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
                     console.print(escape(f"{label}: skipped, {faststream_peer.MISSING_NOTE}"))
                     continue
                 rows.append(_throughput(label, kind, extra, server.url, messages, keys, cpu_us,
-                                        timeout, work_dir, console))
+                                        timeout, work_dir, console, server.pid))
             report.add_ratios(rows)
             if rates:
                 for number, r in enumerate(rows):

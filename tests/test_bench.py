@@ -40,8 +40,8 @@ def test_bench_quick_writes_rows_in_order(tmp_path: Path) -> None:
         assert latency[(variant, "200")]["rate"] == 200
         # half: half of the variant's own peak
         assert abs(latency[(variant, "half")]["rate"] - throughput[variant]["msgs_per_s"] / 2) <= 1
-    # --bridges 1,2 (the default): a partitioned stream read by one Bridge, then by two.
-    for bridges in (1, 2):
+    # --bridges 1,2,4 (the default): a partitioned stream read by one Bridge, then two, then four.
+    for bridges in (1, 2, 4):
         row = throughput.get(f"actorbus pool=2 bridges={bridges}")
         assert row is not None, sorted(throughput)
         assert row["msgs_per_s"] > 0 and row["order_violations"] == 0, row

@@ -35,7 +35,7 @@ def python_blocks(text: str) -> list[str]:
 
 def test_readme_has_the_snippets_this_test_runs():
     blocks = python_blocks(README.read_text())
-    assert len(blocks) == 9
+    assert len(blocks) == 10
     assert blocks[0].startswith("# myapp.py\n")
     assert not any("4222" in b and "NATS_URL" not in b for b in blocks), "a hard-coded server"
 
