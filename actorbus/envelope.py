@@ -170,7 +170,7 @@ def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *
 
     ``format`` fixes the encoding (``AUTO``: recognised by the first bytes).
     ``validated=True`` skips the field checks for bytes that already passed
-    them (the Bridge validates before dispatching; the pool decodes again).
+    them (decoded once more where they were checked before).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidEnvelope("<envelope>", f"expected bytes, got {type(data).__name__}")

@@ -77,12 +77,16 @@ class OutcomeKind(enum.StrEnum):
     UNDELIVERED = "undelivered"  #: it never reached a handler (hand-off failed)
     #: not handled: an older message of its key failed and is due to come back first
     DEFERRED = "deferred"
+    #: not handled: not a valid envelope (or not of the key it was routed by); it never
+    #: can be, so it is dead-lettered at once
+    INVALID = "invalid"
 
 
 SUCCEEDED = OutcomeKind.SUCCEEDED
 FAILED = OutcomeKind.FAILED
 UNDELIVERED = OutcomeKind.UNDELIVERED
 DEFERRED = OutcomeKind.DEFERRED
+INVALID = OutcomeKind.INVALID
 
 
 class Outcome(NamedTuple):

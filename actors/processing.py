@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 from actorbus.actors.handlers import HandlerError, resolve_handler
 from actorbus.actors.instances import AggregateInstances
-from actorbus.actors.messages import DEFERRED, FAILED, SUCCEEDED, UNDELIVERED, Delivery, Outcome
+from actorbus.actors.messages import (DEFERRED, FAILED, INVALID, SUCCEEDED, UNDELIVERED, Delivery,
+                                      Outcome)
 from actorbus.actors.watchdog import Watchdog
 from actorbus.aggregate import Aggregate
 from actorbus.config import SubscriptionConfig
@@ -89,7 +90,7 @@ class HandlerTable:
         if delivery.aggregate_id is None:
             return
         key = (delivery.subscription, delivery.aggregate_id)
-        if outcome.kind != SUCCEEDED and self._comes_back(delivery):
+        if outcome.kind not in (SUCCEEDED, INVALID) and self._comes_back(delivery):
             self._blocked[key] = delivery.stream_sequence
         elif self._blocked.get(key) == delivery.stream_sequence:
             del self._blocked[key]   # the failed one came back and is settled now
@@ -106,9 +107,12 @@ class HandlerTable:
             return Outcome(delivery.token, UNDELIVERED,
                            f"no handler registered for subscription {delivery.subscription!r}", 0)
         try:
-            handler = self._handler(spec)
             message = self._message(spec, delivery)
-        except (HandlerError, InvalidEnvelope) as exc:
+        except InvalidEnvelope as exc:
+            return Outcome(delivery.token, INVALID, str(exc), 0)
+        try:
+            handler = self._handler(spec)
+        except HandlerError as exc:
             return Outcome(delivery.token, FAILED, str(exc), 1)
         attempt = 1
         started = time.perf_counter()
@@ -154,9 +158,16 @@ class HandlerTable:
         envelope = None
         data = delivery.data
         if spec.envelope:
-            # The Bridge validated these bytes before dispatching them.
+            # Validated here, not in the Bridge: a member has cores to spare, the Bridge
+            # is the stage every message passes through. It routed by a key it read
+            # without decoding (the subject, a header, a peek): the envelope must agree.
             envelope = decode_envelope(delivery.data, spec.envelope_format,
-                                       max_bytes=spec.max_envelope_bytes, validated=True)
+                                       max_bytes=spec.max_envelope_bytes)
+            if delivery.aggregate_id is not None and envelope.aggregate_id != delivery.aggregate_id:
+                raise InvalidEnvelope(
+                    "aggregate_id", f"{envelope.aggregate_id!r} differs from the key the "
+                    f"message was routed by, {delivery.aggregate_id!r} (its subject's last token "
+                    "on a partitioned stream, else its X-Aggregate-ID header)")
             data = envelope.payload
         return Message(
             subject=delivery.subject,

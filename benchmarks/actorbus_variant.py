@@ -16,7 +16,7 @@ POLL_INTERVAL = 0.05
 
 
 def handle(msg: Message) -> None:
-    """Runs in the aggregate actor processes; the Bridge has decoded the envelope already."""
+    """Runs in the aggregate actor processes, on the envelope the member decoded and validated."""
     RECORDER.handle(msg.aggregate_id, msg.data)
 
 

@@ -87,7 +87,7 @@ def busy_loop(microseconds: float) -> None:
 def handle_raw(data: bytes) -> None:
     """The work of the single-process peers: decode the envelope, then :meth:`Recorder.handle`.
 
-    (In actorbus the Bridge decodes the envelope; see :mod:`actorbus.benchmarks.actorbus_variant`.)
+    (In actorbus a pool member decodes it; see :mod:`actorbus.benchmarks.actorbus_variant`.)
     """
     envelope = decode_envelope(data)
     RECORDER.handle(envelope.aggregate_id, envelope.payload)

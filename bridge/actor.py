@@ -17,7 +17,8 @@ from typing import Any
 from thespian.actors import PoisonMessage, ThespianWatch
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, UNDELIVERED, BridgeReady,
+from actorbus.actors.messages import (DEFERRED, FAILED, INVALID, SUCCEEDED, UNDELIVERED,
+                                      BridgeReady,
                                       BusStopped,
                                       Completion, Delivery, Dispatch, DrainDeadline, Halt,
                                       Outcome, PinsHeld, PollMailbox, PoolMembers, ProgressTick,
@@ -28,7 +29,7 @@ from actorbus.actors.pool import PoolTable
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
-from actorbus.bridge.extraction import extract_aggregate_id, invalid_id_header
+from actorbus.bridge.extraction import envelope_key, extract_aggregate_id, invalid_id_header
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.jetstream import subject_covers
 from actorbus.bridge.layout import BridgePartitions, ConsumerLayout, layout_for
@@ -41,7 +42,6 @@ from actorbus.bridge.settlement import (ACK, DEAD_LETTER, NAK, Action, Order, de
                                         decide)
 from actorbus.bridge.tally import SubscriptionTally
 from actorbus.config import BusConfig, SubscriptionConfig
-from actorbus.envelope import InvalidEnvelope, decode_envelope
 from actorbus.groups import without_partition
 
 log = logging.getLogger("actorbus.bridge")
@@ -326,15 +326,7 @@ class Bridge(BusActor):
             if recovered and stream_sequence in recovered:
                 self._redelivered_after_recovery(sub, msg, stream_sequence, orders)
                 continue
-            try:
-                aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
-            except InvalidEnvelope as exc:
-                # It can never succeed: redelivering it would only loop.
-                log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
-                          msg.subject, sub.stream, stream_sequence, exc, sub.dead_letter_subject)
-                self._counts["invalid"] += 1
-                orders.append(_dead_letter(msg, sub, stream_sequence, delivery_count, str(exc)))
-                continue
+            aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
             if aggregate_id is None and not sub.envelope and msg.headers:
                 self._note_invalid_key(sub, msg, tally, now)
             entry = InFlight(msg, sub, now)
@@ -362,10 +354,7 @@ class Bridge(BusActor):
         recovered = self._recovered[sub.name]
         now = time.monotonic()
         for msg in msgs:
-            try:
-                aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
-            except InvalidEnvelope:
-                continue   # its redelivery is dead-lettered
+            aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
             if aggregate_id is None or msg.sequence in recovered or \
                     order.is_open(aggregate_id, msg.sequence):
                 continue
@@ -379,11 +368,13 @@ class Bridge(BusActor):
             else:
                 entry.held = True
 
-    def _aggregate_id(self, sub: SubscriptionConfig, subject: str, data: bytes,
+    @staticmethod
+    def _aggregate_id(sub: SubscriptionConfig, subject: str, data: bytes,
                       headers: Any) -> str | None:
         if sub.envelope:
-            return decode_envelope(data, sub.envelope_format,
-                                   max_bytes=sub.max_envelope_bytes).aggregate_id
+            # Not decoded here: the member validates it (an invalid one comes back INVALID).
+            return envelope_key(data, headers, subject, partitioned=sub.partitions is not None,
+                                key_from_subject=sub.key_from_subject)
         return extract_aggregate_id(data, headers, None, subject,
                                     key_from_subject=sub.key_from_subject)
 
@@ -546,6 +537,14 @@ class Bridge(BusActor):
 
     def _decide(self, entry: InFlight, outcome: Outcome) -> Order:
         sub, delivery = entry.subscription, entry.delivery
+        if outcome.kind == INVALID:
+            # It can never succeed: redelivering it would only loop.
+            log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
+                      entry.msg.subject, sub.stream, delivery.stream_sequence, outcome.error,
+                      sub.dead_letter_subject)
+            self._counts["invalid"] += 1
+            return _dead_letter(entry.msg, sub, delivery.stream_sequence, delivery.delivery_count,
+                                outcome.error)
         tally = self._tallies[sub.name]
         tally.counts[_OUTCOME_COUNTERS[outcome.kind]] += 1
         if outcome.kind != UNDELIVERED:

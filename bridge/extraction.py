@@ -1,11 +1,14 @@
 """Which aggregate a message belongs to: the rules of SPEC §2."""
 from __future__ import annotations
 
+import json
 import logging
 import warnings
-from typing import Mapping
+from typing import Any, Mapping
 
-from actorbus.codecs import CODECS
+import msgpack
+
+from actorbus.codecs import CODECS, JSON, MsgpackCodec
 from actorbus.envelope import Envelope, InvalidEnvelope, decode_envelope
 from actorbus.ids import AGGREGATE_ID_HEADERS, is_valid_id
 
@@ -63,6 +66,47 @@ def extract_aggregate_id(
         if is_valid_id(token):
             return token
     return None
+
+
+def envelope_key(data: bytes, headers: Mapping[str, str] | None, subject: str, *,
+                 partitioned: bool = False, key_from_subject: bool = False) -> str | None:
+    """The aggregate id the Bridge routes an envelope by, read without validating it.
+
+    On a partitioned stream, the subject's last token (the server partitioned it
+    by that); else an aggregate-id header; else the envelope's own
+    ``aggregate_id``, peeked at with the C decoders; else, with
+    ``key_from_subject``, the last subject token. The pool member that handles
+    it validates the whole envelope, and that its ``aggregate_id`` is this key:
+    the Bridge, which every message passes through, does not pay for that.
+    """
+    if partitioned:
+        token = subject.rsplit(".", 1)[-1]
+        return token if is_valid_id(token) else None
+    if headers:
+        found = _from_headers(headers)
+        if found is not None:
+            return found
+    found = peek_aggregate_id(data)
+    if found is None and key_from_subject:
+        token = subject.rsplit(".", 1)[-1]
+        return token if is_valid_id(token) else None
+    return found
+
+
+def peek_aggregate_id(data: Any) -> str | None:
+    """The ``aggregate_id`` of an encoded envelope if it has a valid one, else None; nothing
+    else of the envelope is checked, and nothing raises."""
+    try:
+        if data and data[0] in MsgpackCodec._MAP_PREFIX:
+            wire = msgpack.unpackb(data, raw=False)
+        elif JSON.recognises(data):
+            wire = json.loads(data)
+        else:
+            return None
+    except Exception:   # not an envelope: its member says why, and it is dead-lettered
+        return None
+    value = wire.get("aggregate_id") if isinstance(wire, dict) else None
+    return value if isinstance(value, str) and is_valid_id(value) else None
 
 
 def _from_headers(headers: Mapping[str, str]) -> str | None:

@@ -16,9 +16,9 @@ import pytest
 from thespian.actors import Actor, ActorSystem
 
 from actorbus import Envelope
-from actorbus.actors.messages import (DEFERRED, FAILED, SUCCEEDED, BridgeReady, BusStopped, Completion,
-                                      Dispatch, Halt, Outcome, PinsHeld, PoolMembers, StartBridge,
-                                      StopBus, Subscribe, Subscribed)
+from actorbus.actors.messages import (DEFERRED, FAILED, INVALID, SUCCEEDED, BridgeReady, BusStopped,
+                                      Completion, Dispatch, Halt, Outcome, PinsHeld, PoolMembers,
+                                      StartBridge, StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.bridge.actor import Bridge
 from actorbus.bridge.mailbox import Arrival, PinsChanged, Released
 from actorbus.bridge.metadata import delivery_numbers
@@ -195,13 +195,30 @@ def test_an_envelope_failure_is_naked_with_a_delay_then_dead_lettered_on_its_las
     assert link.settled[1].dead_letter_headers["Actorbus-Error"] == "boom"
 
 
-def test_an_invalid_envelope_is_dead_lettered_at_once_and_never_dispatched(bridge):
+def test_an_invalid_envelope_is_dead_lettered_at_once_on_its_member_s_word(bridge):
+    # The Bridge does not decode envelopes: it routes by a key it reads cheaply and the
+    # member validates; an INVALID outcome is dead-lettered at once, never naked.
     system, actor, router, link = bridge
-    link.deliver("orders", msg("orders.a", b"\xc1 not an envelope", 1), msg("orders.a", envelope("a", b"2"), 2))
-    deliveries = dispatched(system, router, 1)
-    assert [d.stream_sequence for d in deliveries] == [2]
-    assert link.actions() == [("orders.a", DEAD_LETTER)]
-    assert "expected a msgpack map" in link.settled[0].dead_letter_headers["Actorbus-Error"]
+    link.deliver("orders", msg("orders.a", b"\xc1 not an envelope", 1),
+                 msg("orders.a", envelope("a", b"2"), 2, **{"X-Aggregate-ID": "a"}))
+    bad, good = dispatched(system, router, 2)
+    assert (bad.aggregate_id, good.aggregate_id) == (None, "a")   # no key to peek at: keyless
+    system.tell(actor, Completion.of([Outcome(bad.token, INVALID, "invalid envelope: <envelope>: "
+                                                                  "expected a msgpack map"),
+                                      Outcome(good.token, SUCCEEDED)]))
+    system.listen(0.02)
+    assert link.actions() == [("orders.a", ACK), ("orders.a", DEAD_LETTER)]
+    assert "expected a msgpack map" in link.settled[1].dead_letter_headers["Actorbus-Error"]
+    assert system.ask(actor, StatsRequest(1), 5).counts["invalid"] == 1
+
+
+def test_the_key_is_read_from_the_header_or_peeked_at_without_validating(bridge):
+    system, actor, router, link = bridge
+    link.deliver("orders", msg("orders.x", envelope("b", b"1"), 1, **{"X-Aggregate-ID": "a"}),
+                 msg("orders.y", envelope("c", b"2"), 2))
+    first, second = dispatched(system, router, 2)
+    # The header wins (its member finds the envelope says otherwise, and rejects it).
+    assert (first.aggregate_id, second.aggregate_id) == ("a", "c")
 
 
 def test_a_drain_waits_for_what_is_in_flight_then_closes(bridge):
@@ -237,7 +254,7 @@ def test_a_halted_bridge_settles_nothing_more(bridge):
 
 # ---------------------------------------------------------------- per-key order under redelivery
 def stats_of(system, actor) -> dict:
-    from actorbus.actors.messages import Stats, StatsRequest
+    from actorbus.actors.messages import Stats
     reply = system.ask(actor, StatsRequest(99), 5)
     assert isinstance(reply, Stats)
     return {**reply.counts, **{k: v for t in reply.by_subscription.values()

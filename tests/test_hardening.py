@@ -257,3 +257,23 @@ def test_stop_returns_within_its_timeout_whatever_a_handler_does(make_bus, recor
     assert took < 1.0 + 2.0
     wait_for(lambda: not [pid for pid in actors if process_alive(pid)], timeout=5,
              what="every actor process ended")
+
+
+def test_an_envelope_whose_header_names_another_aggregate_is_dead_lettered(make_bus, records,
+                                                                           nats_server):
+    # The Bridge routes by the header without decoding; the member that decodes it finds
+    # the envelope is another aggregate's: never handled (it would break both keys' order).
+    bus = make_bus(pool_size=2)
+    bus.subscribe("orders.>", handlers.record, durable="orders")
+    bus.publish("orders.a", Envelope.create("b", "Happened", b"0").encode(),
+                headers={"X-Aggregate-ID": "a"})
+    bus.publish_envelope("orders.a", Envelope.create("a", "Happened", b"1"))
+
+    stats = wait_for_stats(bus, "dead_lettered", 1)
+    stats = wait_for_stats(bus, "acked", 1)
+    assert stats["invalid"] == 1 and stats["processed"] == 1 and stats["failed"] == 0
+    assert [(r.aggregate_id, r.data) for r in read_records(records)] == [("a", "1")]
+    (letter,) = stream_messages(nats_server.url, "ORDERS_DLQ")
+    assert letter.headers["Actorbus-Error"] == (
+        "invalid envelope: aggregate_id: 'b' differs from the key the message was routed by, "
+        "'a' (its subject's last token on a partitioned stream, else its X-Aggregate-ID header)")
