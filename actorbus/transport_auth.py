@@ -62,6 +62,9 @@ class SignedPickle:
         if len(key) < KEY_SIZE:
             raise ValueError(f"the transport key must be at least {KEY_SIZE} bytes")
         self._key = key
+        # Frames this process signed once and sends again and again (Thespian's
+        # acknowledgements, one per message received): matched whole, not verified again.
+        self._constants: dict[int, tuple[bytes, Any]] = {}
         self._lock = threading.Lock()
         self._refused = 0
         self._refused_since_warning = 0
@@ -75,8 +78,20 @@ class SignedPickle:
         body = pickle.dumps(obj)
         return hmac.digest(self._key, body, "sha256") + body
 
+    def constant(self, obj: Any) -> bytes:
+        """Sign ``obj`` once for a frame sent many times; :meth:`loads` knows it at sight.
+
+        For values that carry nothing of the sender's (an acknowledgement): its bytes
+        are the same in every frame, and a copy is as good as the original."""
+        signed = self.dumps(obj)
+        self._constants[len(signed)] = (signed, obj)
+        return signed
+
     def loads(self, frame: bytes) -> Any:
         """Unpickle ``frame`` if its MAC verifies; raise :class:`RefusedFrame` if not."""
+        known = self._constants.get(len(frame))
+        if known is not None and frame == known[0]:
+            return known[1]
         view = memoryview(frame)
         body = view[MAC_SIZE:]
         if len(view) <= MAC_SIZE or not hmac.compare_digest(
@@ -166,9 +181,9 @@ def sign_transport() -> SignedPickle:
                 f"cannot authenticate Thespian's actor transport: actorbus expected "
                 f"{'; '.join(problems)}")
         signed = SignedPickle(secrets.token_bytes(KEY_SIZE))
-        TCPTransport.ackMsg = streamBuffer.toSendBuffer(streamBuffer.ackPacket, signed.dumps)
+        TCPTransport.ackMsg = streamBuffer.toSendBuffer(streamBuffer.ackPacket, signed.constant)
         TCPTransport.ackDataErrMsg = streamBuffer.toSendBuffer(streamBuffer.ackDataErrPacket,
-                                                               signed.dumps)
+                                                               signed.constant)
         TCPTransport.serializer = signed
         _signed = signed
         log.debug("actor transport frames are signed (HMAC-SHA256)")

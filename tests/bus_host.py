@@ -1,8 +1,9 @@
 """A bus in a process of its own, for tests that kill the whole host:
-``python -m tests.bus_host URL PIDS_FILE [--pin-timeout S] [--handler NAME]``.
+``python -m tests.bus_host URL PIDS_FILE [--pin-timeout S] [--handler NAME] [--bridges K]``.
 
 It subscribes ``orders.>`` (durable ``orders``) with a handler of
-``tests.handlers`` (``record`` unless told),
+``tests.handlers`` (``record`` unless told); with ``--bridges``, ``orders.*``
+on a stream of 4 partitions read by that many Bridges,
 writes the pid of every process of the bus (itself, Thespian's admin and
 logger, every actor) to PIDS_FILE, and runs until it is killed.
 """
@@ -20,11 +21,17 @@ from tests import handlers
 PIN_TIMEOUT = 2.0
 
 
+#: The partitions of the stream of a host with several Bridges.
+PARTITIONS = 4
+
+
 def main(url: str, pids_file: str, pin_timeout: float = PIN_TIMEOUT,
-         handler: str = "record") -> None:
-    bus = EventBus(servers=url, pool_size=2, window=2048)
-    bus.subscribe("orders.>", getattr(handlers, handler), durable="orders", ack_wait=5.0,
-                  pin_timeout=pin_timeout, pull_expires=pin_timeout / 4)
+         handler: str = "record", bridges: int | None = None) -> None:
+    partitioned = {} if bridges is None else {"partitions": PARTITIONS, "bridges": bridges}
+    bus = EventBus(servers=url, pool_size=2, window=2048, **partitioned)   # type: ignore[arg-type]
+    bus.subscribe("orders.*" if partitioned else "orders.>", getattr(handlers, handler),
+                  durable="orders", ack_wait=5.0, pin_timeout=pin_timeout,
+                  pull_expires=pin_timeout / 4)
     pids = {os.getpid(), *bus.pids.values(), *bus.runtime.pids()}
     with open(pids_file + ".tmp", "w") as out:
         out.write(" ".join(str(pid) for pid in sorted(pids)))
@@ -39,5 +46,6 @@ if __name__ == "__main__":
     parser.add_argument("pids_file")
     parser.add_argument("--pin-timeout", type=float, default=PIN_TIMEOUT)
     parser.add_argument("--handler", default="record")
+    parser.add_argument("--bridges", type=int, default=None)
     args = parser.parse_args()
-    main(args.url, args.pids_file, args.pin_timeout, args.handler)
+    main(args.url, args.pids_file, args.pin_timeout, args.handler, args.bridges)

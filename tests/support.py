@@ -167,13 +167,15 @@ class HostBus:
     """A bus in a process of its own (``tests.bus_host``), to be killed whole like a crashed host."""
 
     def __init__(self, url: str, pids_file: Path, pin_timeout: float | None = None,
-                 handler: str = "record") -> None:
+                 handler: str = "record", bridges: int | None = None) -> None:
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
         args = [sys.executable, "-m", "tests.bus_host", url, str(pids_file), "--handler", handler]
         if pin_timeout is not None:
             args += ["--pin-timeout", str(pin_timeout)]
+        if bridges is not None:
+            args += ["--bridges", str(bridges)]
         self.process = subprocess.Popen(args, cwd=root,
                                         env={**os.environ, "PYTHONPATH": str(root)})
 

@@ -21,7 +21,8 @@ from actorbus.config import (BusConfig, ConfigurationError, SubscriptionConfig, 
 from actorbus.groups import ConsumerGroup
 from actorbus.supervision import Backoff, OneForOne
 from tests import handlers
-from tests.support import consumer_info, publish_spread, wait_for
+from tests.bus_host import PARTITIONS, PIN_TIMEOUT
+from tests.support import HostBus, consumer_info, publish_spread, read_records, wait_for
 from tests.test_ordered_recovery import all_handled, order_report
 
 URL = "nats://127.0.0.1:4222"
@@ -159,3 +160,66 @@ def test_one_bridge_of_two_killed_mid_stream_recovers_its_partitions_in_order(ma
     assert stats["restarts_bridge"] == 1 and stats["restarts"] == 1
     assert bus.pids["bridge"] == survivor   # the other Bridge went on
     assert stats["actors"]["bridge-1"] == "running"
+
+
+@pytest.mark.integration
+def test_a_nats_server_crash_under_two_bridges_keeps_per_key_order(make_bus, records, nats_server):
+    total, keys = 8000, 80
+    bus = make_bus(pool_size=2, partitions=4, bridges=2)
+    bus.subscribe("orders.*", handlers.slow_record, durable="orders", ack_wait=3.0)
+    publish_spread(bus, total, keys, per_key_sequence=True, subject="orders.{aggregate_id}")
+    wait_for(lambda: bus.stats()["processed"] >= 1000, what="processing under way", interval=0.01)
+
+    nats_server.kill()      # file storage keeps the stream and the consumers' state
+    nats_server.start()     # same port, same store
+
+    wait_for(lambda: all_handled(records, total), timeout=120, what="every envelope handled")
+    report = order_report(records, total, keys)
+    print(f"nats-server SIGKILL under two Bridges, {total} envelopes / {keys} keys: {report}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+
+
+@pytest.mark.integration
+def test_a_killed_host_of_two_bridges_is_recovered_in_order_by_the_next_bus(make_bus, records,
+                                                                           nats_server, tmp_path):
+    total, keys = 8000, 80
+    # A slow handler (2 ms): the host is still busy when it is killed.
+    host = HostBus(nats_server.url, tmp_path / "host.pids", handler="slow_record", bridges=2)
+    try:
+        host.wait_started()
+        publisher = make_bus(pool_size=1)   # publishes only; consumes nothing
+        publish_spread(publisher, total, keys, per_key_sequence=True,
+                       subject="orders.{aggregate_id}")
+        wait_for(lambda: len(read_records(records)) >= 1500, what="the host handling",
+                 interval=0.01)
+    finally:
+        host.kill()   # every process of that bus at once, both Bridges with it
+    gaps = {p: (lambda info: info.delivered.stream_seq - info.ack_floor.stream_seq)(
+        consumer_info(nats_server.url, "ORDERS", f"orders-p{p}")) for p in range(PARTITIONS)}
+
+    # Pinned on each partition once the dead host's pins time out.
+    bus = make_bus(pool_size=2, partitions=PARTITIONS, bridges=2)
+    bus.subscribe("orders.*", handlers.record, durable="orders", ack_wait=5.0,
+                  pin_timeout=PIN_TIMEOUT, pull_expires=PIN_TIMEOUT / 4)
+    wait_for(lambda: all_handled(records, total), timeout=120, what="every envelope handled")
+    report, stats = order_report(records, total, keys), bus.stats()
+    print(f"host of two Bridges SIGKILLed, {total} envelopes / {keys} keys: gaps {gaps}, "
+          f"{report}, recovered {stats['recovered']}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+    assert sum(gaps.values()) > 0 and stats["recovered"] > 0
+
+
+@pytest.mark.integration
+def test_a_naked_envelope_holds_back_the_rest_of_its_key_under_two_bridges(make_bus, records):
+    bus = make_bus(pool_size=2, partitions=4, bridges=2)
+    bus.subscribe("orders.*", handlers.fail_first_delivery_of_first, durable="orders", retries=0,
+                  nak_delay=0.3)
+    publish_spread(bus, 51 * 4, keys=4, per_key_sequence=True, subject="orders.{aggregate_id}")
+    wait_for(lambda: all_handled(records, 51 * 4), timeout=60, what="every envelope handled")
+    report, stats = order_report(records, 51 * 4, 4), bus.stats()
+    for key in range(4):
+        successes = [int(r.data) for r in read_records(records)
+                     if r.kind == "ok" and r.aggregate_id == f"agg-{key}"]
+        assert successes == list(range(51)), (key, successes)
+    assert report["lost"] == 0 and report["violations"] == 0
+    assert stats["naked"] == 4 and stats["dead_lettered"] == 0

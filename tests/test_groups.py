@@ -77,8 +77,10 @@ def test_an_elastic_member_is_named_after_its_host_and_process_by_default():
 
 
 def test_the_bus_refuses_group_settings_without_a_group_or_partitions():
-    with pytest.raises(ConfigurationError, match="without group="):
-        EventBus(servers="nats://127.0.0.1:1", runtime="simple", partitions=4)
+    with pytest.raises(ConfigurationError, match="member without group="):
+        EventBus(servers="nats://127.0.0.1:1", runtime="simple", partitions=4, member="a")
+    with pytest.raises(ConfigurationError, match="members without group="):
+        EventBus(servers="nats://127.0.0.1:1", runtime="simple", members=["a"])
     with pytest.raises(ConfigurationError, match="needs partitions="):
         EventBus(servers="nats://127.0.0.1:1", runtime="simple", group="billing")
 

@@ -76,7 +76,8 @@ def _send_as(uid: int, frames: dict[int, bytes]) -> int:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a process as another user needs root")
 def test_another_local_user_cannot_run_code_in_a_running_bus(make_bus, records, log_file,
-                                                            tmp_path):
+                                                            tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="actorbus.transport")
     bus = make_bus(pool_size=1)
     bus.subscribe("orders.>", handlers.record, durable="orders")
     assert bus.publish_envelope("orders.{aggregate_id}", Envelope.create("a-1", "T", b"1")).ok
@@ -113,6 +114,10 @@ def test_another_local_user_cannot_run_code_in_a_running_bus(make_bus, records, 
     wait_for(lambda: actor_pids <= set(refusals()), timeout=10,
              what=f"a refusal logged by each actor process {sorted(actor_pids)}")
     assert all(count == 1 for count in refusals().values()), refusals()
+    # This program's own endpoint (where replies to the bus's calls arrive) refused its one too.
+    own = f"actor transport of pid {os.getpid()} "
+    wait_for(lambda: [r for r in caplog.records if own in r.getMessage()], timeout=10,
+             what="this program's refusal")
 
 
 def test_a_frame_is_unpickled_only_with_the_key_it_was_signed_with(caplog):
@@ -132,6 +137,16 @@ def test_a_frame_is_unpickled_only_with_the_key_it_was_signed_with(caplog):
     wait_for(warnings, timeout=5, what="the refusal warning")
     # Six forged frames, one warning: the rest are counted until the next one.
     assert len(warnings()) == 1 and "refused 1 message(s)" in warnings()[0]
+
+
+def test_a_constant_frame_is_known_at_sight_and_only_with_its_own_mac():
+    ours, theirs = SignedPickle(os.urandom(32)), SignedPickle(os.urandom(32))
+    ack = ours.constant("ACK")
+    assert ours.loads(ack) == "ACK" and ours.loads(ours.dumps("ACK")) == "ACK"
+    for forged in (theirs.constant("ACK"), pickle.dumps("ACK").rjust(len(ack), b"\0")):
+        assert len(forged) == len(ack)
+        with pytest.raises(RefusedFrame):
+            ours.loads(forged)
 
 
 def test_the_key_is_never_shown():
