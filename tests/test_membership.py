@@ -1,17 +1,44 @@
-"""An elastic group's membership: a live member is never dropped on one bad read."""
+"""An elastic group's membership: a live member is never dropped on one bad read.
+
+The unit tests feed the view and the membership directly; the integration
+tests run a real nats-server, and the soak member processes of their own
+(``tests.group_host``): it keeps three members busy beside CPU
+burners for ``ACTORBUS_MEMBERSHIP_SOAK`` seconds (default 15, short enough for the
+suite; set 60 or more for a longer look).
+"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
+import pytest
 from nats.js.errors import BucketNotFoundError, NoKeysError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from actorbus import Envelope
 from actorbus.bridge import membership as membership_module
 from actorbus.bridge.membership import ElasticMembership, MemberView
 from actorbus.config import SubscriptionConfig
 from actorbus.groups import ConsumerGroup, assign_partitions
+from actorbus.runtime import process_alive
+from tests.support import GroupHost, wait_for
+
+#: Seconds the soak test runs its members under load.
+SOAK_SECONDS = float(os.environ.get("ACTORBUS_MEMBERSHIP_SOAK", "15"))
+#: Short heartbeats, so that the soak covers many of them (a member is gone after five missed).
+SOAK_HEARTBEAT = 0.25
+PARTITIONS = 12
+#: Envelopes per second published while the members run: they are busy, not idle.
+RATE = 600
 
 
 # ---------------------------------------------------------------- the view, fed directly
@@ -256,3 +283,155 @@ def test_a_lost_watch_is_made_anew_and_the_members_are_kept_meanwhile(monkeypatc
     assert set(views[:-1]) == {("a", "b", "c")} and views[-1] == ("a", "b", "c", "d")
     assert bucket.watches == 2 and stopped == [True, True]
     assert shares == [assign_partitions("abc", 12)["a"], assign_partitions("abcd", 12)["a"]]
+
+
+@contextlib.contextmanager
+def cpu_burners(count: int):
+    """``count`` busy-looping processes for the duration; SIGKILLed by pid afterwards."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield [burner.pid for burner in burners]
+    finally:
+        for burner in burners:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(burner.pid, signal.SIGKILL)
+            burner.wait(10)
+        assert not [b.pid for b in burners if process_alive(b.pid)]
+
+
+class PacedPublisher:
+    """Publishes ``rate`` envelopes a second over 500 keys from a thread, until stopped."""
+
+    def __init__(self, bus, rate: int) -> None:
+        self.published = 0
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(bus, rate), daemon=True)
+        self._thread.start()
+
+    def _run(self, bus, rate: int) -> None:
+        batch = rate // 10
+        try:
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                results = bus.publish_many(
+                    [("orders.{aggregate_id}",
+                      Envelope.create(f"agg-{n % 500}", "T", str(n).encode()))
+                     for n in range(self.published, self.published + batch)], in_flight=batch)
+                assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+                self.published += batch
+                next_at += 0.1
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+        except BaseException as exc:  # noqa: B036 - re-raised by the test in stop()
+            self.failure = exc
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "publishing did not stop"
+        if self.failure is not None:
+            raise self.failure
+
+
+@pytest.fixture
+def members(nats_server, tmp_path, records):
+    """Start elastic members of group ``billing`` with ``start(name, heartbeat)``; every one is
+    gone after the test, by pid."""
+    started: list[GroupHost] = []
+
+    def start(name: str, heartbeat: float) -> GroupHost:
+        host = GroupHost(nats_server.url, tmp_path / f"{name}.pids", "billing", PARTITIONS, name,
+                         heartbeat=heartbeat)
+        started.append(host)
+        host.wait_started()
+        return host
+
+    yield start
+    for host in started:
+        host.ensure_gone()
+
+
+def views(hosts: list[GroupHost]) -> list[dict]:
+    """Each member's group stats now ({} for one that has written none yet)."""
+    return [host.stats() for host in hosts]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(SOAK_SECONDS + 240)
+def test_three_busy_members_beside_cpu_burners_always_see_all_three_and_never_rebalance(
+        members, make_bus):
+    hosts = [members(name, SOAK_HEARTBEAT) for name in ("a", "b", "c")]
+    wait_for(lambda: all(s.get("group_members") == 3 and s.get("partitions_owned") == 4
+                         for s in views(hosts)), timeout=60, what="three members, four partitions each")
+    before = {host.member: host.stats()["rebalances"] for host in hosts}
+    seen: Counter = Counter()   # (member, members it saw, partitions it owned) per sample
+    samples = 0
+    publisher = PacedPublisher(make_bus(pool_size=0), RATE)
+    try:
+        with cpu_burners(2):
+            deadline = time.monotonic() + SOAK_SECONDS
+            while time.monotonic() < deadline:
+                for host, stats in zip(hosts, views(hosts), strict=True):
+                    seen[(host.member, stats["group_members"], stats["partitions_owned"])] += 1
+                samples += 1
+                time.sleep(0.05)
+    finally:
+        publisher.stop()
+    after = {host.member: host.stats()["rebalances"] for host in hosts}
+    handled = sum(host.stats()["processed"] for host in hosts)
+    print(f"{SOAK_SECONDS:g} s beside 2 CPU burners, heartbeat {SOAK_HEARTBEAT} s "
+          f"({SOAK_SECONDS / SOAK_HEARTBEAT:.0f} heartbeats), {publisher.published} envelopes "
+          f"published, {handled} handled: {samples} samples of (member, members seen, partitions "
+          f"owned) {dict(seen)}; rebalances before {before}, after {after}")
+    assert {(member, count, owned) for member, count, owned in seen} == \
+        {("a", 3, 4), ("b", 3, 4), ("c", 3, 4)}, dict(seen)
+    # The joins before the soak were rebalances (a alone, then a and b): none since.
+    assert after == before, {m: after[m] - before[m] for m in after}
+
+
+@pytest.mark.integration
+def test_members_keep_each_other_through_a_nats_server_restart_and_then_see_a_newcomer(
+        make_bus, nats_server, log_file):
+    # The server is down longer than member_ttl (2.5 s): every key would have aged out on
+    # the way, and each watch's consumer is gone with the server.
+    def member(name: str):
+        bus = make_bus(pool_size=1, group="billing", partitions=PARTITIONS, member=name,
+                       heartbeat=0.5)
+        bus.subscribe("orders.*", "tests.handlers:record", stream="ORDERS")
+        return bus
+
+    buses = [member("a"), member("b")]
+    wait_for(lambda: all(b.stats()["partitions_owned"] == 6 for b in buses),
+             what="a and b with six partitions each")
+    seen: Counter = Counter()
+    stop = threading.Event()
+
+    def watch_views() -> None:
+        while not stop.is_set():
+            for name, bus in zip("ab", buses, strict=True):
+                stats = bus.stats()
+                seen[(name, stats["group_members"], stats["partitions_owned"],
+                      stats["rebalances"])] += 1
+            stop.wait(0.05)
+    watcher = threading.Thread(target=watch_views, daemon=True)
+    watcher.start()
+    try:
+        nats_server.kill()
+        time.sleep(4.0)   # the outage itself: nothing to poll for while the server is down
+        nats_server.start()   # same port, same store
+        # Sampled until both have made their watch anew and read the news since the outage.
+        wait_for(lambda: all(f"not shown member {name}'s heartbeat" in log_file.read_text()
+                             for name in "ab"), timeout=30, what="a and b watching anew")
+        wait_for(lambda: log_file.read_text().count("every member's 2.5s start again") >= 2,
+                 timeout=30, what="a and b reading the outage in their new watches")
+    finally:
+        stop.set()
+        watcher.join(10)
+    print(f"through a 4 s nats-server outage: (member, members seen, partitions owned, "
+          f"rebalances) {dict(seen)}")
+    # b's joining was a's one rebalance, before the outage: none since.
+    assert set(seen) == {("a", 2, 6, 1), ("b", 2, 6, 0)}, dict(seen)
+
+    buses.append(member("c"))   # the watches made anew show a newcomer
+    wait_for(lambda: all(b.stats()["group_members"] == 3 and b.stats()["partitions_owned"] == 4
+                         for b in buses), timeout=30, what="a, b and c with four partitions each")
