@@ -108,7 +108,7 @@ def run(url: str, records: Path, instances: dict[str, subprocess.Popen],
     try:
         # The instances create the stream; publishing starts once it is there.
         wait_until(lambda: _members(url) == len(MEMBERS), 60.0, "the three instances to join")
-        # Each member rebalances within half a heartbeat of seeing the others.
+        # Each member rebalances once the others' heartbeats reach its watch: give it a heartbeat.
         time.sleep(topology.bus["heartbeat"])
         entries = [("ledger.{aggregate_id}", Envelope.create(f"acct-{n % ACCOUNTS}", "Posted",
                                                              str(n // ACCOUNTS).encode()))

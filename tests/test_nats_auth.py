@@ -68,7 +68,7 @@ def group_member_privilege(stream: str, group: str, consumers: list[str], subjec
         bucket = f"KV_actorbus-group-{group}"
         publish += [f"$JS.API.STREAM.INFO.{bucket}", f"$JS.API.STREAM.CREATE.{bucket}",
                     f"$JS.API.CONSUMER.CREATE.{bucket}", f"$JS.API.CONSUMER.INFO.{bucket}.*",
-                    f"$KV.actorbus-group-{group}.{stream}.*"]
+                    f"$JS.FC.{bucket}.>", f"$KV.actorbus-group-{group}.{stream}.*"]
     return publish, subscribe
 
 
@@ -361,12 +361,31 @@ def test_group_members_with_only_the_listed_permissions_share_the_work_and_hand_
     assert all(r.ok for r in results)
     wait_for(lambda: sum(b.stats()["acked"] for b in buses.values()) == 40, what="all 40 acked")
     assert all(b.stats()["acked"] for b in buses.values())   # both took part
+    if kind == "elastic":
+        # 10,000 updates of a's key (a's heartbeats, as its user may write them): a watch's
+        # server asks it for flow control after some 8,000 updates, and it replies.
+        asyncio.run(_write_heartbeats(group_server.url, f"$KV.actorbus-group-{name}.GROUPS.a",
+                                      10_000))
+        wait_for(lambda: all(b.stats()["group_members"] == 2 for b in buses.values()),
+                 what="both members still seeing both")
 
     buses["b"].stop()   # deletes its heartbeat (elastic), drains, unpins
     if kind == "elastic":
         wait_for(lambda: buses["a"].stats()["partitions_owned"] == GROUP_PARTITIONS,
                  what="a taking b's partitions")
     assert "permissions violation" not in log_file.read_text().lower()
+
+
+async def _write_heartbeats(url: str, subject: str, count: int) -> None:
+    """``count`` heartbeats, one stored before the next: each reaches the watches (a burst
+    would replace most before they are read: the bucket keeps one update per key)."""
+    nc = await nats.connect(url, user="elastic", password=LEAST_PASSWORD)
+    try:
+        js = nc.jetstream()
+        for _ in range(count):
+            await js.publish(subject, b"{}")
+    finally:
+        await nc.close()
 
 
 def test_a_user_missing_a_permission_gets_a_clear_error(built, users_server):
