@@ -320,7 +320,7 @@ class StartBridge:
     index: int = 0
     bridges: int = 1
     #: Builds the Bridge's NATS side (None: the real one); a seam for tests of the Bridge.
-    link_factory: Any = None
+    link_factory: Any = None   # a bridge.link.LinkFactory (this layer cannot name it)
     #: The pins the Bridge before it held, by durable: claimed again (see PinsHeld).
     pins: Mapping[str, str] = field(default_factory=dict)
 

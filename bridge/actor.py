@@ -29,18 +29,17 @@ from actorbus.actors.pool import PoolTable
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
-from actorbus.bridge.extraction import envelope_key, extract_aggregate_id, invalid_id_header
+from actorbus.bridge.book import SubscriptionBook
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.jetstream import subject_covers
+from actorbus.bridge.link import BridgeLink, LinkFactory
 from actorbus.bridge.layout import BridgePartitions, ConsumerLayout, layout_for
 from actorbus.bridge.mailbox import Mailbox, PinsChanged, Released
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.bridge.nats_link import NatsLink
-from actorbus.bridge.ordering import KeyOrder
 from actorbus.bridge.recovery import RecoveredMsg
-from actorbus.bridge.settlement import (ACK, DEAD_LETTER, NAK, Action, Order, dead_letter_headers,
+from actorbus.bridge.settlement import (ACK, DEAD_LETTER, NAK, Order, dead_letter_headers,
                                         decide)
-from actorbus.bridge.tally import SubscriptionTally
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.groups import without_partition
 
@@ -70,14 +69,6 @@ RECOVERED_DELIVERY_COUNT = 2
 #: come back is no longer waited for (see KeyOrder.overdue).
 REDELIVERY_GRACE = 5.0
 
-#: Seconds past two AckWaits after which a recovered message's redelivery is no longer
-#: expected (it was acked after all): its record is dropped.
-RECOVERED_RECORD_GRACE = 5.0
-
-#: Seconds between two warnings about invalid aggregate-id headers on one subscription:
-#: a publisher that gets the header wrong gets it wrong on every message.
-INVALID_KEY_WARNING_INTERVAL = 60.0
-
 _OUTCOME_COUNTERS = {SUCCEEDED: "processed", FAILED: "failed", UNDELIVERED: "undelivered"}
 
 
@@ -91,10 +82,6 @@ class BridgePhase(enum.Enum):
     STOPPED = enum.auto()    # disconnected
 
 
-#: Builds the Bridge's NATS side; :class:`NatsLink` unless a test gives another.
-LinkFactory = Any
-
-
 class Bridge(BusActor):
     """Consumes durable JetStream consumers and settles each message by its outcome."""
 
@@ -104,27 +91,19 @@ class Bridge(BusActor):
         self._config: BusConfig | None = None
         self._router: Any = None
         self._mailbox = Mailbox()
-        self._link: Any = None   # a NatsLink, or what StartBridge.link_factory builds
+        self._link: BridgeLink | None = None   # a NatsLink, or what StartBridge.link_factory builds
         self._supervisor: Any = None   # who started it: told of the pins it holds
         self._pins_reported: dict[str, str] = {}
         self._inflight = InFlightTable()
-        self._subscriptions: dict[str, SubscriptionConfig] = {}
+        self._books: dict[str, SubscriptionBook] = {}
         self._direct: HandlerTable | None = None   # pool size 0
         self._counts: Counter[str] = Counter()   # not per subscription: invalid, retried
-        self._tallies: dict[str, SubscriptionTally] = {}
         self._watch: ThespianWatch | None = None
         # Where the pool members are (the Router says), what each holds and what waits for it.
         self._pool = PoolTable()
         self._drain: tuple[int, Any] | None = None   # (request id, who asked) while DRAINING
-        # Per subscription: open, waiting and held sequences by key (per-key order under
-        # redelivery), and what recovery read back: sequence → its entry while handled,
-        # then the time it was handled (its redelivery is acked without handling).
-        self._orders: dict[str, KeyOrder[Delivery]] = {}
-        self._recovered: dict[str, dict[int, InFlight | float]] = {}
         self._last_held = 0
-        self._invalid_key_warned: dict[str, float] = {}   # subscription → last warning (monotonic)
         self._layout: ConsumerLayout = BridgePartitions()
-        self._reads: dict[str, bool] = {}   # subscription → this Bridge reads a durable of it
 
     def watch(self) -> ThespianWatch | None:
         """The mailbox's descriptor while connected (multiprocTCPBase)."""
@@ -172,9 +151,8 @@ class Bridge(BusActor):
 
     def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
         self.send(sender, Stats(message.request_id, self._stats(),
-                                by_subscription={name: {**tally.snapshot(),
-                                                        "bridges": int(self._reads.get(name, False))}
-                                                 for name, tally in self._tallies.items()},
+                                by_subscription={name: book.snapshot()
+                                                 for name, book in self._books.items()},
                                 queue_depths=self._pool.depths()))
 
     def receiveMsg_StopBus(self, message: StopBus, sender) -> None:
@@ -201,18 +179,18 @@ class Bridge(BusActor):
         self._layout = layout_for(config, message.index)
         if self._router is None:
             self._direct = HandlerTable(watchdog=Watchdog())
-        make_link = message.link_factory or NatsLink
-        self._link = make_link(config, self._mailbox, self._layout)
+        make_link: LinkFactory = message.link_factory or NatsLink
+        self._link = link = make_link(config, self._mailbox, self._layout)
         self._supervisor = sender
         if message.pins:
-            self._link.claim_pins(message.pins)
+            link.claim_pins(message.pins)
         try:
-            self._link.connect()
+            link.connect()
         except ConnectionError as exc:
             # Whoever asked reports it (the facade raises, the Supervisor logs a
             # restart's failure): an error line here would say it twice.
             log.info("%s", exc)
-            self._link.close(1.0)
+            link.close(1.0)
             self._link = None
             self.send(sender, RequestFailed(message.request_id, str(exc)))
             return
@@ -239,21 +217,20 @@ class Bridge(BusActor):
                     message.request_id, f"the Bridge (pid {os.getpid()}) cannot run handler "
                                         f"{sub.handler}: {exc}"))
                 return
-        self._subscriptions[sub.name] = sub
-        self._reads[sub.name] = bool(self._layout.consumers(sub))
+        reads = bool(self._layout.consumers(sub))
+        book = self._books.get(sub.name)
+        if book is None:   # a resumed subscription keeps its book (its tally, its key order)
+            book = self._books[sub.name] = SubscriptionBook(sub, reads)
         if self._config is not None and self._config.bridges > 1 and sub.partitions is None \
-                and self._reads[sub.name]:
+                and reads:
             log.warning("subscription %s is read by one Bridge of %d: its stream is not "
                         "partitioned (a subject ending with the aggregate id as a '*' token, "
                         "with partitions=, lets every Bridge share it)", sub.name,
                         self._config.bridges)
-        self._orders.setdefault(sub.name, KeyOrder())
-        self._recovered.setdefault(sub.name, {})
-        self._tallies.setdefault(sub.name, SubscriptionTally("envelope" if sub.envelope else "plain"))
         try:
             self._link.subscribe(sub)
         except Exception as exc:
-            del self._subscriptions[sub.name]
+            del self._books[sub.name]
             log.error("subscribing %s failed: %s", sub.subject, exc)
             self.send(sender, RequestFailed(message.request_id, f"subscribing {sub.subject!r}: {exc}"))
             return
@@ -275,13 +252,13 @@ class Bridge(BusActor):
             if isinstance(arrival, Released):
                 self._drop_released(arrival)
                 continue
-            sub = self._subscriptions.get(arrival.subscription)
-            if sub is None:
+            book = self._books.get(arrival.subscription)
+            if book is None:
                 continue
             if arrival.recovered:
-                self._take_recovered(sub, arrival.messages, deliveries)
+                self._take_recovered(book, arrival.messages, deliveries)
             else:
-                self._take(sub, arrival.messages, deliveries, orders)
+                self._take(book, arrival.messages, deliveries, orders)
         if orders and self._link is not None:
             self._link.settle(orders)
         self._handle_now(deliveries)
@@ -306,15 +283,14 @@ class Bridge(BusActor):
         for address, dispatch in self._pool.dispatches():
             self.send(address, dispatch)
 
-    def _take(self, sub: SubscriptionConfig, msgs: list, deliveries: list[Delivery],
+    def _take(self, book: SubscriptionBook, msgs: list, deliveries: list[Delivery],
               orders: list[Order]) -> None:
         """Record each message in flight and add its delivery, unless it is held for per-key
-        order; invalid envelopes and redeliveries already handled in recovery go to ``orders``."""
-        tally = self._tallies[sub.name].counts
+        order; redeliveries already handled in recovery go to ``orders``."""
+        sub, tally = book.config, book.tally.counts
         tally["received"] += len(msgs)
         now = time.monotonic()
-        order = self._orders[sub.name]
-        recovered = self._recovered[sub.name]
+        order, recovered = book.order, book.recovered
         for msg in msgs:
             try:
                 delivery_count, stream_sequence = delivery_numbers(msg.reply)
@@ -324,11 +300,13 @@ class Bridge(BusActor):
             if delivery_count > 1:
                 tally["redelivered"] += 1
             if recovered and stream_sequence in recovered:
-                self._redelivered_after_recovery(sub, msg, stream_sequence, orders)
+                settled = book.redelivered_after_recovery(msg, stream_sequence)
+                if settled is not None:
+                    orders.append(settled)
                 continue
-            aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
+            aggregate_id = book.routing_key(msg.subject, msg.data, msg.headers)
             if aggregate_id is None and not sub.envelope and msg.headers:
-                self._note_invalid_key(sub, msg, tally, now)
+                book.note_invalid_key(msg, now)
             entry = InFlight(msg, sub, now)
             delivery = self._delivery(entry, sub, msg.subject, msg.data, msg.headers,
                                       aggregate_id, delivery_count, stream_sequence)
@@ -337,12 +315,12 @@ class Bridge(BusActor):
             elif order.admit(aggregate_id, stream_sequence, delivery):
                 deliveries.append(delivery)
                 # A redelivery that others waited for: they go right behind it.
-                self._release(sub.name, aggregate_id, deliveries)
+                self._release(book, aggregate_id, deliveries)
             else:
                 entry.held = True
                 tally["held_for_order"] += 1
 
-    def _take_recovered(self, sub: SubscriptionConfig, msgs: list[RecoveredMsg],
+    def _take_recovered(self, book: SubscriptionBook, msgs: list[RecoveredMsg],
                         deliveries: list[Delivery]) -> None:
         """Dispatch what recovery read back, in stream order, ahead of anything newer of its keys.
 
@@ -350,33 +328,22 @@ class Bridge(BusActor):
         order promise and JetStream redelivers them anyway. What this Bridge
         still has in flight (after a reconnect) is left to that delivery.
         """
-        order = self._orders[sub.name]
-        recovered = self._recovered[sub.name]
+        order, recovered = book.order, book.recovered
         now = time.monotonic()
         for msg in msgs:
-            aggregate_id = self._aggregate_id(sub, msg.subject, msg.data, msg.headers)
+            aggregate_id = book.routing_key(msg.subject, msg.data, msg.headers)
             if aggregate_id is None or msg.sequence in recovered or \
                     order.is_open(aggregate_id, msg.sequence):
                 continue
-            entry = InFlight(msg, sub, now, recovered=True)
-            delivery = self._delivery(entry, sub, msg.subject, msg.data, msg.headers, aggregate_id,
-                                      RECOVERED_DELIVERY_COUNT, msg.sequence)
+            entry = InFlight(msg, book.config, now, recovered=True)
+            delivery = self._delivery(entry, book.config, msg.subject, msg.data, msg.headers,
+                                      aggregate_id, RECOVERED_DELIVERY_COUNT, msg.sequence)
             recovered[msg.sequence] = entry
-            self._tallies[sub.name].counts["recovered"] += 1
+            book.tally.counts["recovered"] += 1
             if order.admit(aggregate_id, msg.sequence, delivery):
                 deliveries.append(delivery)
             else:
                 entry.held = True
-
-    @staticmethod
-    def _aggregate_id(sub: SubscriptionConfig, subject: str, data: bytes,
-                      headers: Any) -> str | None:
-        if sub.envelope:
-            # Not decoded here: the member validates it (an invalid one comes back INVALID).
-            return envelope_key(data, headers, subject, partitioned=sub.partitions is not None,
-                                key_from_subject=sub.key_from_subject)
-        return extract_aggregate_id(data, headers, None, subject,
-                                    key_from_subject=sub.key_from_subject)
 
     def _delivery(self, entry: InFlight, sub: SubscriptionConfig, subject: str, data: bytes,
                   headers: Any, aggregate_id: str | None, delivery_count: int,
@@ -394,88 +361,64 @@ class Bridge(BusActor):
                                   stream_sequence)
         return entry.delivery
 
-    def _redelivered_after_recovery(self, sub: SubscriptionConfig, msg: Any, sequence: int,
-                                    orders: list[Order]) -> None:
-        """A redelivery of a message recovery read back: settled by that handling, not handled again."""
-        state = self._recovered[sub.name][sequence]
-        if isinstance(state, InFlight):   # still being handled: settled with its outcome
-            state.attached = [*(state.attached or ()), msg]
-            return
-        del self._recovered[sub.name][sequence]
-        self._tallies[sub.name].counts["duplicates_skipped"] += 1
-        orders.append(Order(msg, ACK))
-
-    def _note_invalid_key(self, sub: SubscriptionConfig, msg, tally, now: float) -> None:
-        """Count a message whose aggregate-id header is not a valid id; warn now and then."""
-        bad = invalid_id_header(msg.headers)
-        if bad is None:
-            return
-        tally["invalid_keys"] += 1
-        last = self._invalid_key_warned.get(sub.name)
-        if last is None or now - last >= INVALID_KEY_WARNING_INTERVAL:
-            self._invalid_key_warned[sub.name] = now
-            log.warning("invalid aggregate id in header %s=%r on %s (subscription %s): not a valid "
-                        "id (1-256 bytes of [A-Za-z0-9:_-./]); the message goes round-robin as a "
-                        "keyless one (warned at most once a minute per subscription, counted in "
-                        "stats()['invalid_keys'])", bad[0], bad[1], msg.subject, sub.name)
-
     def _complete(self, completion: Completion) -> list[Delivery]:
         """Settle what the completion reports; return the held deliveries it frees."""
         if self._phase is BridgePhase.HALTED:
             return []  # broken: everything stays un-acked for JetStream to redeliver
         actions: list[Order] = []
         freed: list[Delivery] = []
-        pop = self._inflight.pop
+        pop, books = self._inflight.pop, self._books
         # The common case first: handled on the first attempt, so ack.
         for token, seconds in zip(completion.succeeded, completion.seconds, strict=True):
             entry = pop(token)
             if entry is None:
                 continue
-            tally = self._tallies[entry.subscription.name]
-            tally.counts["processed"] += 1
-            tally.observe(seconds)
+            book = books[entry.subscription.name]
+            book.tally.counts["processed"] += 1
+            book.tally.observe(seconds)
             if entry.recovered:
-                self._recovered_done(entry, ACK, None, actions)
+                actions += book.recovered_done(entry, ACK, None)
             else:
                 actions.append(Order(entry.msg, ACK))
             if entry.delivery.aggregate_id is not None:
-                self._resolve(entry, freed)
+                self._resolve(book, entry, freed)
         for outcome in completion.others:
             entry = pop(outcome.token)
             if entry is None:
                 continue
+            book = books[entry.subscription.name]
             if outcome.kind == DEFERRED:
-                self._hold_again(entry, freed)
+                self._hold_again(book, entry, freed)
                 continue
-            settlement = self._decide(entry, outcome)
+            settlement = self._decide(book, entry, outcome)
             key = entry.delivery.aggregate_id
             redelivered = settlement.action == NAK or (entry.recovered and settlement.action != ACK)
             if entry.recovered:
-                self._recovered_done(entry, settlement.action, settlement.delay, actions)
+                actions += book.recovered_done(entry, settlement.action, settlement.delay)
             else:
                 actions.append(settlement)
             if key is None:
                 continue
             if redelivered:
                 # Due to come back: newer messages of its key wait for it (not for ever).
-                sub = entry.subscription
-                until = time.monotonic() + (settlement.delay or 0.0) + 2 * sub.ack_wait + \
-                    REDELIVERY_GRACE
-                self._orders[sub.name].wait(key, entry.delivery.stream_sequence, until)
+                until = time.monotonic() + (settlement.delay or 0.0) + \
+                    2 * book.config.ack_wait + REDELIVERY_GRACE
+                book.order.wait(key, entry.delivery.stream_sequence, until)
             else:
-                self._resolve(entry, freed)
+                self._resolve(book, entry, freed)
         if actions and self._link is not None:
             self._link.settle(actions)
         return freed
 
-    def _resolve(self, entry: InFlight, freed: list[Delivery]) -> None:
-        name, key = entry.subscription.name, entry.delivery.aggregate_id
-        self._orders[name].resolve(key, entry.delivery.stream_sequence)
-        self._release(name, key, freed)
+    def _resolve(self, book: SubscriptionBook, entry: InFlight, freed: list[Delivery]) -> None:
+        key = entry.delivery.aggregate_id
+        assert key is not None   # only keyed deliveries are resolved
+        book.order.resolve(key, entry.delivery.stream_sequence)
+        self._release(book, key, freed)
 
-    def _release(self, subscription: str, key: str, freed: list[Delivery]) -> None:
+    def _release(self, book: SubscriptionBook, key: str, freed: list[Delivery]) -> None:
         """Add the held deliveries of ``key`` that nothing older waits for any more to ``freed``."""
-        for delivery in self._orders[subscription].released(key):
+        for delivery in book.order.released(key):
             entry = self._inflight.pop(delivery.token)
             if entry is not None:
                 # A new token: members drop tokens at or below the last they saw, and
@@ -487,9 +430,10 @@ class Bridge(BusActor):
     def _drop_released(self, released: Released) -> None:
         """Drop what is held of a durable this bus gave up: its new owner reads it back and
         handles it in order; handled here too (once its wait ran out), it could overtake."""
-        order = self._orders.get(released.subscription)
-        if order is None or not order.held:
+        book = self._books.get(released.subscription)
+        if book is None or not book.held:
             return
+        order = book.order
 
         def of_released(delivery: Delivery) -> bool:
             entry = self._inflight.get(delivery.token)
@@ -507,36 +451,18 @@ class Bridge(BusActor):
             log.info("%s: dropped %d held message(s) of %s, which moved to another bus",
                      released.subscription, len(dropped), ", ".join(released.filters))
 
-    def _hold_again(self, entry: InFlight, freed: list[Delivery]) -> None:
+    def _hold_again(self, book: SubscriptionBook, entry: InFlight, freed: list[Delivery]) -> None:
         """The pool deferred it behind an older failure of its key: hold it (in flight again)."""
         delivery = entry.delivery._replace(token=self._inflight.add(entry))
         entry.delivery, entry.held = delivery, True
-        name = entry.subscription.name
-        self._tallies[name].counts["held_for_order"] += 1
-        self._orders[name].hold(delivery.aggregate_id, delivery.stream_sequence, delivery)
-        self._release(name, delivery.aggregate_id, freed)   # free at once if nothing waits
+        key = delivery.aggregate_id
+        assert key is not None   # only keyed deliveries are deferred
+        book.tally.counts["held_for_order"] += 1
+        book.order.hold(key, delivery.stream_sequence, delivery)
+        self._release(book, key, freed)   # free at once if nothing waits
 
-    def _recovered_done(self, entry: InFlight, action: Action, delay: float | None,
-                        actions: list[Order]) -> None:
-        """A recovered message was handled: its redeliveries are settled by how it went."""
-        recovered = self._recovered[entry.subscription.name]
-        sequence = entry.delivery.stream_sequence
-        done = action == ACK
-        if done:
-            # Its redelivery is acked without handling (unless it came already).
-            recovered[sequence] = time.monotonic()
-        else:
-            recovered.pop(sequence, None)   # its redelivery is handled as any other
-        for msg in entry.attached or ():
-            if done:
-                recovered.pop(sequence, None)
-                self._tallies[entry.subscription.name].counts["duplicates_skipped"] += 1
-                actions.append(Order(msg, ACK))
-            else:
-                actions.append(Order(msg, NAK, delay))
-
-    def _decide(self, entry: InFlight, outcome: Outcome) -> Order:
-        sub, delivery = entry.subscription, entry.delivery
+    def _decide(self, book: SubscriptionBook, entry: InFlight, outcome: Outcome) -> Order:
+        sub, delivery = book.config, entry.delivery
         if outcome.kind == INVALID:
             # It can never succeed: redelivering it would only loop.
             log.error("rejected message on %s (stream %s seq %d): %s; dead-lettered to %s",
@@ -545,7 +471,7 @@ class Bridge(BusActor):
             self._counts["invalid"] += 1
             return _dead_letter(entry.msg, sub, delivery.stream_sequence, delivery.delivery_count,
                                 outcome.error)
-        tally = self._tallies[sub.name]
+        tally = book.tally
         tally.counts[_OUTCOME_COUNTERS[outcome.kind]] += 1
         if outcome.kind != UNDELIVERED:
             tally.observe(outcome.seconds)
@@ -563,7 +489,7 @@ class Bridge(BusActor):
         return Order(entry.msg, decision.action, decision.delay)
 
     def _held(self) -> int:
-        return sum(order.held for order in self._orders.values())
+        return sum(book.held for book in self._books.values())
 
     def _report_held(self) -> None:
         held = self._held()
@@ -584,8 +510,8 @@ class Bridge(BusActor):
     def _stats(self) -> dict[str, int]:
         # Per-message counts live per subscription; the totals are their sums.
         totals = Counter(self._counts)
-        for tally in self._tallies.values():
-            totals.update(tally.counts)
+        for book in self._books.values():
+            totals.update(book.tally.counts)
         counts = dict(totals)
         if self._link is not None:
             counts.update(self._link.counts())
@@ -616,7 +542,8 @@ class Bridge(BusActor):
                     for msg in ((entry.attached or ()) if entry.recovered else (entry.msg,))]
             if msgs:
                 self._link.touch(msgs)
-        self._forget_recovered(now)
+        for book in self._books.values():
+            book.forget_recovered(now)
         self._give_up_waiting(now)
         self._report_pins()   # besides PinsChanged: stopping to fetch lets pins go with none
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
@@ -631,26 +558,15 @@ class Bridge(BusActor):
 
     def _give_up_waiting(self, now: float) -> None:
         freed: list[Delivery] = []
-        for name, order in self._orders.items():
-            for key, sequence in order.overdue(now):
+        for book in self._books.values():
+            for key, sequence in book.order.overdue(now):
                 log.warning("sequence %d of %s (subscription %s) was naked but has not come back; "
-                            "its newer messages no longer wait for it", sequence, key, name)
-                self._release(name, key, freed)
+                            "its newer messages no longer wait for it", sequence, key, book.name)
+                self._release(book, key, freed)
         if freed:
             self._handle_now(freed)
             self._report_held()
 
-    def _forget_recovered(self, now: float) -> None:
-        # A redelivery comes within an AckWait of the first delivery: one that has not
-        # come by now never will (the message was acked after all).
-        for name, recovered in self._recovered.items():
-            if not recovered:
-                continue
-            horizon = 2 * self._subscriptions[name].ack_wait + RECOVERED_RECORD_GRACE
-            stale = [seq for seq, state in recovered.items()
-                     if not isinstance(state, InFlight) and now - state > horizon]
-            for seq in stale:
-                del recovered[seq]
 
     def _halt(self, reason: str) -> None:
         log.error("halted: %s; %d message(s) in flight stay un-acked", reason, len(self._inflight))

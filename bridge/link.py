@@ -1,0 +1,57 @@
+"""The Bridge's seam to NATS: what a link does, whether it is the real one or a test's.
+
+The Bridge's actor thread never touches the NATS client: it calls these
+methods, each of which returns at once or after a bounded wait, and reads
+what arrived from its :class:`~actorbus.bridge.mailbox.Mailbox`.
+:class:`~actorbus.bridge.nats_link.NatsLink` is the real link; the Bridge's
+unit tests give a fake through ``StartBridge.link_factory``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol
+
+from actorbus.bridge.layout import ConsumerLayout
+from actorbus.bridge.mailbox import Mailbox
+from actorbus.bridge.settlement import Order
+from actorbus.config import BusConfig, SubscriptionConfig
+
+
+class BridgeLink(Protocol):
+    """A Bridge's connection to JetStream."""
+
+    def connect(self) -> None:
+        """Connect; raise ``ConnectionError`` naming the servers and the reason."""
+
+    def subscribe(self, sub: SubscriptionConfig) -> None:
+        """Ensure ``sub``'s stream and this Bridge's consumers of it, and start fetching."""
+
+    def settle(self, actions: list[Order]) -> None:
+        """Ack, nak, term or dead-letter these messages; returns at once."""
+
+    def touch(self, msgs: list[Any]) -> None:
+        """Tell JetStream these messages are still being worked on."""
+
+    def forget(self, msgs: list[Any]) -> None:
+        """These delivered messages will not be settled here (another bus handles them)."""
+
+    def set_held(self, held: int) -> None:
+        """How many of the delivered messages the Bridge holds back for per-key order."""
+
+    def claim_pins(self, pins: Mapping[str, str]) -> None:
+        """Pull with these pin ids (by durable), a restarted Bridge's predecessor's."""
+
+    def pins(self) -> dict[str, str]:
+        """The pin id of each durable this link is pinned on now."""
+
+    def counts(self) -> dict[str, int]:
+        """The link's own counters (acked, naked, pins, ...)."""
+
+    def stop_fetching(self) -> None:
+        """Ask for nothing more; what is delivered may still be settled."""
+
+    def close(self, timeout: float) -> None:
+        """Flush what was settled and disconnect, within ``timeout`` seconds."""
+
+
+#: Builds a Bridge's link: its configuration, its mailbox, the consumers it reads.
+LinkFactory = Callable[[BusConfig, Mailbox, ConsumerLayout], BridgeLink]
