@@ -13,7 +13,7 @@ only ever sees :class:`ConsumerSpec` values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.groups import (PRIORITY_GROUP, ConsumerGroup, GroupKind, assign_partitions,
@@ -33,14 +33,60 @@ class ConsumerSpec:
     pin_timeout: float = 10.0
 
 
+class Membership(Protocol):
+    """What a moving layout's membership tells of a group (see ``bridge.membership``)."""
+
+    owned: tuple[int, ...] | None
+    members: tuple[str, ...]
+    rebalances: int
+
+
 class ConsumerLayout(Protocol):
-    """Which consumers serve a subscription."""
+    """Which consumers serve a subscription, and what differs by how they are laid out."""
+
+    #: True when the consumers a bus reads change while it runs (an elastic group's
+    #: partitions move between buses as members come and go): a membership then says
+    #: which partitions this bus owns (:meth:`partition_consumers`), and a consumer given
+    #: up is released only once what it delivered here is settled.
+    moving: bool
 
     def consumers(self, sub: SubscriptionConfig) -> tuple[ConsumerSpec, ...]:
-        """The consumers whose messages, together, are ``sub``'s messages."""
+        """The consumers to ensure for ``sub``; those this bus reads, unless ``moving``."""
+
+    def partition_consumers(self, sub: SubscriptionConfig,
+                            partitions: Sequence[int]) -> tuple[ConsumerSpec, ...]:
+        """The consumers of these partitions of ``sub`` (a moving layout's share)."""
+
+    def shortfall(self, sub: SubscriptionConfig) -> str | None:
+        """Why this bus reads no consumer of ``sub``, when that deserves a warning."""
+
+    def group_counts(self, memberships: Sequence[Membership]) -> dict[str, int]:
+        """partitions_owned, group_members and rebalances (nothing outside a group)."""
 
 
-class SingleDurable:
+class _Whole:
+    """What the layouts of a bus that owns its share for good have in common."""
+
+    moving = False
+
+    def consumers(self, sub: SubscriptionConfig) -> tuple[ConsumerSpec, ...]:
+        raise NotImplementedError
+
+    def partition_consumers(self, sub: SubscriptionConfig,
+                            partitions: Sequence[int]) -> tuple[ConsumerSpec, ...]:
+        """Its share never moves: the consumers it reads."""
+        return self.consumers(sub)
+
+    def shortfall(self, sub: SubscriptionConfig) -> str | None:
+        """Nothing to say by default."""
+        return None
+
+    def group_counts(self, memberships: Sequence[Membership]) -> dict[str, int]:
+        """Not in a group: nothing."""
+        return {}
+
+
+class SingleDurable(_Whole):
     """One durable consumer per subscription, named ``sub.durable``, filtered on ``sub.subject``."""
 
     def consumers(self, sub: SubscriptionConfig) -> tuple[ConsumerSpec, ...]:
@@ -49,7 +95,7 @@ class SingleDurable:
                              sub.pin_timeout),)
 
 
-class BridgePartitions:
+class BridgePartitions(_Whole):
     """A bus of ``bridges`` Bridges on its own; this is Bridge ``index``'s share.
 
     A partitioned subscription has a durable per partition, ``<durable>-p<i>``,
@@ -87,7 +133,7 @@ def partition_durable(durable: str, partition: int) -> str:
     return f"{durable}-p{partition}"
 
 
-class StaticMembers:
+class StaticMembers(_Whole):
     """A static group's layout: this member's durable, filtered on the partitions the fixed
     member list gives it (orbit.go's static layout)."""
 
@@ -108,16 +154,45 @@ class StaticMembers:
                              tuple(partition_filter(sub.subject, p) for p in owned),
                              PRIORITY_GROUP, sub.pin_timeout),)
 
+    def shortfall(self, sub: SubscriptionConfig) -> str | None:
+        """A member the fixed list gives no partition reads nothing for good."""
+        if self.partitions():
+            return None
+        return (f"member {self.group.member} of group {self.group.name} gets no partition of "
+                f"{sub.stream}: more members than partitions")
+
+    def group_counts(self, memberships: Sequence[Membership]) -> dict[str, int]:
+        """From the fixed member list: nothing moves."""
+        return {"partitions_owned": len(self.partitions()),
+                "group_members": len(self.group.members or ()), "rebalances": 0}
+
 
 class ElasticPartitions:
     """An elastic group's layout: one durable per partition; a bus reads those it owns now."""
+
+    moving = True
 
     def __init__(self, group: ConsumerGroup) -> None:
         self.group = group
 
     def consumers(self, sub: SubscriptionConfig) -> tuple[ConsumerSpec, ...]:
-        """Every partition's durable, in partition order."""
+        """Every partition's durable, in partition order (ensured; read as owned)."""
         return tuple(self.partition(sub, p) for p in range(self.group.partitions))
+
+    def partition_consumers(self, sub: SubscriptionConfig,
+                            partitions: Sequence[int]) -> tuple[ConsumerSpec, ...]:
+        """The durables of the partitions this bus owns now."""
+        return tuple(self.partition(sub, p) for p in partitions)
+
+    def shortfall(self, sub: SubscriptionConfig) -> str | None:
+        """A member with no partition now may get some as others leave: nothing to say."""
+        return None
+
+    def group_counts(self, memberships: Sequence[Membership]) -> dict[str, int]:
+        """From the memberships of this bus's subscriptions."""
+        return {"partitions_owned": sum(len(m.owned or ()) for m in memberships),
+                "group_members": max((len(m.members) for m in memberships), default=0),
+                "rebalances": sum(m.rebalances for m in memberships)}
 
     def partition(self, sub: SubscriptionConfig, partition: int) -> ConsumerSpec:
         """The durable of one partition."""

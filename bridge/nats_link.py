@@ -18,8 +18,7 @@ from typing import Any, Mapping
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
-from actorbus.bridge.layout import (ConsumerLayout, ConsumerSpec, ElasticPartitions, StaticMembers,
-                                    layout_for)
+from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, layout_for
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.bridge.mailbox import Arrival, Mailbox, PinsChanged, Released
 from actorbus.bridge.membership import ElasticMembership, ensure_static_group
@@ -68,8 +67,7 @@ class NatsLink:
         # Elastic groups: who owns what, and what each partition's durable has in flight
         # (a partition moves to another bus only once its messages here are settled).
         self._memberships: dict[str, ElasticMembership] = {}
-        self._by_durable: Counter[str] | None = (
-            Counter() if isinstance(self._layout, ElasticPartitions) else None)
+        self._by_durable: Counter[str] | None = Counter() if self._layout.moving else None
         self._releasing: dict[str, asyncio.Task] = {}
         self._claimed: dict[str, str] = {}   # pins of the Bridge before this one, by durable
 
@@ -152,19 +150,8 @@ class NatsLink:
             counts["standby"] = len(grouped) - counts["pinned"]
             counts["pins"] = sum(c.pins for c in grouped)
             counts["unpins"] = sum(c.unpins for c in grouped)
-        if self._config.group is not None:
-            counts.update(self._group_counts())
+        counts.update(self._layout.group_counts(list(self._memberships.values())))
         return counts
-
-    def _group_counts(self) -> dict[str, int]:
-        """partitions_owned, group_members and rebalances of this bus's consumer group."""
-        if isinstance(self._layout, StaticMembers):
-            return {"partitions_owned": len(self._layout.partitions()),
-                    "group_members": len(self._layout.group.members or ()), "rebalances": 0}
-        memberships = list(self._memberships.values())
-        return {"partitions_owned": sum(len(m.owned or ()) for m in memberships),
-                "group_members": max((len(m.members) for m in memberships), default=0),
-                "rebalances": sum(m.rebalances for m in memberships)}
 
     def stop_fetching(self, timeout: float = 5.0) -> None:
         """Fetch nothing more; settling goes on."""
@@ -199,16 +186,16 @@ class NatsLink:
         specs = self._layout.consumers(sub)
         for spec in specs:
             await ensure_consumer(self._js, sub, spec)
-        if isinstance(self._layout, ElasticPartitions):
-            assert group is not None
+        if self._layout.moving:
+            assert group is not None   # only a group's partitions move
             membership = ElasticMembership(self._js, sub, group,
                                            lambda owned: self._own(sub, owned))
             self._memberships[sub.name] = membership
             await membership.join()
         else:
-            if not specs:
-                log.warning("member %s of group %s gets no partition of %s: more members than "
-                            "partitions", group and group.member, group and group.name, sub.stream)
+            shortfall = self._layout.shortfall(sub)
+            if shortfall:
+                log.warning("%s", shortfall)
             for spec in specs:
                 await self._start_consumer(sub, spec)
         if self._ticker is None:
@@ -238,8 +225,7 @@ class NatsLink:
         that moved away (drained, then unpinned), start those that moved here."""
         if self._closing:
             return
-        assert isinstance(self._layout, ElasticPartitions)
-        wanted = {spec.durable: spec for spec in (self._layout.partition(sub, p) for p in owned)}
+        wanted = {spec.durable: spec for spec in self._layout.partition_consumers(sub, owned)}
         mine = {name for name, c in self._consumers.items() if c.subscription == sub.name}
         for durable in sorted(mine - wanted.keys()):
             consumer = self._consumers.pop(durable)
