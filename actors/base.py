@@ -11,7 +11,7 @@ from actorbus.actors.logs import adopt_actor_process_root
 log = logging.getLogger("actorbus.actors")
 
 
-class BusActor(ActorTypeDispatcher):
+class BusActor(ActorTypeDispatcher):  # type: ignore[misc]  # Thespian ships no types
     """An ``ActorTypeDispatcher`` (``receiveMsg_<Type>`` methods) that logs an unexpected
     exception once and a message of an unknown type once per type.
 

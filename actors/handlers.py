@@ -60,4 +60,5 @@ def resolve_handler(ref: str) -> Callable[..., Any]:
             raise HandlerError(f"handler {ref}: {module_name} has no {qualname!r}") from None
     if not callable(target):
         raise HandlerError(f"handler {ref} is not callable")
-    return target
+    handler: Callable[..., Any] = target
+    return handler

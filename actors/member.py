@@ -6,10 +6,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from thespian.actors import ActorExitRequest
+
 from actorbus.actors.base import BusActor
 from actorbus.actors.handlers import HandlerError
-from actorbus.actors.messages import (Completion, Dispatch, HandlerRegistered, MemberReady,
-                                      RegisterHandler, StartMember)
+from actorbus.actors.messages import (Address, Completion, Delivery, Dispatch, HandlerRegistered,
+                                      MemberReady, Outcome, RegisterHandler, StartMember)
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.sequencing import Resequencer
 from actorbus.actors.watchdog import Watchdog
@@ -51,13 +53,13 @@ class PoolMember(BusActor):
         # starts from an empty stack. One thread: handlers still run one at a time, in order.
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actorbus-handlers")
 
-    def receiveMsg_StartMember(self, message: StartMember, sender) -> None:
+    def receiveMsg_StartMember(self, message: StartMember, sender: Address) -> None:
         self._index = message.index
         for subscription in message.subscriptions:
             self._table.register(subscription)
         self.send(sender, MemberReady(message.index, os.getpid()))
 
-    def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
+    def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender: Address) -> None:
         self._table.register(message.subscription)
         error = None
         try:
@@ -67,7 +69,7 @@ class PoolMember(BusActor):
             log.error("subscription %s: %s", message.subscription.name, error)
         self.send(sender, HandlerRegistered(message.request_id, error, self._index))
 
-    def receiveMsg_Dispatch(self, message: Dispatch, sender) -> None:
+    def receiveMsg_Dispatch(self, message: Dispatch, sender: Address) -> None:
         feed = self._feeds.get(message.bridge)
         if feed is None:
             feed = self._feeds[message.bridge] = _Feed()
@@ -83,7 +85,7 @@ class PoolMember(BusActor):
         for dispatch in feed.dispatches.arrived(message.sequence, message):
             self._handle(dispatch, feed, sender)
 
-    def _handle(self, message: Dispatch, feed: _Feed, sender) -> None:
+    def _handle(self, message: Dispatch, feed: _Feed, sender: Address) -> None:
         fresh = [d for d in message.deliveries if d.token > feed.last_token]
         if len(fresh) < len(message.deliveries):
             log.warning("pool member %d dropped %d delivery(ies) it had already handled",
@@ -101,7 +103,7 @@ class PoolMember(BusActor):
         # Answered even when empty: the Bridge counts the dispatch outstanding until it is.
         self.send(sender, Completion.of(done, self._index))
 
-    def _run(self, deliveries: list, start: int) -> tuple[list, int]:
+    def _run(self, deliveries: list[Delivery], start: int) -> tuple[list[Outcome], int]:
         """Handle ``deliveries`` from ``start`` in order, for about REPORT_INTERVAL at most
         (at least one); return the outcomes and where to go on."""
         done = []
@@ -117,6 +119,6 @@ class PoolMember(BusActor):
                 break
         return done, position
 
-    def receiveMsg_ActorExitRequest(self, message, sender) -> None:
+    def receiveMsg_ActorExitRequest(self, message: ActorExitRequest, sender: Address) -> None:
         self._runner.submit(self._table.close).result()   # its event loop belongs to that thread
         self._runner.shutdown(wait=False)

@@ -16,11 +16,11 @@ import enum
 import logging
 import os
 
-from thespian.actors import ActorExitRequest
+from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
 from actorbus.actors.base import BusActor
 from actorbus.actors.member import PoolMember
-from actorbus.actors.messages import (BridgeChanged, HandlerRegistered, MemberDied, MemberReady,
+from actorbus.actors.messages import (Address, BridgeChanged, HandlerRegistered, MemberDied, MemberReady,
                                       MemberRestarted, PoolFailed, PoolMembers, PoolReady,
                                       RegisterHandler, RestartDue, StartMember, StartPool)
 from actorbus.config import SubscriptionConfig
@@ -43,11 +43,23 @@ class _Member:
 
     __slots__ = ("address", "pid", "restarting", "ready")
 
-    def __init__(self, address) -> None:
-        self.address = address
+    def __init__(self, address: Address) -> None:
+        self.address: Address | None = address
         self.pid: int | None = None
         self.restarting = False                  # dead; a new incarnation is on its way
         self.ready = False                       # this incarnation has started
+
+
+class _Registration:
+    """A handler registration waiting for the members' answers."""
+
+    __slots__ = ("asker", "pending", "errors", "name")
+
+    def __init__(self, asker: Address, pending: set[int], name: str) -> None:
+        self.asker = asker
+        self.pending = pending           # member indices not answered yet
+        self.errors: list[str] = []
+        self.name = name                 # the subscription's
 
 
 class Router(BusActor):
@@ -56,19 +68,17 @@ class Router(BusActor):
     def __init__(self) -> None:
         super().__init__()
         self._supervisor = None
-        self._bridges: list = []   # each Bridge of the bus dispatches to every member
+        self._bridges: list[Address | None] = []   # each Bridge dispatches to every member
         self._members: list[_Member] = []
         self._subscriptions: list[SubscriptionConfig] = []
         self._budget = RestartBudget()
         self._max_resends = 3
         self._phase = RouterPhase.RUNNING
         self._announced = False   # the Bridge has been told where the members are
-        # Registrations waiting for members:
-        # request id → [who asked, indices pending, errors, subscription name].
-        self._registering: dict[int, list] = {}
+        self._registering: dict[int, _Registration] = {}   # by request id
 
     # ------------------------------------------------------------ set-up
-    def receiveMsg_StartPool(self, message: StartPool, sender) -> None:
+    def receiveMsg_StartPool(self, message: StartPool, sender: Address) -> None:
         self._supervisor = sender
         self._bridges = list(message.bridges)
         self._budget = RestartBudget(message.policy)
@@ -79,7 +89,7 @@ class Router(BusActor):
             self._members.append(member)
             self.send(member.address, StartMember(index, tuple(self._subscriptions)))
 
-    def receiveMsg_MemberReady(self, message: MemberReady, sender) -> None:
+    def receiveMsg_MemberReady(self, message: MemberReady, sender: Address) -> None:
         member = self._members[message.index]
         member.pid = message.pid
         member.ready = True
@@ -93,7 +103,7 @@ class Router(BusActor):
                 self._announce()
                 self.send(self._supervisor, PoolReady(tuple(pids), os.getpid()))  # type: ignore[arg-type]
 
-    def _announce(self, bridges: list | None = None) -> None:
+    def _announce(self, bridges: list[Address | None] | None = None) -> None:
         """Tell the Bridges (or those of ``bridges``) where every member is (None where one is
         not up)."""
         if not self._bridges or not all(m.ready or m.restarting for m in self._members):
@@ -105,7 +115,7 @@ class Router(BusActor):
             if bridge is not None:   # None: a Bridge being restarted hears it once it is back
                 self.send(bridge, where)
 
-    def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender) -> None:
+    def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender: Address) -> None:
         self._subscriptions = [s for s in self._subscriptions
                                if s.name != message.subscription.name]
         self._subscriptions.append(message.subscription)
@@ -115,32 +125,32 @@ class Router(BusActor):
             if member.address is not None:
                 self.send(member.address, message)
                 pending.add(index)
-        self._registering[message.request_id] = [sender, pending, [],
-                                                   message.subscription.name]
+        self._registering[message.request_id] = _Registration(sender, pending,
+                                                              message.subscription.name)
         self._answer_registration(message.request_id)
 
-    def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender) -> None:
+    def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender: Address) -> None:
         waiting = self._registering.get(message.request_id)
         if waiting is None:
             return
-        waiting[1].discard(message.member)
+        waiting.pending.discard(message.member)
         if message.error:
-            waiting[2].append(message.error)
+            waiting.errors.append(message.error)
         self._answer_registration(message.request_id)
 
     def _answer_registration(self, request_id: int) -> None:
         """Answer the Supervisor once no member is pending; the first error refuses it."""
-        sender, pending, errors, name = self._registering[request_id]
-        if pending:
+        waiting = self._registering[request_id]
+        if waiting.pending:
             return
         del self._registering[request_id]
-        error = errors[0] if errors else None
+        error = waiting.errors[0] if waiting.errors else None
         if error is not None:
             # Not kept: a restarted member would only fail on it again.
-            self._subscriptions = [s for s in self._subscriptions if s.name != name]
-        self.send(sender, HandlerRegistered(request_id, error))
+            self._subscriptions = [s for s in self._subscriptions if s.name != waiting.name]
+        self.send(waiting.asker, HandlerRegistered(request_id, error))
 
-    def receiveMsg_BridgeChanged(self, message: BridgeChanged, sender) -> None:
+    def receiveMsg_BridgeChanged(self, message: BridgeChanged, sender: Address) -> None:
         # What the old Bridge dispatched still runs; its completions go to the dead
         # Bridge and JetStream redelivers those messages after AckWait.
         self._bridges[message.index] = message.bridge
@@ -148,10 +158,10 @@ class Router(BusActor):
             self._announce([message.bridge])
 
     # ------------------------------------------------------------ failures
-    def receiveMsg_ActorExitRequest(self, message, sender) -> None:
+    def receiveMsg_ActorExitRequest(self, message: ActorExitRequest, sender: Address) -> None:
         self._phase = RouterPhase.STOPPING
 
-    def receiveMsg_ChildActorExited(self, message, sender) -> None:
+    def receiveMsg_ChildActorExited(self, message: ChildActorExited, sender: Address) -> None:
         if self._phase is RouterPhase.STOPPING:
             return
         index = self._member_index(message.childAddress)
@@ -165,7 +175,7 @@ class Router(BusActor):
         self.send(self._supervisor, MemberDied(index))
         # Its restart gets every subscription with StartMember: do not wait for its answer.
         for request_id in list(self._registering):
-            self._registering[request_id][1].discard(index)
+            self._registering[request_id].pending.discard(index)
             self._answer_registration(request_id)
         if self._phase is RouterPhase.FAILED:
             return
@@ -186,7 +196,7 @@ class Router(BusActor):
             if m.restarting and m.address is None:
                 self.wakeupAfter(decision.delay, payload=RestartDue(i))
 
-    def receiveMsg_WakeupMessage(self, message, sender) -> None:
+    def receiveMsg_WakeupMessage(self, message: WakeupMessage, sender: Address) -> None:
         if not isinstance(message.payload, RestartDue):
             return
         index = message.payload.target
@@ -210,10 +220,10 @@ class Router(BusActor):
         log.error("the pool gives up: %s", reason)
         self.send(self._supervisor, PoolFailed(reason))
 
-    def receiveMsg_PoisonMessage(self, message, sender) -> None:
+    def receiveMsg_PoisonMessage(self, message: PoisonMessage, sender: Address) -> None:
         log.error("returned as poison from %s: %r", sender, message.poisonMessage)
 
-    def _member_index(self, address) -> int | None:
+    def _member_index(self, address: Address) -> int | None:
         # Thespian addresses are not hashable: a linear search over the pool.
         for index, member in enumerate(self._members):
             if member.address is not None and member.address == address:

@@ -14,10 +14,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from thespian.actors import PoisonMessage, ThespianWatch
+from thespian.actors import (ActorExitRequest, PoisonMessage, ThespianWatch, WakeupMessage,
+                             WatchMessage)
 
 from actorbus.actors.base import BusActor
-from actorbus.actors.messages import (DEFERRED, FAILED, INVALID, SUCCEEDED, UNDELIVERED,
+from actorbus.actors.messages import (Address, DEFERRED, FAILED, INVALID, SUCCEEDED, UNDELIVERED,
                                       BridgeReady,
                                       BusStopped,
                                       Completion, Delivery, Dispatch, DrainDeadline, Halt,
@@ -110,10 +111,10 @@ class Bridge(BusActor):
         return self._watch
 
     # ------------------------------------------------------------ messages
-    def receiveMsg_WatchMessage(self, message, sender) -> None:
+    def receiveMsg_WatchMessage(self, message: WatchMessage, sender: Address) -> None:
         self._take_fetched()
 
-    def receiveMsg_WakeupMessage(self, message, sender) -> None:
+    def receiveMsg_WakeupMessage(self, message: WakeupMessage, sender: Address) -> None:
         due = message.payload
         if isinstance(due, PollMailbox):
             if self._phase is not BridgePhase.STOPPED:
@@ -124,7 +125,7 @@ class Bridge(BusActor):
         elif isinstance(due, DrainDeadline):
             self._finish_drain()
 
-    def receiveMsg_Completion(self, message: Completion, sender) -> None:
+    def receiveMsg_Completion(self, message: Completion, sender: Address) -> None:
         self._pool.completed(message, sender)
         self._handle_now(self._complete(message))
         self._dispatch()
@@ -132,7 +133,7 @@ class Bridge(BusActor):
         if self._phase is BridgePhase.DRAINING and not self._busy():
             self._finish_drain()
 
-    def receiveMsg_PoolMembers(self, message: PoolMembers, sender) -> None:
+    def receiveMsg_PoolMembers(self, message: PoolMembers, sender: Address) -> None:
         resumed, exhausted = self._pool.update(message.addresses, message.max_resends)
         depths = self._pool.depths()
         for index in resumed:
@@ -143,35 +144,35 @@ class Bridge(BusActor):
         self._dispatch()
         self._report_held()
 
-    def receiveMsg_StartBridge(self, message: StartBridge, sender) -> None:
+    def receiveMsg_StartBridge(self, message: StartBridge, sender: Address) -> None:
         self._start(message, sender)
 
-    def receiveMsg_Subscribe(self, message: Subscribe, sender) -> None:
+    def receiveMsg_Subscribe(self, message: Subscribe, sender: Address) -> None:
         self._subscribe(message, sender)
 
-    def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
+    def receiveMsg_StatsRequest(self, message: StatsRequest, sender: Address) -> None:
         self.send(sender, Stats(message.request_id, self._stats(),
                                 by_subscription={name: book.snapshot()
                                                  for name, book in self._books.items()},
                                 queue_depths=self._pool.depths()))
 
-    def receiveMsg_StopBus(self, message: StopBus, sender) -> None:
+    def receiveMsg_StopBus(self, message: StopBus, sender: Address) -> None:
         self._start_drain(message, sender)
 
-    def receiveMsg_PoisonMessage(self, message, sender) -> None:
+    def receiveMsg_PoisonMessage(self, message: PoisonMessage, sender: Address) -> None:
         self._returned(message, sender)
 
-    def receiveMsg_Halt(self, message: Halt, sender) -> None:
+    def receiveMsg_Halt(self, message: Halt, sender: Address) -> None:
         self._halt(message.reason)
 
-    def receiveMsg_RouterChanged(self, message: RouterChanged, sender) -> None:
+    def receiveMsg_RouterChanged(self, message: RouterChanged, sender: Address) -> None:
         self._resend_to(message.router)
 
-    def receiveMsg_ActorExitRequest(self, message, sender) -> None:
+    def receiveMsg_ActorExitRequest(self, message: ActorExitRequest, sender: Address) -> None:
         self._stop(timeout=EXIT_CLOSE_TIMEOUT)
 
     # ------------------------------------------------------------ set-up
-    def _start(self, message: StartBridge, sender) -> None:
+    def _start(self, message: StartBridge, sender: Address) -> None:
         self._config = config = message.config
         self._router = message.router
         self._inflight = InFlightTable(first_token=(message.incarnation << INCARNATION_SHIFT) + 1)
@@ -202,7 +203,7 @@ class Bridge(BusActor):
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
         self.send(sender, BridgeReady(message.request_id, os.getpid()))
 
-    def _subscribe(self, message: Subscribe, sender) -> None:
+    def _subscribe(self, message: Subscribe, sender: Address) -> None:
         sub = message.subscription
         if self._link is None:
             self.send(sender, RequestFailed(message.request_id, "the Bridge is not connected"))
@@ -283,7 +284,7 @@ class Bridge(BusActor):
         for address, dispatch in self._pool.dispatches():
             self.send(address, dispatch)
 
-    def _take(self, book: SubscriptionBook, msgs: list, deliveries: list[Delivery],
+    def _take(self, book: SubscriptionBook, msgs: list[Any], deliveries: list[Delivery],
               orders: list[Order]) -> None:
         """Record each message in flight and add its delivery, unless it is held for per-key
         order; redeliveries already handled in recovery go to ``orders``."""
@@ -356,10 +357,11 @@ class Bridge(BusActor):
             routing_key = aggregate_id
         if sub.partitions is not None:
             subject = without_partition(subject)   # as it was published
-        entry.delivery = Delivery(self._inflight.add(entry), sub.name, subject, data, headers,
-                                  routing_key, aggregate_id, keyless_slot, delivery_count,
-                                  stream_sequence)
-        return entry.delivery
+        delivery = Delivery(self._inflight.add(entry), sub.name, subject, data, headers,
+                            routing_key, aggregate_id, keyless_slot, delivery_count,
+                            stream_sequence)
+        entry.delivery = delivery
+        return delivery
 
     def _complete(self, completion: Completion) -> list[Delivery]:
         """Settle what the completion reports; return the held deliveries it frees."""
@@ -497,7 +499,7 @@ class Bridge(BusActor):
             self._last_held = held
             self._link.set_held(held)
 
-    def _returned(self, message: PoisonMessage, sender) -> None:
+    def _returned(self, message: PoisonMessage, sender: Address) -> None:
         # A member raised twice on a dispatch (a bug in our own code): fail it by kind.
         returned = message.poisonMessage
         if isinstance(returned, Dispatch):
@@ -523,7 +525,7 @@ class Bridge(BusActor):
         """Messages in flight that a completion is still due for (held ones are not)."""
         return len(self._inflight) - self._held()
 
-    def _resend_to(self, router) -> None:
+    def _resend_to(self, router: Address) -> None:
         # The old pool's work is lost with it: what its members held goes again, in
         # order, to the new members, once the new Router says where they are.
         self._router = router
@@ -576,7 +578,7 @@ class Bridge(BusActor):
         if self._link is not None:
             self._link.stop_fetching()
 
-    def _start_drain(self, message: StopBus, sender) -> None:
+    def _start_drain(self, message: StopBus, sender: Address) -> None:
         # Fetch nothing more; let what is in flight complete, up to the timeout.
         self._drain = (message.request_id, sender)
         halted = self._phase is BridgePhase.HALTED
@@ -615,7 +617,7 @@ class Bridge(BusActor):
                      len(self._inflight))
 
 
-def _dead_letter(msg, sub: SubscriptionConfig, stream_sequence: int, delivery_count: int,
+def _dead_letter(msg: Any, sub: SubscriptionConfig, stream_sequence: int, delivery_count: int,
                  error: str | None) -> Order:
     return Order(msg, DEAD_LETTER, None, sub.dead_letter_subject,
                  dead_letter_headers(msg, sub.stream, stream_sequence, delivery_count, error))

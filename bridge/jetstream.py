@@ -9,7 +9,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from nats.js.errors import APIError, NotFoundError
 
 from actorbus.bridge.layout import ConsumerSpec
-from actorbus.config import ConfigurationError, SubscriptionConfig
+from actorbus.config import SubscriptionConfig
+from actorbus.errors import ConfigurationError
 from actorbus.groups import partition_transform
 
 log = logging.getLogger("actorbus.bridge")

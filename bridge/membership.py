@@ -26,7 +26,8 @@ from nats.js.errors import (BucketNotFoundError, KeyDeletedError, KeyNotFoundErr
                             KeyWrongLastSequenceError)
 from nats.js.kv import KV_DEL, KV_PURGE, StopIterSentinel
 
-from actorbus.config import ConfigurationError, SubscriptionConfig
+from actorbus.config import SubscriptionConfig
+from actorbus.errors import ConfigurationError
 from actorbus.groups import STATIC_BUCKET, ConsumerGroup, assign_partitions
 
 log = logging.getLogger("actorbus.bridge")
@@ -152,7 +153,7 @@ class ElasticMembership:
         self._replicas = sub.replicas
         self._on_change = on_change
         self._kv: Any = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._view = MemberView(group.member, group.member_ttl, group.heartbeat)
         self._changed = asyncio.Event()
         self._joined = asyncio.Event()
@@ -213,7 +214,7 @@ class ElasticMembership:
                             self._group.name, type(exc).__name__, exc, self._group.member_ttl)
 
     async def _beat(self) -> int:
-        revision = await self._kv.put(self._key, json.dumps({"member": self._group.member,
+        revision: int = await self._kv.put(self._key, json.dumps({"member": self._group.member,
                                                              "at": time.time()}).encode())
         if self._unseen is None and revision > self._own_seen:
             self._unseen = (revision, time.monotonic())

@@ -26,7 +26,8 @@ from actorbus.bridge.metadata import consumer_of
 from actorbus.bridge.pull import PullConsumer
 from actorbus.bridge.recovery import read_gap
 from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK, TERM, Order
-from actorbus.config import BusConfig, ConfigurationError, SubscriptionConfig
+from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.errors import ConfigurationError
 from actorbus.groups import GroupKind
 
 log = logging.getLogger("actorbus.bridge")
@@ -53,8 +54,8 @@ class NatsLink:
         self._consumers: dict[str, PullConsumer] = {}
         #: Stopped fetching, not yet unpinned: they keep their pins while they drain.
         self._stopped: list[PullConsumer] = []
-        self._ticker: asyncio.Task | None = None
-        self._settling: set[asyncio.Task] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()
         # Settled, written, not yet confirmed by a flush: (counts, how many).
         self._unconfirmed: list[tuple[Counter[str], int, Counter[str] | None]] = []
         self._confirming = False
@@ -68,7 +69,7 @@ class NatsLink:
         # (a partition moves to another bus only once its messages here are settled).
         self._memberships: dict[str, ElasticMembership] = {}
         self._by_durable: Counter[str] | None = Counter() if self._layout.moving else None
-        self._releasing: dict[str, asyncio.Task] = {}
+        self._releasing: dict[str, asyncio.Task[None]] = {}
         self._claimed: dict[str, str] = {}   # pins of the Bridge before this one, by durable
 
     # ------------------------------------------------------------ any thread

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from typing import Any
 
 #: Upper bounds (seconds) of the handler-duration histogram buckets; +Inf is implied.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -23,7 +24,7 @@ class SubscriptionTally:
         self.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.duration_sum += seconds
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """Plain values for a Stats message."""
         return {"kind": self.kind, "counts": dict(self.counts), "buckets": list(self.buckets),
                 "duration_sum": self.duration_sum}

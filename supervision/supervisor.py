@@ -20,6 +20,8 @@ import signal
 from collections import Counter
 from typing import Any
 
+from thespian.actors import ActorExitRequest, ChildActorExited, WakeupMessage
+
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (MEMBER_PREFIX, ActorState, Address, BridgeChanged,
                                       BridgeReady, BusStarted, BusStopped, Halt,
@@ -102,7 +104,7 @@ class Supervisor(BusActor):
         self._failure: str | None = None             # why, once FAILED
 
     # ------------------------------------------------------------ start
-    def receiveMsg_StartBus(self, message: StartBus, sender) -> None:
+    def receiveMsg_StartBus(self, message: StartBus, sender: Address) -> None:
         if self._phase is not SupervisorPhase.IDLE:
             self.send(sender, RequestFailed(message.request_id, "this Supervisor is already started"))
             return
@@ -123,7 +125,7 @@ class Supervisor(BusActor):
         else:
             self._start_bridges()
 
-    def receiveMsg_PoolReady(self, message: PoolReady, sender) -> None:
+    def receiveMsg_PoolReady(self, message: PoolReady, sender: Address) -> None:
         self._pids["router"] = message.router_pid
         self._states["router"] = ActorState.RUNNING
         for index, pid in enumerate(message.pids):
@@ -141,12 +143,12 @@ class Supervisor(BusActor):
             self.send(slot.address, StartBridge(self._start_request, self._config, self._router,
                                                 index=slot.index, bridges=len(self._bridges)))
 
-    def receiveMsg_PinsHeld(self, message: PinsHeld, sender) -> None:
+    def receiveMsg_PinsHeld(self, message: PinsHeld, sender: Address) -> None:
         slot = self._slot_of(sender)
         if slot is not None:
             slot.pins = dict(message.pins)
 
-    def receiveMsg_BridgeReady(self, message: BridgeReady, sender) -> None:
+    def receiveMsg_BridgeReady(self, message: BridgeReady, sender: Address) -> None:
         slot = self._slot_of(sender)
         if slot is None:
             return
@@ -165,7 +167,7 @@ class Supervisor(BusActor):
             self._reply(BusStarted(message.request_id, dict(self._pids)))
 
     # ------------------------------------------------------------ requests
-    def receiveMsg_Subscribe(self, message: Subscribe, sender) -> None:
+    def receiveMsg_Subscribe(self, message: Subscribe, sender: Address) -> None:
         request_id = self._accept(message, sender)
         if self._router is None:
             self._subscribe_bridges(request_id, message.subscription)
@@ -173,7 +175,7 @@ class Supervisor(BusActor):
         self._registering[request_id] = message.subscription
         self.send(self._router, RegisterHandler(request_id, message.subscription))
 
-    def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender) -> None:
+    def receiveMsg_HandlerRegistered(self, message: HandlerRegistered, sender: Address) -> None:
         subscription = self._registering.pop(message.request_id, None)
         if message.error is not None:
             # Refused before the Bridges subscribe: nothing is fetched for a handler
@@ -193,7 +195,7 @@ class Supervisor(BusActor):
                                                    subscription)
         self._subscribe_next(request_id)
 
-    def receiveMsg_Subscribed(self, message: Subscribed, sender) -> None:
+    def receiveMsg_Subscribed(self, message: Subscribed, sender: Address) -> None:
         slot = self._slot_of(sender)
         gathering = self._subscribing.get(message.request_id)
         if slot is None or gathering is None:
@@ -225,7 +227,7 @@ class Supervisor(BusActor):
         first = gathering.replies.get(0) or next(iter(gathering.replies.values()), None)
         self._reply(first or Subscribed(request_id, subscription.stream, subscription.durable))
 
-    def receiveMsg_StatsRequest(self, message: StatsRequest, sender) -> None:
+    def receiveMsg_StatsRequest(self, message: StatsRequest, sender: Address) -> None:
         request_id = self._accept(message, sender)
         live = {slot.index for slot in self._bridges if slot.address is not None}
         self._stats[request_id] = _Gathering(live)
@@ -233,7 +235,7 @@ class Supervisor(BusActor):
             self._send_to(index, StatsRequest(request_id))
         self._stats_done(request_id)
 
-    def receiveMsg_Stats(self, message: Stats, sender) -> None:
+    def receiveMsg_Stats(self, message: Stats, sender: Address) -> None:
         slot = self._slot_of(sender)
         gathering = self._stats.get(message.request_id)
         if slot is None or gathering is None:
@@ -268,21 +270,21 @@ class Supervisor(BusActor):
                           dict(self._states), by_subscription, tuple(depths)))
 
     # ------------------------------------------------------------ the pool's health
-    def receiveMsg_MemberDied(self, message: MemberDied, sender) -> None:
+    def receiveMsg_MemberDied(self, message: MemberDied, sender: Address) -> None:
         self._states[member_name(message.index)] = ActorState.RESTARTING
 
-    def receiveMsg_MemberRestarted(self, message: MemberRestarted, sender) -> None:
+    def receiveMsg_MemberRestarted(self, message: MemberRestarted, sender: Address) -> None:
         self._restarts["pool"] += 1
         self._pids[member_name(message.index)] = message.pid
         self._states[member_name(message.index)] = ActorState.RUNNING
         log.warning("pool member %d restarted (pid %d); the Bridges re-send what it held",
                     message.index, message.pid)
 
-    def receiveMsg_PoolFailed(self, message: PoolFailed, sender) -> None:
+    def receiveMsg_PoolFailed(self, message: PoolFailed, sender: Address) -> None:
         # Past the pool's limit, escalated to the root.
         self._give_up(message.reason)
 
-    def receiveMsg_StopBus(self, message: StopBus, sender) -> None:
+    def receiveMsg_StopBus(self, message: StopBus, sender: Address) -> None:
         request_id = self._accept(message, sender)
         live = {slot.index for slot in self._bridges if slot.address is not None}
         self._stopping[request_id] = _Gathering(live)
@@ -290,7 +292,7 @@ class Supervisor(BusActor):
             self._send_to(index, StopBus(request_id, message.timeout))
         self._stopped_on_all(request_id)
 
-    def receiveMsg_BusStopped(self, message: BusStopped, sender) -> None:
+    def receiveMsg_BusStopped(self, message: BusStopped, sender: Address) -> None:
         slot = self._slot_of(sender)
         gathering = self._stopping.get(message.request_id)
         if slot is None or gathering is None:
@@ -303,7 +305,7 @@ class Supervisor(BusActor):
             del self._stopping[request_id]
             self._reply(BusStopped(request_id))
 
-    def receiveMsg_RequestFailed(self, message: RequestFailed, sender) -> None:
+    def receiveMsg_RequestFailed(self, message: RequestFailed, sender: Address) -> None:
         self._registering.pop(message.request_id, None)
         self._subscribing.pop(message.request_id, None)
         if message.request_id < 0:
@@ -311,10 +313,10 @@ class Supervisor(BusActor):
         self._reply(message)
 
     # ------------------------------------------------------------ failures
-    def receiveMsg_ActorExitRequest(self, message, sender) -> None:
+    def receiveMsg_ActorExitRequest(self, message: ActorExitRequest, sender: Address) -> None:
         self._phase = SupervisorPhase.STOPPING
 
-    def receiveMsg_ChildActorExited(self, message, sender) -> None:
+    def receiveMsg_ChildActorExited(self, message: ChildActorExited, sender: Address) -> None:
         if self._phase is SupervisorPhase.STOPPING:
             return
         if self._router is not None and message.childAddress == self._router:
@@ -375,7 +377,7 @@ class Supervisor(BusActor):
             if slot.address is not None:
                 self.send(slot.address, RouterChanged(self._router))
 
-    def receiveMsg_WakeupMessage(self, message, sender) -> None:
+    def receiveMsg_WakeupMessage(self, message: WakeupMessage, sender: Address) -> None:
         if not isinstance(message.payload, RestartDue) or self._phase is not SupervisorPhase.RUNNING:
             return
         config = self._config
@@ -429,13 +431,13 @@ class Supervisor(BusActor):
         self._internal_ids -= 1
         return self._internal_ids
 
-    def _accept(self, message, sender) -> int:
+    def _accept(self, message: Any, sender: Address) -> int:
         """Our own id for a client's request, remembered with who asked and their id."""
         self._relay_ids += 1
         self._waiting[self._relay_ids] = (sender, message.request_id)
         return self._relay_ids
 
-    def _reply(self, message) -> None:
+    def _reply(self, message: Any) -> None:
         waiting = self._waiting.pop(message.request_id, None)
         if waiting is not None:
             client, their_id = waiting
