@@ -9,7 +9,7 @@ import pytest
 from actorbus import EventBus
 from actorbus.server import NatsServer
 from tests.cluster import NatsCluster
-from tests.support import bus_factory
+from tests.support import GROUP_PARTITIONS, GroupHost, bus_factory
 
 
 @pytest.fixture
@@ -51,3 +51,23 @@ def make_bus(nats_server: NatsServer, records: Path, log_file: Path) -> Callable
     """Build EventBus instances on the test's server; every one is stopped in teardown."""
     with bus_factory(log_file, servers=nats_server.url) as make:
         yield make
+
+
+@pytest.fixture
+def group_hosts(nats_server: NatsServer, tmp_path: Path, records: Path):
+    """Start members of a partitioned group, each a bus in a process of its own, with
+    ``start(member, members=None, group="billing", heartbeat=None)`` (``members``: a static
+    group's list; without it the group is elastic); every one is gone after the test, by pid."""
+    started: list[GroupHost] = []
+
+    def start(member: str, members: list[str] | None = None, group: str = "billing",
+              heartbeat: float | None = None) -> GroupHost:
+        host = GroupHost(nats_server.url, tmp_path / f"{member}-{len(started)}.pids", group,
+                         GROUP_PARTITIONS, member, members, heartbeat=heartbeat)
+        started.append(host)
+        host.wait_started()
+        return host
+
+    yield start
+    for host in started:
+        host.ensure_gone()

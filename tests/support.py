@@ -198,6 +198,10 @@ class HostBus:
                  what="the host's processes gone")
 
 
+#: Partitions of the group that the ``group_hosts`` fixture's members share.
+GROUP_PARTITIONS = 12
+
+
 class GroupHost(HostBus):
     """A member of a partitioned consumer group in a process of its own (``tests.group_host``)."""
 

@@ -30,13 +30,13 @@ from actorbus.bridge.membership import ElasticMembership, MemberView
 from actorbus.config import SubscriptionConfig
 from actorbus.groups import ConsumerGroup, assign_partitions
 from actorbus.runtime import process_alive
-from tests.support import GroupHost, wait_for
+from tests.support import GROUP_PARTITIONS, GroupHost, wait_for
 
 #: Seconds the soak test runs its members under load.
 SOAK_SECONDS = float(os.environ.get("ACTORBUS_MEMBERSHIP_SOAK", "15"))
 #: Short heartbeats, so that the soak covers many of them (a member is gone after five missed).
 SOAK_HEARTBEAT = 0.25
-PARTITIONS = 12
+PARTITIONS = GROUP_PARTITIONS
 #: Envelopes per second published while the members run: they are busy, not idle.
 RATE = 600
 
@@ -334,21 +334,10 @@ class PacedPublisher:
 
 
 @pytest.fixture
-def members(nats_server, tmp_path, records):
+def members(group_hosts):
     """Start elastic members of group ``billing`` with ``start(name, heartbeat)``; every one is
     gone after the test, by pid."""
-    started: list[GroupHost] = []
-
-    def start(name: str, heartbeat: float) -> GroupHost:
-        host = GroupHost(nats_server.url, tmp_path / f"{name}.pids", "billing", PARTITIONS, name,
-                         heartbeat=heartbeat)
-        started.append(host)
-        host.wait_started()
-        return host
-
-    yield start
-    for host in started:
-        host.ensure_gone()
+    return lambda name, heartbeat: group_hosts(name, heartbeat=heartbeat)
 
 
 def views(hosts: list[GroupHost]) -> list[dict]:

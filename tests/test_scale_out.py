@@ -15,29 +15,18 @@ from pathlib import Path
 import pytest
 
 from actorbus import Envelope
-from tests.support import GroupHost, publish_spread, read_records, wait_for
+from tests.support import GROUP_PARTITIONS, GroupHost, publish_spread, read_records, wait_for
 from tests.test_ordered_recovery import all_handled, order_report
 
 pytestmark = pytest.mark.integration
 
-TOTAL, KEYS, PARTITIONS = 20_000, 500, 12
+TOTAL, KEYS, PARTITIONS = 20_000, 500, GROUP_PARTITIONS
 
 
 @pytest.fixture
-def hosts(nats_server, tmp_path, records):
+def hosts(group_hosts):
     """Start group members with ``start(member, members=None)``; all are gone after the test."""
-    started: list[GroupHost] = []
-
-    def start(member: str, members: list[str] | None = None, group: str = "billing") -> GroupHost:
-        host = GroupHost(nats_server.url, tmp_path / f"{member}-{len(started)}.pids", group,
-                         PARTITIONS, member, members)
-        started.append(host)
-        host.wait_started()
-        return host
-
-    yield start
-    for host in started:
-        host.ensure_gone()
+    return group_hosts
 
 
 def settled(hosts: list[GroupHost], members: int) -> list[dict] | None:
