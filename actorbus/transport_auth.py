@@ -4,10 +4,12 @@ Loopback keeps the network out, not the other users of the host: Thespian's
 TCP transport frames a message as ``b"<length>>" + pickle`` and unpickles
 each frame before it looks at it, so any local process that connects to an
 actor's port runs code as the bus's user. :func:`sign_transport` closes that
-the way an Erlang node's cookie does: every frame Thespian sends carries an
-HMAC-SHA256 of its pickle under a key of 32 random bytes, and a frame whose
-MAC does not verify is refused before a byte of it is unpickled; the
-connection is closed and the refusal logged.
+the way an Erlang node's cookie does: every frame Thespian sends carries a
+MAC of its pickle under a key of 32 random bytes (keyed BLAKE2b for a frame
+under :data:`SMALL_FRAME` bytes, HMAC-SHA256 above: each the faster at its
+sizes, both keyed MACs by design), and a frame whose MAC does not verify is
+refused before a byte of it is unpickled; the connection is closed and the
+refusal logged.
 
 The key is made in the program that starts the actor system, before the
 system forks; Thespian's admin, its logger and every actor are forked from
@@ -25,6 +27,7 @@ than run unauthenticated.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -36,8 +39,11 @@ from typing import Any
 
 log = logging.getLogger("actorbus.transport")
 
-#: Bytes of the MAC that opens every frame (HMAC-SHA256).
+#: Bytes of the MAC that opens every frame.
 MAC_SIZE = 32
+#: Pickles shorter than this are signed with keyed BLAKE2b (0.5 µs for 200 bytes, where
+#: HMAC-SHA256 takes 1.3), longer ones with HMAC-SHA256 (16 µs for 30 KB, BLAKE2b 28).
+SMALL_FRAME = 2048
 #: Bytes of the key.
 KEY_SIZE = 32
 #: Seconds between two warnings about refused frames in one process (each refusal is counted).
@@ -76,7 +82,12 @@ class SignedPickle:
     def dumps(self, obj: Any) -> bytes:
         """The MAC of ``obj``'s pickle, then the pickle."""
         body = pickle.dumps(obj)
-        return hmac.digest(self._key, body, "sha256") + body
+        return self._mac(body) + body
+
+    def _mac(self, body: bytes | memoryview) -> bytes:
+        if len(body) < SMALL_FRAME:
+            return hashlib.blake2b(body, key=self._key, digest_size=MAC_SIZE).digest()
+        return hmac.digest(self._key, body, "sha256")
 
     def constant(self, obj: Any) -> bytes:
         """Sign ``obj`` once for a frame sent many times; :meth:`loads` knows it at sight.
@@ -94,8 +105,7 @@ class SignedPickle:
             return known[1]
         view = memoryview(frame)
         body = view[MAC_SIZE:]
-        if len(view) <= MAC_SIZE or not hmac.compare_digest(
-                view[:MAC_SIZE], hmac.digest(self._key, body, "sha256")):
+        if len(view) <= MAC_SIZE or not hmac.compare_digest(view[:MAC_SIZE], self._mac(body)):
             self._note_refusal(len(view))
             raise RefusedFrame("a frame without this bus's transport MAC; not unpickled")
         return pickle.loads(body)

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from actorbus import Envelope
-from actorbus.transport_auth import (MAC_SIZE, RefusedFrame, SignedPickle, TransportAuthError,
-                                     sign_transport)
+from actorbus.transport_auth import (MAC_SIZE, SMALL_FRAME, RefusedFrame, SignedPickle,
+                                     TransportAuthError, sign_transport)
 from tests import handlers
 from tests.support import read_records, wait_for
 from tests.test_listening_sockets import listening_sockets
@@ -124,18 +124,22 @@ def test_a_frame_is_unpickled_only_with_the_key_it_was_signed_with(caplog):
     caplog.set_level(logging.WARNING, logger="actorbus.transport")
     ours, theirs = SignedPickle(os.urandom(32)), SignedPickle(os.urandom(32))
     message = ("address", {"batch": [1, 2, 3]})
+    large = ("address", {"batch": list(range(5000))})   # signed the other way (HMAC-SHA256)
+    assert len(pickle.dumps(large)) > SMALL_FRAME > len(pickle.dumps(message))
 
     assert ours.loads(ours.dumps(message)) == message
+    assert ours.loads(ours.dumps(large)) == large
     for forged in (theirs.dumps(message), pickle.dumps(message), b"", b"x" * MAC_SIZE,
-                   ours.dumps(message)[:-1], b"\0" + ours.dumps(message)[1:]):
+                   ours.dumps(message)[:-1], b"\0" + ours.dumps(message)[1:],
+                   theirs.dumps(large), ours.dumps(large)[:-1]):
         with pytest.raises(RefusedFrame):
             ours.loads(forged)
-    assert ours.refused == 6
+    assert ours.refused == 8
 
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "actorbus.transport"]
     wait_for(warnings, timeout=5, what="the refusal warning")
-    # Six forged frames, one warning: the rest are counted until the next one.
+    # Eight forged frames, one warning: the rest are counted until the next one.
     assert len(warnings()) == 1 and "refused 1 message(s)" in warnings()[0]
 
 
