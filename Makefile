@@ -28,7 +28,7 @@ demo: $(VENV)/.installed-server
 test: lint
 	$(BIN)/python -m pytest
 
-# The library's packages (and the benchmark) through ruff; the library through mypy.
+# The library's packages (and the benchmark) through ruff, and through mypy.
 # mypy finds a package in a folder of its name, and setup.cfg maps the top-level
 # folders into the actorbus namespace: it reads a tree of links laid out as installed.
 LIBRARY := actorbus actors bridge supervision
@@ -37,7 +37,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LIBRARY) benchmarks examples
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/actorbus
 	ln -s $(CURDIR)/actorbus/*.py $(CURDIR)/actorbus/py.typed $(TYPECHECK)/actorbus/
-	for package in actors bridge supervision; do ln -s $(CURDIR)/$$package $(TYPECHECK)/actorbus/$$package; done
+	for package in actors bridge supervision benchmarks; do ln -s $(CURDIR)/$$package $(TYPECHECK)/actorbus/$$package; done
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p actorbus
 
 bench: $(VENV)/.installed-bench
