@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +43,12 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(BIN)/actorbus bench
 
+# Not part of `make test`: ten minutes by default. Options go in SOAK, e.g.
+# make soak SOAK="--messages 10000000 --keys 10000"; the report also goes to SOAK_JSON.
+SOAK ?=
+SOAK_JSON ?= soak-report.json
+soak: $(VENV)/.installed-server
+	$(BIN)/actorbus soak --json $(SOAK_JSON) $(SOAK)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache soak-report.json
