@@ -412,7 +412,8 @@ def soak(ctx: click.Context, duration: float | None, messages: int | None, keys:
     """A bus under a steady publisher for a long time, with faults: pool members, Bridges
     and nats-server killed at intervals (and, with --group, whole members of a consumer
     group); then a report of what was published, handled, lost, out of order and handled
-    twice, each process's RSS and open FDs, and the longest stall.
+    twice, each process's RSS and open FDs, the longest stall and the longest wait of
+    an envelope.
 
     Exits 0 when nothing was lost, every key's first handlings were in order and the bus's
     RSS stayed within 10 % of its reading after the warm-up, 1 otherwise.

@@ -16,7 +16,9 @@
    (or ``drain_timeout``), and report: published, handled, lost, order violations
    among first handlings per key, duplicates, each process's RSS and open file
    descriptors after the warm-up and at the end, the longest stall (the longest
-   time with no new envelope handled while some were outstanding), as tables and
+   time with no new envelope handled while some were outstanding) and the longest
+   wait (the most time an envelope spent stored but not handled: a stall of some
+   keys only, which the stall misses while others are handled), as tables and
    as JSON.
 
 The handlers write to a shared ledger (:mod:`actorbus.benchmarks.soak_ledger`),
@@ -25,6 +27,7 @@ those of its process groups) at the end, also on Ctrl-C or an error.
 """
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -313,6 +316,8 @@ class SteadyPublisher:
         self.url, self.keys, self.rate, self.limit = url, keys, rate, limit
         self.run_size = max(1, min(PUBLISH_RUN, keys))
         self.stored = 0
+        #: When each run was stored (``time.monotonic()``): envelope n's is ``[n // run_size]``.
+        self.stored_at = array.array("d")
         self.retries = 0
         self.reconnects = 0
         self.last_error: str | None = None
@@ -374,6 +379,7 @@ class SteadyPublisher:
                 if not await self._store(js, n, size):
                     return
                 n += size
+                self.stored_at.append(time.monotonic())
                 self.stored = n
         finally:
             with contextlib.suppress(Exception):
@@ -414,6 +420,10 @@ class Progress:
     def __init__(self, ledger: LedgerReader, publisher: SteadyPublisher, started: float) -> None:
         self.ledger, self.publisher, self.started = ledger, publisher, started
         self.handled = 0
+        #: The longest an envelope waited, stored but not yet handled; which one, and when.
+        self.longest_wait = 0.0
+        self.longest_wait_n: int | None = None
+        self.longest_wait_at: float | None = None
         self.longest = 0.0
         self.longest_at: float | None = None
         self.stalls: list[dict[str, float]] = []
@@ -451,6 +461,12 @@ class Progress:
                 elif handled < stored and self._since is None:
                     self._since = now
                 self.handled = handled
+                floor = self.ledger.floor
+                if floor < stored:   # the oldest envelope not handled yet: how long it waits
+                    waited = now - self.publisher.stored_at[floor // self.publisher.run_size]
+                    if waited > self.longest_wait:
+                        self.longest_wait, self.longest_wait_n = waited, floor
+                        self.longest_wait_at = now - self.started
             if now >= next_point:
                 self.timeline.append({"t": round(now - self.started, 1), "published": stored,
                                       "handled": handled})
@@ -798,6 +814,11 @@ class SoakRun:
             "longest_stall_at_s": None if progress.longest_at is None else round(progress.longest_at, 1),
             "longest_stall_after": before[-1] if before else None,
             "stalls": sorted(progress.stalls, key=lambda s: -s["length_s"])[:20],
+            "longest_wait_s": round(progress.longest_wait, 2),
+            "longest_wait_envelope": None if progress.longest_wait_n is None else {
+                "n": progress.longest_wait_n, "key": key_of(progress.longest_wait_n, c.keys),
+                "seq": progress.longest_wait_n // c.keys,
+                "until_s": round(progress.longest_wait_at or 0, 1)},
             "rss": {"limit_pct": c.rss_limit_pct, "pass": rss_pass, **totals,
                     "start_at_s": None if warm_at is None else round(warm_at, 1),
                     "judged": "every bus process (host, actors, Thespian's admin and logger); "
@@ -852,7 +873,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     summary.add_row("published (stored)", f"{report['published']:,} at {report['publish_rate']:,} msg/s "
                     f"({report['publish_retries']:,} publishes retried)")
     summary.add_row("handled (distinct)", f"{report['handled']:,}")
-    summary.add_row("lost", f"{report['lost']:,}")
+    summary.add_row("lost (never handled)", f"{report['lost']:,}")
     summary.add_row("order violations (first handlings, per key)", f"{report['order_violations']:,}")
     summary.add_row("duplicate handlings", f"{report['duplicates']:,}")
     summary.add_row("faults", ", ".join(f"{kind.replace('_', ' ')} {count}"
@@ -861,6 +882,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     summary.add_row("longest stall", f"{report['longest_stall_s']:.1f} s" + (
         f" at {report['longest_stall_at_s']:,.0f} s (after {after['fault'].replace('_', ' ')} at "
         f"{after['t']:,.0f} s)" if after else ""))
+    waited = report["longest_wait_envelope"]
+    summary.add_row("longest wait of an envelope (stored → first handled)",
+                    f"{report['longest_wait_s']:.1f} s" + (
+                        f" ({waited['key']}#{waited['seq']}, until {waited['until_s']:,.0f} s)"
+                        if waited else ""))
     summary.add_row("drain after publishing", f"{report['drain_s']:.1f} s")
     rss = report["rss"]
     summary.add_row(f"RSS flat within {rss['limit_pct']:g} % (each bus process)",

@@ -29,7 +29,7 @@ STATUS_INTERVAL = 0.25
 #: which the actors' own pids in every status file already show).
 RUNTIME_PIDS_INTERVAL = 2.0
 #: The counters each status file carries.
-STATS = ("received", "processed", "acked", "naked", "redelivered", "restarts", "restarts_bridge",
+STATS = ("received", "processed", "in_flight", "acked", "naked", "redelivered", "restarts", "restarts_bridge",
          "restarts_router", "restarts_pool", "recovered", "recoveries", "duplicates_skipped",
          "held", "undelivered", "dead_lettered", "settle_errors", "partitions_owned",
          "group_members", "rebalances")

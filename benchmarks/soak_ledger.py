@@ -117,6 +117,11 @@ class LedgerReader:
         #: Every envelope below it has been handled.
         self._floor = 0
 
+    @property
+    def floor(self) -> int:
+        """The first envelope not yet handled, as of the last :meth:`distinct`."""
+        return self._floor
+
     def distinct(self, published: int) -> int:
         """Envelopes of ``0 .. published - 1`` handled at least once."""
         published = min(published, len(self._map))

@@ -18,7 +18,7 @@ REPORT_KEYS = {"pass", "mode", "config", "publish_s", "drain_s", "published", "h
                "lost", "lost_examples", "order_violations", "violation_examples", "gaps_before_lost",
                "duplicates", "handled_beyond_published", "publish_retries", "publisher_reconnects",
                "publish_rate", "faults", "longest_stall_s", "longest_stall_at_s",
-               "longest_stall_after", "stalls", "rss", "processes", "launch", "bus_stats",
+               "longest_stall_after", "stalls", "longest_wait_s", "longest_wait_envelope", "rss", "processes", "launch", "bus_stats",
                "problems", "events", "timeline", "diagnosis", "work_dir"}
 
 
@@ -42,6 +42,7 @@ def test_a_short_soak_with_faults_loses_nothing_and_keeps_order(tmp_path: Path) 
     assert report["faults"]["member_kill"] >= 5 and report["faults"]["bridge_kill"] == 2 \
         and report["faults"]["server_restart"] == 1, report["faults"]
     assert report["longest_stall_s"] >= 0 and report["rss"]["pass"] is True
+    assert report["longest_wait_s"] >= report["longest_stall_s"] - 0.2, report
 
     rows = {row["process"]: row for row in report["processes"]}
     for name in ("host", "supervisor", "bridge", "router", "member-0", "member-1",
