@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ demo: $(VENV)/.installed-server
 test: lint
 	$(BIN)/python -m pytest
 
-# The library's packages (and the benchmark) through ruff; the library through mypy.
+# The library's packages (and the benchmark) through ruff, and through mypy.
 # mypy finds a package in a folder of its name, and setup.cfg maps the top-level
 # folders into the actorbus namespace: it reads a tree of links laid out as installed.
 LIBRARY := actorbus actors bridge supervision
@@ -37,11 +37,18 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LIBRARY) benchmarks examples
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/actorbus
 	ln -s $(CURDIR)/actorbus/*.py $(CURDIR)/actorbus/py.typed $(TYPECHECK)/actorbus/
-	for package in actors bridge supervision; do ln -s $(CURDIR)/$$package $(TYPECHECK)/actorbus/$$package; done
+	for package in actors bridge supervision benchmarks; do ln -s $(CURDIR)/$$package $(TYPECHECK)/actorbus/$$package; done
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p actorbus
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/actorbus bench
 
+# Not part of `make test`: ten minutes by default. Options go in SOAK, e.g.
+# make soak SOAK="--messages 10000000 --keys 10000"; the report also goes to SOAK_JSON.
+SOAK ?=
+SOAK_JSON ?= soak-report.json
+soak: $(VENV)/.installed-server
+	$(BIN)/actorbus soak --json $(SOAK_JSON) $(SOAK)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache soak-report.json

@@ -62,8 +62,9 @@ class Recorder:
             self._cpu_us = float(os.environ.get(CPU_US_ENV, "0") or 0)
         return self._fd
 
-    def handle(self, aggregate_id: str, payload: bytes) -> None:
-        """The handler work once the envelope is decoded: record, then burn ``cpu_us``."""
+    def handle(self, aggregate_id: str | None, payload: bytes) -> None:
+        """The handler work once the envelope is decoded: record, then burn ``cpu_us``
+        (every bench envelope has an aggregate id; ``Message`` types it optional)."""
         fd = self._open()
         body = msgpack.unpackb(payload)
         published = body.get("ts")

@@ -102,7 +102,7 @@ def _cpu(pids: list[dict[str, int]]) -> list[dict[str, float]]:
     return [{name: process_cpu_seconds(pid) for name, pid in instance.items()} for instance in pids]
 
 
-def _progress(paths: list[Path]) -> list[dict[str, int]]:
+def _progress(paths: list[Path]) -> list[dict[str, Any]]:
     found = []
     for path in paths:
         try:
