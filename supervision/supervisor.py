@@ -308,8 +308,16 @@ class Supervisor(BusActor):
     def receiveMsg_RequestFailed(self, message: RequestFailed, sender: Address) -> None:
         self._registering.pop(message.request_id, None)
         self._subscribing.pop(message.request_id, None)
-        if message.request_id < 0:
-            log.error("a restarted Bridge could not resume: %s", message.error)
+        if message.request_id < 0:   # our own request: a restarted Bridge resuming
+            slot = self._slot_of(sender)
+            if slot is not None:
+                # Left as it is, it would run on and consume nothing of that subscription:
+                # it is ended, and restarted under the policy (past its limit the bus stops).
+                log.error("%s (pid %s) could not resume a subscription: %s; restarting it",
+                          _shown(slot.index), self._pids.get(bridge_name(slot.index)),
+                          message.error)
+                self.send(slot.address, ActorExitRequest())
+            return
         self._reply(message)
 
     # ------------------------------------------------------------ failures

@@ -156,6 +156,11 @@ def tree_rss_bytes(pids) -> int:
     return sum(process_rss(pid) for pid in pids)
 
 
+def delete_stream(url: str, name: str) -> None:
+    """Delete a stream directly, as an operator would."""
+    _run(url, lambda js: js.delete_stream(name))
+
+
 def create_stream(url: str, name: str, subjects: list[str], storage: str = "memory") -> None:
     """Create a stream directly, as another service would."""
     from nats.js.api import StorageType

@@ -18,7 +18,8 @@ from actorbus.runtime import process_alive
 from actorbus.supervision import AllForOne, Backoff, OneForOne
 from actorbus.policies import RestartBudget
 from tests import handlers
-from tests.support import consumer_info, publish_spread, read_records, wait_for
+from tests.support import (consumer_info, create_stream, delete_stream, publish_spread, read_records,
+                           wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -296,3 +297,29 @@ def test_a_message_that_keeps_killing_its_member_fails_after_max_resends(make_bu
     assert stats["restarts_pool"] == 4, stats
     assert stats["undelivered"] == 1 and stats["processed"] == 2, stats
     assert [r.data for r in read_records(records)] == ["before", "before", "after"]
+
+
+def test_a_restarted_bridge_that_cannot_resume_is_restarted_until_the_bus_stops(make_bus, records,
+                                                                               nats_server,
+                                                                               log_file):
+    # The stream is replaced by one that does not cover the subscription: a restarted
+    # Bridge cannot resume it. It must not run on consuming nothing.
+    bus = make_bus(pool_size=1, supervision=OneForOne(max_restarts=2, within=60.0,
+                                                      backoff=Backoff(initial=0.1, maximum=0.2)))
+    bus.subscribe("orders.>", handlers.record, durable="orders")
+    delete_stream(nats_server.url, "ORDERS")
+    create_stream(nats_server.url, "ORDERS", ["elsewhere.>"])
+
+    os.kill(bus.pids["bridge"], signal.SIGKILL)
+
+    def stopped() -> str | None:
+        try:
+            bus.stats()
+        except BusError as exc:
+            return str(exc)
+        return None
+    reason = wait_for(stopped, timeout=60, what="the bus to stop")
+    assert "the Bridge died 3 times within 60.0s (max_restarts=2)" in reason
+    log = wait_for(lambda: log_file.read_text().count("could not resume a subscription") >= 2
+                   and log_file.read_text(), what="the resume failures in the log")
+    assert "stream ORDERS exists with subjects ['elsewhere.>'], which do not cover 'orders.>'" in log
