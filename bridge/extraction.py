@@ -62,10 +62,14 @@ def extract_aggregate_id(
             return key
         log.debug("explicit key %r is not a valid aggregate id; ignored", key)
     if key_from_subject and subject:
-        token = subject.rsplit(".", 1)[-1]
-        if is_valid_id(token):
-            return token
+        return subject_key(subject)
     return None
+
+
+def subject_key(subject: str) -> str | None:
+    """The subject's last token if it is a valid aggregate id, else None."""
+    token = subject.rsplit(".", 1)[-1]
+    return token if is_valid_id(token) else None
 
 
 def envelope_key(data: bytes, headers: Mapping[str, str] | None, subject: str, *,
@@ -80,16 +84,14 @@ def envelope_key(data: bytes, headers: Mapping[str, str] | None, subject: str, *
     the Bridge, which every message passes through, does not pay for that.
     """
     if partitioned:
-        token = subject.rsplit(".", 1)[-1]
-        return token if is_valid_id(token) else None
+        return subject_key(subject)
     if headers:
         found = _from_headers(headers)
         if found is not None:
             return found
     found = peek_aggregate_id(data)
     if found is None and key_from_subject:
-        token = subject.rsplit(".", 1)[-1]
-        return token if is_valid_id(token) else None
+        return subject_key(subject)
     return found
 
 
