@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
 
 from nats.aio.client import Client
 from nats import errors as nats_errors
@@ -140,6 +142,8 @@ async def open_connection(config: BusConfig, *, name: str, reconnect_forever: bo
             reason = last[-1]
         if isinstance(exc, asyncio.CancelledError) and not isinstance(exc, asyncio.TimeoutError):
             raise
+        if not _says_why(reason) and config.auth.uses_tls:
+            reason = await asyncio.to_thread(_tls_alert, config) or reason
         tried = time.monotonic() - started
         raise NatsConnectError(
             f"cannot connect to NATS at {config.shown_servers()}: "
@@ -154,6 +158,41 @@ def _says_why(exc: BaseException) -> bool:
         return True
     return isinstance(exc, nats_errors.Error) and not isinstance(
         exc, (nats_errors.TimeoutError, nats_errors.NoServersError))
+
+
+def _tls_alert(config: BusConfig, timeout: float = 1.0) -> ssl.SSLError | None:
+    """The TLS alert the first server sends a client like ours, if any.
+
+    With TLS 1.3 a server checks the client's certificate after the client's
+    handshake is done, so its alert (``certificate required``) races the
+    client's first write: nats-py often sees only a broken pipe or a reset.
+    This handshake writes nothing after it and reads the alert, so the error
+    names the cause. It is made only after a connect failed for a bare reason.
+    """
+    context = tls_context(config)
+    if context is None:
+        return None
+    url = config.servers[0]
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.settimeout(timeout)
+            info = b""
+            while not info.endswith(b"\r\n"):
+                chunk = raw.recv(1)
+                if not chunk or not b"INFO".startswith(info[:4]):
+                    return None     # not a NATS server that greets first: nats-py's error stands
+                info += chunk
+            with context.wrap_socket(raw, server_hostname=host) as secured:
+                secured.recv(1)
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        return None     # closed without a reason: no better than nats-py's error
+    except ssl.SSLError as exc:
+        return exc
+    except OSError:
+        return None
+    return None
 
 
 async def _abandon(client: Client) -> None:

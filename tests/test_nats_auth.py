@@ -21,7 +21,7 @@ import pytest
 import trustme
 
 from actorbus import BusError, ConfigurationError, Envelope, EventBus, NatsAuth
-from actorbus.bridge.connection import connect_options
+from actorbus.bridge.connection import _tls_alert, connect_options, describe_error
 from actorbus.config import BusConfig, mask_url
 from actorbus.groups import STATIC_BUCKET
 from actorbus.ports import free_port
@@ -272,6 +272,16 @@ def test_wrong_credentials_fail_fast_with_one_clear_error(case, runtimes, record
     assert runtimes
     wait_for(lambda: not [pid for runtime in runtimes for pid in runtime.pids()], timeout=10,
              what="no actor process left")
+
+
+def test_a_missing_client_certificate_is_named_even_when_the_connect_saw_only_a_reset(tls_server, pki):
+    # TLS 1.3 checks the client's certificate after the handshake, so nats-py's first
+    # write may meet a broken pipe instead of the alert; the probe reads the alert itself.
+    def config(**tls):
+        return BusConfig(servers=tls_server.url, auth=NatsAuth(tls_ca=pki["ca"], **tls))
+    alert = _tls_alert(config())
+    assert alert is not None and "certificate required" in describe_error(alert)
+    assert _tls_alert(config(tls_cert=pki["client"], tls_key=pki["client_key"])) is None
 
 
 def test_cli_with_a_wrong_password_prints_one_line_and_leaves_nothing(users_server, records):
