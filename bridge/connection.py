@@ -143,7 +143,8 @@ async def open_connection(config: BusConfig, *, name: str, reconnect_forever: bo
         if isinstance(exc, asyncio.CancelledError) and not isinstance(exc, asyncio.TimeoutError):
             raise
         if not _says_why(reason) and config.auth.uses_tls:
-            reason = await asyncio.to_thread(_tls_alert, config) or reason
+            alert = await asyncio.to_thread(_tls_alert, config)
+            reason = alert if alert is not None else reason
         tried = time.monotonic() - started
         raise NatsConnectError(
             f"cannot connect to NATS at {config.shown_servers()}: "
