@@ -104,14 +104,16 @@ class NatsConnectError(ConnectionError):
 
 async def open_connection(config: BusConfig, *, name: str, reconnect_forever: bool,
                           error_cb: Callback | None = None, disconnected_cb: Callback | None = None,
-                          reconnected_cb: Callback | None = None) -> Client:
+                          reconnected_cb: Callback | None = None,
+                          client: Client | None = None) -> Client:
     """Connect, trying for up to ``config.connect_timeout`` seconds.
 
     nats-py retries a failing first connect (forever, for the Bridge) and
     reports each failure to the error callback: until connected, failures
     are only remembered, and one :class:`NatsConnectError` with the last
     reason is raised at the deadline. Once connected, errors go to
-    ``error_cb``.
+    ``error_cb``. ``client`` is a client not yet connected to use (a plain one
+    by default).
     """
     secrets = config.secrets()
     last: list[BaseException] = []
@@ -129,7 +131,7 @@ async def open_connection(config: BusConfig, *, name: str, reconnect_forever: bo
     options = connect_options(config, name=name, reconnect_forever=reconnect_forever,
                               error_cb=on_error, disconnected_cb=disconnected_cb,
                               reconnected_cb=reconnected_cb)
-    client = Client()
+    client = client if client is not None else Client()
     started = time.monotonic()
     try:
         await asyncio.wait_for(client.connect(**options), config.connect_timeout)

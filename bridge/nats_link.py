@@ -17,6 +17,8 @@ from collections import Counter
 from typing import Any, Mapping
 
 from actorbus.bridge.connection import describe_error, open_connection
+from actorbus.bridge.inbox import (ACK_PAYLOAD, PROGRESS_PAYLOAD, TERM_PAYLOAD, Delivered,
+                                   InboxClient, nak_payload, settlement_command)
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, layout_for
 from actorbus.bridge.loop_thread import LoopThread
@@ -171,7 +173,7 @@ class NatsLink:
         self._nc = await open_connection(
             self._config, name=self._config.name, reconnect_forever=True,
             error_cb=self._on_error, disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected)
+            reconnected_cb=self._on_reconnected, client=InboxClient())
         self._js = self._nc.jetstream()
 
     async def _subscribe(self, sub: SubscriptionConfig) -> None:
@@ -359,43 +361,59 @@ class NatsLink:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _touch(self, msgs: list[Any]) -> None:
-        touched = 0
-        for msg in msgs:
-            try:
-                await msg.in_progress()
-                touched += 1
-            except Exception as exc:
-                log.warning("could not send in_progress on %s: %s: %s", msg.subject,
-                            type(exc).__name__, exc)
+    async def _touch(self, msgs: list[Delivered]) -> None:
+        commands = [settlement_command(msg.reply, PROGRESS_PAYLOAD) for msg in msgs if msg.reply]
+        try:
+            await self._nc.write_settlements(b"".join(commands))
+        except Exception as exc:
+            log.warning("could not send in_progress for %d message(s): %s: %s", len(msgs),
+                        type(exc).__name__, exc)
+            return
         with self._counts_lock:
-            self._counts["in_progress"] += touched
+            self._counts["in_progress"] += len(commands)
 
     async def _settle(self, actions: list[Order]) -> None:
         done: Counter[str] = Counter()
+        commands: list[bytes] = []
+        written: Counter[str] = Counter()
         for order in actions:
             msg = order.msg
-            try:
-                if order.action == ACK:
-                    await msg.ack()
-                    done["acked"] += 1
-                elif order.action == NAK:
-                    await msg.nak(delay=order.delay)
-                    done["naked"] += 1
-                elif order.action == TERM:
-                    await msg.term()
-                    done["termed"] += 1
-                elif order.action == DEAD_LETTER:
+            if not msg.reply:
+                done["settle_errors"] += 1
+                log.warning("could not %s message on %s: it has no ack subject", order.action,
+                            msg.subject)
+                continue
+            if order.action == ACK:
+                commands.append(settlement_command(msg.reply, ACK_PAYLOAD))
+                written["acked"] += 1
+            elif order.action == NAK:
+                commands.append(settlement_command(msg.reply, nak_payload(order.delay)))
+                written["naked"] += 1
+            elif order.action == TERM:
+                commands.append(settlement_command(msg.reply, TERM_PAYLOAD))
+                written["termed"] += 1
+            elif order.action == DEAD_LETTER:
+                try:
                     # Termed only once the dead letter is stored: never lost in between.
                     await self._js.publish(order.dead_letter_subject, msg.data,
                                            headers=order.dead_letter_headers)
-                    await msg.term()
-                    done["dead_lettered"] += 1
-                    done["termed"] += 1
+                except Exception as exc:
+                    # Not counted as done: JetStream redelivers it after AckWait.
+                    done["settle_errors"] += 1
+                    log.warning("could not dead-letter message on %s: %s: %s", msg.subject,
+                                type(exc).__name__, exc)
+                    continue
+                commands.append(settlement_command(msg.reply, TERM_PAYLOAD))
+                written["dead_lettered"] += 1
+                written["termed"] += 1
+        if commands:
+            try:
+                # One buffer for the batch: a write each would cost more than the acks.
+                await self._nc.write_settlements(b"".join(commands))
+                done.update(written)
             except Exception as exc:
-                # Not counted as done: JetStream redelivers it after AckWait.
-                done["settle_errors"] += 1
-                log.warning("could not %s message on %s: %s: %s", order.action, msg.subject,
+                done["settle_errors"] += len(commands)
+                log.warning("could not settle %d message(s): %s: %s", len(commands),
                             type(exc).__name__, exc)
         durables = (None if self._by_durable is None else
                     _count_by_durable([order.msg for order in actions]))

@@ -28,16 +28,16 @@ import logging
 import time
 from typing import Any, Callable
 
+from nats.aio.subscription import Subscription
 from nats.js.api import StatusCode
 
+from actorbus.bridge.inbox import Delivered, InboxClient, InboxStatus
 from actorbus.bridge.layout import ConsumerSpec
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.config import SubscriptionConfig
 
 log = logging.getLogger("actorbus.bridge")
 
-#: The header naming the pinned client of a priority group, on every message it gets.
-PIN_HEADER = "Nats-Pin-Id"
 #: The status that ends a request whose pin id is not the group's (nats-py has no name for it).
 PIN_MISMATCH = "423"
 #: Statuses that end a request in the ordinary way: no messages, expired, pinned elsewhere.
@@ -69,8 +69,8 @@ class PullConsumer:
     a request before it was filled (so there is room to ask again).
     """
 
-    def __init__(self, nc: Any, sub: SubscriptionConfig, consumer: ConsumerSpec,
-                 on_messages: Callable[[SubscriptionConfig, list[Any]], None],
+    def __init__(self, nc: InboxClient, sub: SubscriptionConfig, consumer: ConsumerSpec,
+                 on_messages: Callable[[SubscriptionConfig, list[Delivered]], None],
                  on_request_ended: Callable[[], None],
                  on_pinned: Callable[[PullConsumer], None] | None = None,
                  claimed_pin: str | None = None,
@@ -83,11 +83,11 @@ class PullConsumer:
         self._warned_at: dict[str, float] = {}
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{consumer.stream}.{consumer.durable}"
         self._inbox = nc.new_inbox()
-        self._subscription: Any = None
+        self._subscription: Subscription | None = None
         self._requests: collections.deque[_Request] = collections.deque()
         self._numbers = 0
-        self._arrived: list[Any] = []
-        self._deferred: list[Any] = []
+        self._arrived: list[Delivered] = []
+        self._deferred: list[Delivered] = []
         self.requested = 0  # asked for, neither arrived nor ended
         self._on_pinned = on_pinned
         self._on_unpinned = on_unpinned
@@ -134,8 +134,7 @@ class PullConsumer:
     async def start(self) -> None:
         """Subscribe to the inbox; no request is made until :meth:`request`."""
         # No pending limit of nats-py's own: the window bounds what can arrive.
-        self._subscription = await self._nc.subscribe(f"{self._inbox}.*", cb=self._received,
-                                                      pending_msgs_limit=0, pending_bytes_limit=0)
+        self._subscription = await self._nc.subscribe_inbox(f"{self._inbox}.*", self._received)
 
     async def stop(self) -> None:
         """Unsubscribe and hand nothing more over; the server drops waiting requests that
@@ -144,7 +143,7 @@ class PullConsumer:
         self._arrived, self._deferred = [], []
         if self._subscription is not None:
             subscription, self._subscription = self._subscription, None
-            await subscription.unsubscribe()
+            await self._nc.unsubscribe_inbox(subscription)
         self.forget()
 
     async def request(self, count: int) -> None:
@@ -192,15 +191,13 @@ class PullConsumer:
         return lost
 
     # ------------------------------------------------------------ callbacks
-    async def _received(self, msg: Any) -> None:
-        headers = msg.headers
-        if headers and not msg.reply and "Status" in headers:
-            self._status(msg, headers["Status"], headers.get("Description", ""))
+    def _received(self, msg: Delivered | InboxStatus) -> None:
+        if isinstance(msg, InboxStatus):
+            self._status(msg)
             return
-        if self.consumer.priority_group is not None and headers:
-            pin = headers.get(PIN_HEADER)
-            if pin is not None and pin != self.pin_id:
-                self._pinned(pin)
+        if msg.pin_id is not None and msg.pin_id != self.pin_id and \
+                self.consumer.priority_group is not None:
+            self._pinned(msg.pin_id)
         if self._requests:
             oldest = self._requests[0]
             oldest.remaining -= 1
@@ -269,7 +266,8 @@ class PullConsumer:
         if deferred and not self.stopped:
             self._on_messages(self._sub, deferred)
 
-    def _status(self, msg: Any, code: str, description: str) -> None:
+    def _status(self, status: InboxStatus) -> None:
+        code = status.code
         if code == StatusCode.CONTROL_MESSAGE:  # the server's idle heartbeat
             return
         if code == PIN_MISMATCH:
@@ -285,7 +283,7 @@ class PullConsumer:
                 self.unpins += 1
                 if self._on_unpinned is not None:
                     self._on_unpinned(self)
-        number = msg.subject.rsplit(".", 1)[-1]
+        number = status.subject.rsplit(".", 1)[-1]
         if number == _KEEP:
             return   # a renewal ends at expiry or at the first message; nothing was asked
         for request in self._requests:
@@ -300,5 +298,5 @@ class PullConsumer:
             if now - self._warned_at.get(code, -_WARN_EVERY) >= _WARN_EVERY:
                 self._warned_at[code] = now
                 log.warning("a pull request for %s was ended by the server: %s %s",
-                            self._sub.name, code, description)
+                            self._sub.name, code, status.description)
         self._on_request_ended()

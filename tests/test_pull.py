@@ -6,8 +6,7 @@ import contextlib
 import json
 import time
 
-import nats
-
+from actorbus.bridge.inbox import InboxClient
 from actorbus.bridge.jetstream import ensure_consumer, ensure_stream
 from actorbus.bridge.layout import SingleDurable
 from actorbus.bridge.pull import PullConsumer
@@ -18,7 +17,8 @@ from actorbus.config import SubscriptionConfig
 async def _consumer(url: str, sub: SubscriptionConfig, on_messages, on_request_ended, **hooks):
     """A started PullConsumer on ``sub``'s stream and durable (``hooks``: its other
     callbacks), stopped and disconnected after."""
-    nc = await nats.connect(url)
+    nc = InboxClient()
+    await nc.connect(url)
     try:
         js = nc.jetstream()
         await ensure_stream(js, sub)

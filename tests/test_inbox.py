@@ -1,0 +1,79 @@
+"""The Bridge's inbox reading: the same messages, headers and statuses nats-py would read."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nats.aio.client import Client
+
+from actorbus.bridge.inbox import (Delivered, InboxStatus, NatsShapeError, check_nats_shape,
+                                   nak_payload, read_message, settlement_command)
+
+ACK = b"$JS.ACK.S.d.1.7.7.1700000000000000000.0"
+BLOCKS = [
+    b"NATS/1.0\r\nX-Aggregate-ID: k1\r\n\r\n",
+    b"NATS/1.0\r\nA: 1\r\nA: 2\r\nB:x\r\nC:\tspaced \r\n\r\n",
+    b"NATS/1.0\r\nno colon\r\nBad Name: v\r\n\xff: v\r\nOk: caf\xc3\xa9 \xff\r\n\r\n",
+    b"NATS/1.0\r\nNats-Pin-Id: p1\r\nX-Aggregate-ID: k1\r\n\r\n",
+]
+
+
+def nats_py_headers(block: bytes) -> dict[str, str] | None:
+    return asyncio.run(Client()._process_headers(block))
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_headers_read_as_nats_py_reads_them_without_the_servers_pin(block):
+    read = read_message(b"orders.k1", ACK, b"body", block)
+    assert isinstance(read, Delivered)
+    expected = nats_py_headers(block)
+    pin = expected.pop("Nats-Pin-Id", None)
+    assert read.headers == (expected or None) and read.pin_id == pin
+    assert (read.subject, read.reply, read.data) == ("orders.k1", ACK.decode(), b"body")
+
+
+def test_a_pin_alone_leaves_no_headers():
+    read = read_message(b"orders.k1", ACK, b"x", b"NATS/1.0\r\nNats-Pin-Id: Xy9\r\n\r\n")
+    assert isinstance(read, Delivered) and read.headers is None and read.pin_id == "Xy9"
+    plain = read_message(b"orders.k1", ACK, b"x", None)
+    assert isinstance(plain, Delivered) and plain.headers is None and plain.pin_id is None
+
+
+@pytest.mark.parametrize("block, code, description", [
+    (b"NATS/1.0 408 Request Timeout\r\n\r\n", "408", "Request Timeout"),
+    (b"NATS/1.0 404 No Messages\r\n\r\n", "404", "No Messages"),
+    (b"NATS/1.0 409\r\n\r\n", "409", ""),
+    (b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 3\r\n\r\n", "100", "Idle Heartbeat"),
+])
+def test_a_status_without_an_ack_subject_ends_a_request(block, code, description):
+    read = read_message(b"_INBOX.a.3", b"", b"", block)
+    assert read == InboxStatus("_INBOX.a.3", code, description)
+    expected = nats_py_headers(block)
+    assert (expected["Status"], expected.get("Description", "")) == (code, description)
+
+
+def test_a_message_with_an_ack_subject_is_a_message_whatever_its_first_line():
+    read = read_message(b"orders.k1", ACK, b"x", b"NATS/1.0 408 Odd\r\nA: 1\r\n\r\n")
+    assert isinstance(read, Delivered) and read.headers == {"A": "1"}
+
+
+def test_settlement_commands_are_what_nats_py_publishes():
+    assert settlement_command("$JS.ACK.a", b"") == b"PUB $JS.ACK.a 0\r\n\r\n"
+    assert settlement_command("$JS.ACK.a", b"+TERM") == b"PUB $JS.ACK.a 5\r\n+TERM\r\n"
+    assert nak_payload(None) == nak_payload(0) == b"-NAK"
+    assert nak_payload(1.5) == b'-NAK {"delay": 1500000000}'
+
+
+def test_a_nats_py_without_the_internals_relied_on_is_refused():
+    check_nats_shape()
+
+    class Reshaped(Client):
+        async def _process_msg(self, sid, subject, reply, data, headers, extra=None):
+            pass
+
+    class Missing:
+        pass
+
+    for shape in (Reshaped, Missing):
+        with pytest.raises(NatsShapeError, match="nats-py"):
+            check_nats_shape(shape)
