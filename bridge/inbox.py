@@ -76,8 +76,8 @@ def read_message(subject: bytes, reply: bytes, data: bytes,
         return Delivered(subject.decode(), reply.decode(), data, None, None)
     if header.startswith(_PIN_ONLY) and header.count(_CRLF) == 3:
         # The common case in a priority group: no headers of its own, only the pin.
-        pin = header[len(_PIN_ONLY):header.index(_CRLF, len(_PIN_ONLY))].strip().decode()
-        return Delivered(subject.decode(), reply.decode(), data, None, pin)
+        only = header[len(_PIN_ONLY):header.index(_CRLF, len(_PIN_ONLY))].strip().decode()
+        return Delivered(subject.decode(), reply.decode(), data, None, only)
     first, _, rest = header.partition(_CRLF)
     fields = parse_header_lines(rest)
     if first.startswith(_STATUS_LINE):
@@ -85,8 +85,8 @@ def read_message(subject: bytes, reply: bytes, data: bytes,
         if code.isdigit() and not reply:
             return InboxStatus(subject.decode(), code.decode(),
                                description.strip().decode("utf-8", "replace"))
-    pin: str | None = fields.pop(PIN_HEADER, None)
-    return Delivered(subject.decode(), reply.decode(), data, fields or None, pin)
+    pin_id = fields.pop(PIN_HEADER, None)
+    return Delivered(subject.decode(), reply.decode(), data, fields or None, pin_id)
 
 
 def parse_header_lines(block: bytes) -> dict[str, str]:
