@@ -64,9 +64,20 @@ class Dispatch:
     def __repr__(self) -> str:
         return f"Dispatch(#{self.sequence}, {len(self.deliveries)} deliveries)"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Deliveries travel as plain tuples: a NamedTuple pickles through a Python call per
+        # object, which the Bridge (every message passes through it) paid on each one.
+        rows = tuple(map(tuple, self.deliveries))
+        return (_dispatch_of_rows, (rows, self.sequence, self.epoch, self.bridge))
+
     def undelivered(self, reason: str) -> Completion:
         """A completion that fails every delivery of this dispatch as never handled."""
         return Completion.of(Outcome(d.token, UNDELIVERED, reason, 0) for d in self.deliveries)
+
+
+def _dispatch_of_rows(rows: tuple[tuple[Any, ...], ...], sequence: int, epoch: int,
+                      bridge: int) -> Dispatch:
+    return Dispatch(tuple(map(Delivery._make, rows)), sequence, epoch, bridge)
 
 
 class OutcomeKind(enum.StrEnum):

@@ -12,11 +12,14 @@ through, needs less:
 - headers are parsed only when the message has some of its own: the
   ``Nats-Pin-Id`` the server adds for a priority group's pinned client is
   taken off (it is not part of the message as published);
+- the protocol lines that come by the thousand (``MSG``, ``HMSG``, ``PING``,
+  ``PONG``) are split instead of matched by regular expressions;
 - :meth:`InboxClient.write_settlements` writes a batch of acks, naks and
   terms as one buffer of protocol commands.
 
 This is the one module that relies on nats-py's internals
-(``Client._process_msg``, ``_send_command``, ``_flush_pending``);
+(``Client._process_msg``, ``_send_command``, ``_flush_pending``, the
+parser's state);
 :func:`check_nats_shape` refuses a nats-py without them when the client is
 made, instead of running on a guess.
 """
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.protocol import parser as nats_parser
 
 #: The header naming the pinned client of a priority group, on every message it gets.
 PIN_HEADER = "Nats-Pin-Id"
@@ -41,18 +46,15 @@ class NatsShapeError(RuntimeError):
     """The installed nats-py lacks the internals the Bridge's inbox reading relies on."""
 
 
+@dataclass(slots=True, repr=False)
 class Delivered:
     """A message a pull request delivered: what the Bridge reads of it, and nothing more."""
 
-    __slots__ = ("subject", "reply", "data", "headers", "pin_id")
-
-    def __init__(self, subject: str, reply: str, data: bytes,
-                 headers: dict[str, str] | None, pin_id: str | None) -> None:
-        self.subject = subject
-        self.reply = reply          #: the ack subject
-        self.data = data
-        self.headers = headers      #: as published (None without any)
-        self.pin_id = pin_id        #: the server's pin for this client, in a priority group
+    subject: str
+    reply: str                      #: the ack subject
+    data: bytes
+    headers: dict[str, str] | None  #: as published (None without any)
+    pin_id: str | None              #: the server's pin for this client, in a priority group
 
     def __repr__(self) -> str:
         return f"Delivered({self.subject!r}, {len(self.data)} bytes)"
@@ -147,6 +149,7 @@ class InboxClient(Client):
         check_nats_shape()
         super().__init__()
         self._inboxes: dict[int, InboxHandler] = {}
+        self._ps = InboxParser(self)
 
     async def subscribe_inbox(self, subject: str, handler: InboxHandler) -> Subscription:
         """Subscribe ``subject``; each message on it goes to ``handler`` as it is parsed,
@@ -175,13 +178,100 @@ class InboxClient(Client):
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes) -> None:
+        if not self.to_inbox(sid, subject, reply, data, headers):
+            await super()._process_msg(sid, subject, reply, data, headers)
+
+    def to_inbox(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                 headers: bytes | None) -> bool:
+        """Hand a parsed message to its inbox's handler; False when ``sid`` is no inbox."""
         handler = self._inboxes.get(sid)
         if handler is None:
-            await super()._process_msg(sid, subject, reply, data, headers)
-            return
+            return False
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         handler(read_message(subject, reply, data, headers))
+        return True
+
+
+class InboxParser(nats_parser.Parser):
+    """nats-py's protocol parser, reading ``MSG``, ``HMSG``, ``PING`` and ``PONG`` by splitting
+    the line; any other operation, and what follows it in the buffer, goes to nats-py's own."""
+
+    nc: InboxClient
+
+    async def parse(self, data: bytes = b"") -> None:
+        """Parse what arrived, and hand each message over as it is complete."""
+        buf = self.buf
+        buf.extend(data)
+        # Read from one copy by position and cut the buffer once: cheaper than cutting it
+        # after every operation.
+        wire, pos = bytes(buf), 0
+        try:
+            while pos < len(wire):
+                if self.state == nats_parser.AWAITING_MSG_PAYLOAD:
+                    arg = self.msg_arg
+                    at = await self._message(wire, pos, arg["subject"], arg["sid"], arg["reply"],
+                                             self.header_needed, self.needed)
+                    if at < 0:
+                        return
+                    pos = at
+                    continue
+                op = wire[pos:pos + 4]
+                if op == b"HMSG" or op == b"MSG ":
+                    end = wire.find(_CRLF, pos)
+                    if end < 0:
+                        if len(wire) - pos > nats_parser.MAX_CONTROL_LINE_SIZE:
+                            raise nats_errors.ProtocolError("nats: unknown protocol")
+                        return
+                    subject, sid, reply, header_size, size = _message_line(wire[pos:end].split(),
+                                                                           op == b"HMSG")
+                    at = await self._message(wire, end + 2, subject, sid, reply, header_size, size)
+                    if at < 0:
+                        # The rest has not arrived yet: nats-py's own fields say what is awaited.
+                        self.msg_arg = {"subject": subject, "sid": sid, "reply": reply}
+                        self.header_needed, self.needed = header_size, size
+                        self.state = nats_parser.AWAITING_MSG_PAYLOAD
+                        pos = end + 2
+                        return
+                    pos = at
+                elif (op == b"PING" or op == b"PONG") and wire[pos + 4:pos + 6] == _CRLF:
+                    pos += 6
+                    await (self.nc._process_ping() if op == b"PING" else self.nc._process_pong())
+                else:
+                    del buf[:pos]
+                    pos = 0
+                    await super().parse()
+                    return
+        finally:
+            del buf[:pos]
+
+    async def _message(self, wire: bytes, pos: int, subject: bytes, sid: int, reply: bytes,
+                       header_size: int, size: int) -> int:
+        """Hand over the message whose payload starts at ``pos``; return where the next
+        operation starts, or -1 when the payload has not all arrived."""
+        end = pos + size
+        if len(wire) < end + 2:
+            return -1
+        header = wire[pos:pos + header_size] if header_size else None
+        payload = wire[pos + header_size:end]
+        self.state = nats_parser.AWAITING_CONTROL_LINE
+        self.header_needed = 0
+        if not self.nc.to_inbox(sid, subject, reply, payload, header):
+            await self.nc._process_msg(sid, subject, reply, payload, header or b"")
+        return end + 2
+
+
+def _message_line(args: list[bytes], with_headers: bool) -> tuple[bytes, int, bytes, int, int]:
+    """``(subject, sid, reply, header size, size)`` of ``MSG <subject> <sid> [reply] <size>`` or
+    ``HMSG <subject> <sid> [reply] <header size> <size>``, split at blanks."""
+    count = len(args) - (1 if with_headers else 0)
+    if count not in (4, 5):
+        raise nats_errors.ProtocolError("nats: malformed MSG")
+    try:
+        return (args[1], int(args[2]), args[3] if count == 5 else b"",
+                int(args[-2]) if with_headers else 0, int(args[-1]))
+    except ValueError:
+        raise nats_errors.ProtocolError("nats: malformed MSG") from None
 
 
 async def _never_called(msg: object) -> None:

@@ -5,8 +5,9 @@ import asyncio
 
 import pytest
 from nats.aio.client import Client
+from nats.errors import ProtocolError
 
-from actorbus.bridge.inbox import (Delivered, InboxStatus, NatsShapeError, check_nats_shape,
+from actorbus.bridge.inbox import (Delivered, InboxClient, InboxStatus, NatsShapeError, check_nats_shape,
                                    nak_payload, read_message, settlement_command)
 
 ACK = b"$JS.ACK.S.d.1.7.7.1700000000000000000.0"
@@ -77,3 +78,62 @@ def test_a_nats_py_without_the_internals_relied_on_is_refused():
     for shape in (Reshaped, Missing):
         with pytest.raises(NatsShapeError, match="nats-py"):
             check_nats_shape(shape)
+
+
+class RecordingClient(InboxClient):
+    """Records what the parser hands over instead of acting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple] = []
+
+    async def _process_ping(self) -> None:
+        self.seen.append(("PING",))
+
+    async def _process_pong(self) -> None:
+        self.seen.append(("PONG",))
+
+    async def _process_msg(self, sid, subject, reply, data, headers) -> None:
+        if not self.to_inbox(sid, subject, reply, data, headers):
+            self.seen.append(("msg", sid, subject, reply, data, headers or None))
+
+
+def hmsg(subject: bytes, sid: int, reply: bytes, header: bytes, body: bytes) -> bytes:
+    line = b" ".join([b"HMSG", subject, str(sid).encode(), *([reply] if reply else []),
+                      str(len(header)).encode(), str(len(header + body)).encode()])
+    return line + b"\r\n" + header + body + b"\r\n"
+
+
+WIRE = (b"MSG orders.k1 9 5\r\nhello\r\n"
+        b"PING\r\n"
+        + hmsg(b"_INBOX.x.1", 7, ACK, b"NATS/1.0\r\nNats-Pin-Id: p\r\n\r\n", b"body")
+        + b"+OK\r\n"
+        b"MSG orders.k2 9 reply.to 0\r\n\r\n"
+        b"PONG\r\n"
+        + hmsg(b"_INBOX.x.1", 7, b"", b"NATS/1.0 408 Expired\r\n\r\n", b"")
+        + b"MSG orders.k3 9 3\r\nend\r\n")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 16, len(WIRE)])
+def test_the_parser_hands_over_every_operation_in_order_however_the_bytes_arrive(chunk):
+    client = RecordingClient()
+    inbox: list = []
+    client._inboxes[7] = inbox.append
+
+    async def feed() -> None:
+        for start in range(0, len(WIRE), chunk):
+            await client._ps.parse(WIRE[start:start + chunk])
+    asyncio.run(feed())
+    assert client.seen == [("msg", 9, b"orders.k1", b"", b"hello", None), ("PING",),
+                           ("msg", 9, b"orders.k2", b"reply.to", b"", None), ("PONG",),
+                           ("msg", 9, b"orders.k3", b"", b"end", None)]
+    assert inbox == [Delivered("_INBOX.x.1", ACK.decode(), b"body", None, "p"),
+                     InboxStatus("_INBOX.x.1", "408", "Expired")]
+    assert not client._ps.buf
+
+
+def test_a_malformed_message_line_is_a_protocol_error():
+    for line in (b"MSG a b c d e f\r\n", b"HMSG a 1 x y\r\n", b"MSG a 1\r\n"):
+        with pytest.raises(ProtocolError) as caught:
+            asyncio.run(RecordingClient()._ps.parse(line))
+        assert caught.value.args == ("nats: malformed MSG",)

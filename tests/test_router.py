@@ -139,6 +139,9 @@ def test_completions_carry_first_try_successes_as_bare_tokens():
     assert again == completion and type(again.others[0]) is Outcome
     d = pickle.loads(pickle.dumps(delivery(9, "k", 1)))
     assert type(d) is Delivery and d.routing_key == "k" and d.token == 9
+    dispatch = Dispatch((delivery(7, "k", 1), delivery(8, "j", 2)), sequence=4, epoch=2, bridge=1)
+    again_dispatch = pickle.loads(pickle.dumps(dispatch))
+    assert again_dispatch == dispatch and all(type(d) is Delivery for d in again_dispatch.deliveries)
 
 
 def test_pool_table_resends_what_a_dead_member_held_in_order_and_counts_attempts():
