@@ -443,7 +443,12 @@ class RequestFailed:
 # Payloads of an actor's own ``wakeupAfter``: each names what is due.
 @dataclass(frozen=True, slots=True)
 class PollMailbox:
-    """Bridge → itself: look at the mailbox (where ``ThespianWatch`` is missing)."""
+    """Bridge → itself: turn the link (where ``ThespianWatch`` is missing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTimer:
+    """Bridge → itself: a timer of the link's loop is due."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The Bridge actor: JetStream in, dispatches out, completions back, ack or nak.
 
-It owns the NATS connection (on a background thread, see
+It owns the NATS connection (an asyncio loop it turns on its own thread, see
 :mod:`actorbus.bridge.nats_link`) and the in-flight table. It never acks
 a message whose completion has not arrived, and it never creates actors:
 a process holding a network thread must not fork.
@@ -22,7 +22,7 @@ from actorbus.actors.messages import (Address, DEFERRED, FAILED, INVALID, SUCCEE
                                       BridgeReady,
                                       BusStopped,
                                       Completion, Delivery, Dispatch, DrainDeadline, Halt,
-                                      Outcome, PinsHeld, PollMailbox, PoolMembers, ProgressTick,
+                                      LinkTimer, Outcome, PinsHeld, PollMailbox, PoolMembers, ProgressTick,
                                       RequestFailed, RouterChanged, StartBridge, Stats,
                                       StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.actors.handlers import HandlerError
@@ -46,8 +46,12 @@ from actorbus.groups import without_partition
 
 log = logging.getLogger("actorbus.bridge")
 
-#: How often the Bridge looks at its mailbox where ThespianWatch is missing (simpleSystemBase).
+#: How often the Bridge turns its link where ThespianWatch is missing (simpleSystemBase).
 POLL_INTERVAL = 0.005
+
+#: Most link turns after one actor message: arrivals taken between turns, the
+#: settlements they make written by the next.
+MAX_TURNS = 8
 
 #: How often the Bridge looks for messages that need an ``in_progress``.
 PROGRESS_INTERVAL = 0.25
@@ -105,20 +109,54 @@ class Bridge(BusActor):
         self._drain: tuple[int, Any] | None = None   # (request id, who asked) while DRAINING
         self._last_held = 0
         self._layout: ConsumerLayout = BridgePartitions()
+        self._link_due: float | None = None   # when the link's next timer wakes the Bridge
 
     def watch(self) -> ThespianWatch | None:
-        """The mailbox's descriptor while connected (multiprocTCPBase)."""
+        """The link's descriptor while connected (multiprocTCPBase)."""
         return self._watch
+
+    def receiveMessage(self, message: Any, sender: Any) -> ThespianWatch | None:
+        super().receiveMessage(message, sender)
+        # A watch or a wakeup may mean the connection is ready; any other message may
+        # have handed the link settlements.
+        self._turn_link(io=isinstance(message, (WatchMessage, WakeupMessage)))
+        return self.watch()
+
+    def _turn_link(self, io: bool) -> None:
+        # The link's loop runs only here, on this thread: what it read is taken
+        # between turns, and what that settles is written by the next turn.
+        link = self._link
+        if link is None:
+            return
+        try:
+            for _ in range(MAX_TURNS):
+                due = link.turn(io)
+                if not self._mailbox:
+                    break
+                self._take_fetched()
+                io = False
+            self._wake_link_at(due)
+        except Exception:
+            log.exception("the Bridge's NATS link failed in a turn")
+
+    def _wake_link_at(self, due: float | None) -> None:
+        if due is None:
+            return
+        at = time.monotonic() + due
+        if self._link_due is None or at < self._link_due - 0.001:
+            self._link_due = at
+            self.wakeupAfter(max(due, 0.001), payload=LinkTimer())
 
     # ------------------------------------------------------------ messages
     def receiveMsg_WatchMessage(self, message: WatchMessage, sender: Address) -> None:
-        self._take_fetched()
+        pass   # the turn that follows every message reads what is ready
 
     def receiveMsg_WakeupMessage(self, message: WakeupMessage, sender: Address) -> None:
         due = message.payload
-        if isinstance(due, PollMailbox):
+        if isinstance(due, LinkTimer):
+            self._link_due = None
+        elif isinstance(due, PollMailbox):
             if self._phase is not BridgePhase.STOPPED:
-                self._take_fetched()
                 self.wakeupAfter(POLL_INTERVAL, payload=PollMailbox())
         elif isinstance(due, ProgressTick):
             self._signal_progress()
@@ -197,7 +235,7 @@ class Bridge(BusActor):
             return
         self._phase = BridgePhase.RUNNING
         if config.runtime == "processes":
-            self._watch = ThespianWatch([self._mailbox.fileno()])
+            self._watch = ThespianWatch([link.fileno()])
         else:
             self.wakeupAfter(POLL_INTERVAL, payload=PollMailbox())
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
@@ -611,7 +649,6 @@ class Bridge(BusActor):
             self._link.close(timeout)
             self._counts.update(self._link.counts())
             self._link = None
-            self._mailbox.close()   # only the link's thread wrote to it
         if len(self._inflight):
             log.info("stopped with %d message(s) in flight; JetStream will redeliver them",
                      len(self._inflight))

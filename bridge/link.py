@@ -1,8 +1,9 @@
 """The Bridge's seam to NATS: what a link does, whether it is the real one or a test's.
 
-The Bridge's actor thread never touches the NATS client: it calls these
-methods, each of which returns at once or after a bounded wait, and reads
-what arrived from its :class:`~actorbus.bridge.mailbox.Mailbox`.
+The Bridge calls these methods, each of which returns at once or after a
+bounded wait; it turns the link when its descriptor is readable, after each
+actor message and when the link's next timer is due, and reads what
+arrived from its :class:`~actorbus.bridge.mailbox.Mailbox` after each turn.
 :class:`~actorbus.bridge.nats_link.NatsLink` is the real link; the Bridge's
 unit tests give a fake through ``StartBridge.link_factory``.
 """
@@ -18,6 +19,13 @@ from actorbus.config import BusConfig, SubscriptionConfig
 
 class BridgeLink(Protocol):
     """A Bridge's connection to JetStream."""
+
+    def fileno(self) -> int:
+        """A descriptor that is readable while the link has I/O for :meth:`turn`."""
+
+    def turn(self, io: bool) -> float | None:
+        """Do the link's work that is ready (with ``io`` False: only what was handed
+        over); return the seconds until it next needs a turn, or None."""
 
     def connect(self) -> None:
         """Connect; raise ``ConnectionError`` naming the servers and the reason."""

@@ -1,8 +1,9 @@
 """The Bridge's NATS side: one connection, pull requests per subscription, settling.
 
-It all runs on a :class:`LoopThread`. Arrived messages go to the actor
-thread through a :class:`Mailbox`; settlements come back through
-:meth:`NatsLink.settle`. The window bounds how many messages may be
+It all runs on an :class:`InlineLoop` that the Bridge's actor thread turns
+(:meth:`NatsLink.turn`) when the connection is readable, after each actor
+message and when a timer is due. Arrived messages wait in a :class:`Mailbox`
+for the Bridge; settlements are handed over through :meth:`NatsLink.settle`. The window bounds how many messages may be
 requested or delivered and unsettled at once, so a slow pool holds
 fetching back instead of growing queues.
 """
@@ -17,11 +18,11 @@ from collections import Counter
 from typing import Any, Mapping
 
 from actorbus.bridge.connection import describe_error, open_connection
+from actorbus.bridge.inline_loop import InlineLoop
 from actorbus.bridge.inbox import (ACK_PAYLOAD, PROGRESS_PAYLOAD, TERM_PAYLOAD, Delivered,
                                    InboxClient, nak_payload, settlement_command)
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, layout_for
-from actorbus.bridge.loop_thread import LoopThread
 from actorbus.bridge.mailbox import Arrival, Mailbox, PinsChanged, Released
 from actorbus.bridge.membership import ElasticMembership, ensure_static_group
 from actorbus.bridge.metadata import consumer_of
@@ -50,7 +51,7 @@ class NatsLink:
         self._mailbox = mailbox
         self._window = config.window
         self._layout = layout or layout_for(config)
-        self._thread = LoopThread(f"{config.name}-nats")
+        self._loop = InlineLoop()
         self._nc: Any = None
         self._js: Any = None
         self._consumers: dict[str, PullConsumer] = {}
@@ -74,13 +75,24 @@ class NatsLink:
         self._releasing: dict[str, asyncio.Task[None]] = {}
         self._claimed: dict[str, str] = {}   # pins of the Bridge before this one, by durable
 
-    # ------------------------------------------------------------ any thread
+    # ------------------------------------------------------------ the actor's thread
+    def fileno(self) -> int:
+        """Readable while the connection has something for :meth:`turn`."""
+        return self._loop.fileno()
+
+    def turn(self, io: bool = True) -> float | None:
+        """Do the NATS work that is ready (reads, writes, settlements handed over, due
+        timers; with ``io`` False only what was handed over); the seconds until the next
+        timer, or None."""
+        self._loop.turn(io)
+        return self._loop.due()
+
     def connect(self) -> None:
         """Connect; raise ``ConnectionError`` naming the servers (secrets masked) and
         the reason if it cannot within ``connect_timeout``."""
         timeout = self._config.connect_timeout
         try:
-            self._thread.run(self._connect(), timeout + 2.0)
+            self._loop.run(self._connect(), timeout + 2.0)
         except ConnectionError:
             raise
         except Exception as exc:
@@ -97,7 +109,7 @@ class NatsLink:
         """
         self._violations.clear()
         try:
-            self._thread.run(self._subscribe(sub), timeout)
+            self._loop.run(self._subscribe(sub), timeout)
         except Exception:
             if self._violations:
                 raise PermissionError(self._violations[-1]) from None
@@ -105,11 +117,11 @@ class NatsLink:
 
     def settle(self, actions: list[Order]) -> None:
         """Ack, nak (with delay), term or dead-letter these messages; returns at once."""
-        self._thread.call_soon(self._track, self._settle, actions)
+        self._loop.call_soon(self._track, self._settle, actions)
 
     def touch(self, msgs: list[Any]) -> None:
         """Tell JetStream these messages are still being worked on (``in_progress``)."""
-        self._thread.call_soon(self._track, self._touch, msgs)
+        self._loop.call_soon(self._track, self._touch, msgs)
 
     def claim_pins(self, pins: Mapping[str, str]) -> None:
         """Pull with these pin ids (by durable) until pinned: the pins the Bridge before
@@ -122,7 +134,7 @@ class NatsLink:
 
     def forget(self, msgs: list[Any]) -> None:
         """These delivered messages will not be settled here (their partition moved away)."""
-        self._thread.call_soon(self._forget, msgs)
+        self._forget(msgs)
 
     def _forget(self, msgs: list[Any]) -> None:
         self._outstanding -= len(msgs)
@@ -136,9 +148,6 @@ class NatsLink:
         and that message must still be fetched: held messages do not use up
         the window (up to one window's worth of them).
         """
-        self._thread.call_soon(self._set_held, held)
-
-    def _set_held(self, held: int) -> None:
         self._held = held
 
     def counts(self) -> dict[str, int]:
@@ -158,17 +167,17 @@ class NatsLink:
 
     def stop_fetching(self, timeout: float = 5.0) -> None:
         """Fetch nothing more; settling goes on."""
-        self._thread.run(self._stop_fetching(), timeout)
+        self._loop.run(self._stop_fetching(), timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop fetching, flush the settlements already made, disconnect."""
         try:
-            self._thread.run(self._close(), timeout)
+            self._loop.run(self._close(), timeout)
         except Exception as exc:
             log.warning("closing the NATS connection did not finish cleanly: %s", exc)
-        self._thread.stop(timeout)
+        self._loop.stop(timeout)
 
-    # ------------------------------------------------------------ loop thread
+    # ------------------------------------------------------------ on the loop
     async def _connect(self) -> None:
         self._nc = await open_connection(
             self._config, name=self._config.name, reconnect_forever=True,

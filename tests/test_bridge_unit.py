@@ -58,6 +58,12 @@ class FakeLink:
     def connect(self) -> None:
         pass
 
+    def fileno(self) -> int:
+        return -1   # never watched: these tests run on simpleSystemBase
+
+    def turn(self, io: bool) -> float | None:
+        return None
+
     def subscribe(self, sub: SubscriptionConfig) -> None:
         self.subscribed.append(sub.name)
 
