@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from thespian.actors import ActorExitRequest
 
 from actorbus.actors.base import BusActor
+from actorbus.actors.handler_thread import HandlerThread
 from actorbus.actors.handlers import HandlerError
 from actorbus.actors.messages import (Address, Completion, Delivery, Dispatch, HandlerRegistered,
                                       MemberReady, Outcome, RegisterHandler, StartMember)
@@ -51,7 +51,7 @@ class PoolMember(BusActor):
         # CPython's 16 KB frame-stack chunk there map and unmap a chunk per call (measured:
         # members at 2 page faults and 2.4 times the CPU per message). A thread of its own
         # starts from an empty stack. One thread: handlers still run one at a time, in order.
-        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actorbus-handlers")
+        self._runner = HandlerThread()
 
     def receiveMsg_StartMember(self, message: StartMember, sender: Address) -> None:
         self._index = message.index
@@ -96,7 +96,7 @@ class PoolMember(BusActor):
         # run finished is reported from here (only the actor's thread may send).
         position = 0
         while True:
-            done, position = self._runner.submit(self._run, fresh, position).result()
+            done, position = self._runner.call(self._run, fresh, position)
             if position >= len(fresh):
                 break
             self.send(sender, Completion.of(done, self._index, final=False))
@@ -120,5 +120,5 @@ class PoolMember(BusActor):
         return done, position
 
     def receiveMsg_ActorExitRequest(self, message: ActorExitRequest, sender: Address) -> None:
-        self._runner.submit(self._table.close).result()   # its event loop belongs to that thread
-        self._runner.shutdown(wait=False)
+        self._runner.call(self._table.close)   # its event loop belongs to that thread
+        self._runner.stop()
