@@ -353,8 +353,8 @@ class Bridge(BusActor):
                 deliveries.append(delivery)
             elif order.admit(aggregate_id, stream_sequence, delivery):
                 deliveries.append(delivery)
-                # A redelivery that others waited for: they go right behind it.
-                self._release(book, aggregate_id, deliveries)
+                if order.held:   # a redelivery that others waited for: they go right behind it
+                    self._release(book, aggregate_id, deliveries)
             else:
                 entry.held = True
                 tally["held_for_order"] += 1
@@ -395,9 +395,10 @@ class Bridge(BusActor):
             routing_key = aggregate_id
         if sub.partitions is not None:
             subject = without_partition(subject)   # as it was published
-        delivery = Delivery(self._inflight.add(entry), sub.name, subject, data, headers,
-                            routing_key, aggregate_id, keyless_slot, delivery_count,
-                            stream_sequence)
+        # Built as the tuple it is, without Delivery's Python-level __new__ (one per message).
+        delivery = tuple.__new__(Delivery, (self._inflight.add(entry), sub.name, subject, data,
+                                            headers, routing_key, aggregate_id, keyless_slot,
+                                            delivery_count, stream_sequence))
         entry.delivery = delivery
         return delivery
 
@@ -408,6 +409,8 @@ class Bridge(BusActor):
         actions: list[Order] = []
         freed: list[Delivery] = []
         pop, books = self._inflight.pop, self._books
+        # An ack per message: built as the tuple it is, without Order's Python-level __new__.
+        new_order = tuple.__new__
         # The common case first: handled on the first attempt, so ack.
         for token, seconds in zip(completion.succeeded, completion.seconds, strict=True):
             entry = pop(token)
@@ -419,7 +422,7 @@ class Bridge(BusActor):
             if entry.recovered:
                 actions += book.recovered_done(entry, ACK, None)
             else:
-                actions.append(Order(entry.msg, ACK))
+                actions.append(new_order(Order, (entry.msg, ACK, None, None, None)))
             if entry.delivery.aggregate_id is not None:
                 self._resolve(book, entry, freed)
         for outcome in completion.others:
@@ -454,7 +457,8 @@ class Bridge(BusActor):
         key = entry.delivery.aggregate_id
         assert key is not None   # only keyed deliveries are resolved
         book.order.resolve(key, entry.delivery.stream_sequence)
-        self._release(book, key, freed)
+        if book.order.held:
+            self._release(book, key, freed)
 
     def _release(self, book: SubscriptionBook, key: str, freed: list[Delivery]) -> None:
         """Add the held deliveries of ``key`` that nothing older waits for any more to ``freed``."""

@@ -122,6 +122,11 @@ def nak_payload(delay: float | None) -> bytes:
     return NAK_PAYLOAD + b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
 
 
+#: ``ACK_COMMAND % reply.encode()``: the ack of one message, as
+#: ``settlement_command(reply, ACK_PAYLOAD)`` writes it, without the call.
+ACK_COMMAND = b"PUB %s 0\r\n\r\n"
+
+
 def settlement_command(reply: str, payload: bytes) -> bytes:
     """The protocol command that publishes ``payload`` to an ack subject."""
     return b"PUB %s %d\r\n%s\r\n" % (reply.encode(), len(payload), payload)

@@ -18,9 +18,9 @@ from collections import Counter
 from typing import Any, Mapping
 
 from actorbus.bridge.connection import describe_error, open_connection
-from actorbus.bridge.inline_loop import InlineLoop
-from actorbus.bridge.inbox import (ACK_PAYLOAD, PROGRESS_PAYLOAD, TERM_PAYLOAD, Delivered,
+from actorbus.bridge.inbox import (ACK_COMMAND, PROGRESS_PAYLOAD, TERM_PAYLOAD, Delivered,
                                    InboxClient, nak_payload, settlement_command)
+from actorbus.bridge.inline_loop import InlineLoop
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, layout_for
 from actorbus.bridge.mailbox import Arrival, Mailbox, PinsChanged, Released
@@ -385,16 +385,18 @@ class NatsLink:
         done: Counter[str] = Counter()
         commands: list[bytes] = []
         written: Counter[str] = Counter()
+        acked = 0
         for order in actions:
             msg = order.msg
-            if not msg.reply:
+            reply = msg.reply
+            if not reply:
                 done["settle_errors"] += 1
                 log.warning("could not %s message on %s: it has no ack subject", order.action,
                             msg.subject)
                 continue
-            if order.action == ACK:
-                commands.append(settlement_command(msg.reply, ACK_PAYLOAD))
-                written["acked"] += 1
+            if order.action is ACK:   # most of them: the command written out here
+                commands.append(ACK_COMMAND % reply.encode())
+                acked += 1
             elif order.action == NAK:
                 commands.append(settlement_command(msg.reply, nak_payload(order.delay)))
                 written["naked"] += 1
@@ -415,6 +417,8 @@ class NatsLink:
                 commands.append(settlement_command(msg.reply, TERM_PAYLOAD))
                 written["dead_lettered"] += 1
                 written["termed"] += 1
+        if acked:
+            written["acked"] += acked
         if commands:
             try:
                 # One buffer for the batch: a write each would cost more than the acks.

@@ -7,8 +7,9 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import ProtocolError
 
-from actorbus.bridge.inbox import (Delivered, InboxClient, InboxStatus, NatsShapeError, check_nats_shape,
-                                   nak_payload, read_message, settlement_command)
+from actorbus.bridge.inbox import (ACK_COMMAND, ACK_PAYLOAD, Delivered, InboxClient, InboxStatus,
+                                   NatsShapeError, check_nats_shape, nak_payload, read_message,
+                                   settlement_command)
 
 ACK = b"$JS.ACK.S.d.1.7.7.1700000000000000000.0"
 BLOCKS = [
@@ -60,6 +61,7 @@ def test_a_message_with_an_ack_subject_is_a_message_whatever_its_first_line():
 
 def test_settlement_commands_are_what_nats_py_publishes():
     assert settlement_command("$JS.ACK.a", b"") == b"PUB $JS.ACK.a 0\r\n\r\n"
+    assert ACK_COMMAND % b"$JS.ACK.a" == settlement_command("$JS.ACK.a", ACK_PAYLOAD)
     assert settlement_command("$JS.ACK.a", b"+TERM") == b"PUB $JS.ACK.a 5\r\n+TERM\r\n"
     assert nak_payload(None) == nak_payload(0) == b"-NAK"
     assert nak_payload(1.5) == b'-NAK {"delay": 1500000000}'
