@@ -3,9 +3,9 @@
 It all runs on an :class:`InlineLoop` that the Bridge's actor thread turns
 (:meth:`NatsLink.turn`) when the connection is readable, after each actor
 message and when a timer is due. Arrived messages wait in a :class:`Mailbox`
-for the Bridge; settlements are handed over through :meth:`NatsLink.settle`. The window bounds how many messages may be
-requested or delivered and unsettled at once, so a slow pool holds
-fetching back instead of growing queues.
+for the Bridge; settlements are handed over through :meth:`NatsLink.settle`. Its :class:`FetchWindow` bounds how many
+messages may be requested or delivered and unsettled at once, so a slow
+pool holds fetching back instead of growing queues.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from actorbus.bridge.metadata import consumer_of
 from actorbus.bridge.pull import PullConsumer
 from actorbus.bridge.recovery import read_gap
 from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK, TERM, Order
+from actorbus.bridge.window import FetchWindow
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.errors import ConfigurationError
 from actorbus.groups import GroupKind
@@ -49,8 +50,10 @@ class NatsLink:
                  layout: ConsumerLayout | None = None) -> None:
         self._config = config
         self._mailbox = mailbox
-        self._window = config.window
         self._layout = layout or layout_for(config)
+        # Elastic groups: a partition moves to another bus only once what its durable
+        # delivered here is settled, so the window counts by durable there.
+        self._window = FetchWindow(config.window, by_durable=self._layout.moving)
         self._loop = InlineLoop()
         self._nc: Any = None
         self._js: Any = None
@@ -63,15 +66,11 @@ class NatsLink:
         self._unconfirmed: list[tuple[Counter[str], int, Counter[str] | None]] = []
         self._confirming = False
         self._closing = False
-        self._outstanding = 0
-        self._held = 0   # of the outstanding, held back by the Bridge for per-key order
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._violations: list[str] = []   # the server's permissions violations, latest last
-        # Elastic groups: who owns what, and what each partition's durable has in flight
-        # (a partition moves to another bus only once its messages here are settled).
+        # Elastic groups: who owns which partitions.
         self._memberships: dict[str, ElasticMembership] = {}
-        self._by_durable: Counter[str] | None = Counter() if self._layout.moving else None
         self._releasing: dict[str, asyncio.Task[None]] = {}
         self._claimed: dict[str, str] = {}   # pins of the Bridge before this one, by durable
 
@@ -137,9 +136,7 @@ class NatsLink:
         self._forget(msgs)
 
     def _forget(self, msgs: list[Any]) -> None:
-        self._outstanding -= len(msgs)
-        if self._by_durable is not None:
-            self._by_durable.subtract(_count_by_durable(msgs))
+        self._window.settled(len(msgs), self._by_durable_of(msgs))
 
     def set_held(self, held: int) -> None:
         """How many delivered messages the Bridge holds back for per-key order.
@@ -148,7 +145,7 @@ class NatsLink:
         and that message must still be fetched: held messages do not use up
         the window (up to one window's worth of them).
         """
-        self._held = held
+        self._window.held = held
 
     def counts(self) -> dict[str, int]:
         """Done so far: acked, naked, termed, dead_lettered, in_progress, settle_errors,
@@ -215,13 +212,12 @@ class NatsLink:
         await self._top_up()
 
     async def _start_consumer(self, sub: SubscriptionConfig, spec: ConsumerSpec) -> None:
-        arrived = self._arrived
-        if self._by_durable is not None:
-            by_durable, durable = self._by_durable, spec.durable
+        durable = spec.durable
 
-            def arrived(sub: SubscriptionConfig, msgs: list[Any]) -> None:
-                by_durable[durable] += len(msgs)
-                self._arrived(sub, msgs)
+        def arrived(sub: SubscriptionConfig, msgs: list[Any]) -> None:
+            self._window.arrived(len(msgs), durable)
+            self._mailbox.put(Arrival(sub.name, msgs))
+
         consumer = PullConsumer(self._nc, sub, spec, arrived, self._schedule_top_up,
                                 self._pinned, self._claimed.pop(spec.durable, None),
                                 self._let_go)
@@ -261,25 +257,20 @@ class NatsLink:
             await consumer.stop()
             self._let_go(consumer)
             deadline = time.monotonic() + consumer.ack_wait
-            assert self._by_durable is not None
-            while self._by_durable[durable] > 0 and time.monotonic() < deadline:
+            while self._window.unsettled_of(durable) and time.monotonic() < deadline:
                 if self._closing:
                     return   # unpinned by _close, after the last flush
                 await asyncio.sleep(_DRAIN_POLL)
-            if self._by_durable[durable] > 0:
+            if self._window.unsettled_of(durable):
                 log.warning("durable %s: %d message(s) still unsettled after ack_wait; unpinning "
                             "anyway, its new owner reads them back", durable,
-                            self._by_durable[durable])
+                            self._window.unsettled_of(durable))
             await self._unpin_one(consumer)
         finally:
             self._releasing.pop(durable, None)
             if not self._closing:
                 # Renewed no more: unpinned, or (had the release failed) left to lapse.
                 self._stopped.remove(consumer)
-
-    def _arrived(self, sub: SubscriptionConfig, msgs: list[Any]) -> None:
-        self._outstanding += len(msgs)
-        self._mailbox.put(Arrival(sub.name, msgs))
 
     def _pinned(self, consumer: PullConsumer) -> None:
         # Ahead of its messages in the mailbox: the Bridge reports its pins before handling them.
@@ -320,6 +311,11 @@ class NatsLink:
                 self._mailbox.put(Arrival(consumer.subscription, gap.messages, recovered=True))
         consumer.resume()
 
+    def _by_durable_of(self, msgs: list[Any]) -> Counter[str] | None:
+        # Counted where the window counts by durable, and only there (a split of each ack
+        # subject per message).
+        return None if self._window.by_durable is None else _count_by_durable(msgs)
+
     def _schedule_top_up(self) -> None:
         self._track(lambda _: self._top_up(), None)
 
@@ -327,23 +323,13 @@ class NatsLink:
         """Keep each consumer's requests topped up, within what the window leaves."""
         if self._closing or not self._consumers or self._nc.is_closed:
             return
-        room = self._window - self._outstanding + min(self._held, self._window) - \
-            sum(c.pending for c in self._consumers.values())
-        share = max(1, self._window // len(self._consumers))
-        for consumer in list(self._consumers.values()):
-            if consumer.recovering:
-                continue
-            limit = max(1, min(consumer.batch_size, share))
-            wanted = min(limit - consumer.pending, room)
-            # Ask in runs of at least half the limit: fewer, larger requests.
-            if wanted >= max(1, limit // 2):
-                room -= wanted
-                try:
-                    await consumer.request(wanted)
-                except Exception as exc:
-                    consumer.forget()
-                    log.warning("pull request for %s failed: %s: %s", consumer.name,
-                                type(exc).__name__, exc)
+        for consumer, wanted in self._window.requests(list(self._consumers.values())):
+            try:
+                await consumer.request(wanted)
+            except Exception as exc:
+                consumer.forget()
+                log.warning("pull request for %s failed: %s: %s", consumer.name,
+                            type(exc).__name__, exc)
 
     async def _tick(self) -> None:
         # Requests lost with a server restart are never answered: forget them
@@ -428,8 +414,7 @@ class NatsLink:
                 done["settle_errors"] += len(commands)
                 log.warning("could not settle %d message(s): %s: %s", len(commands),
                             type(exc).__name__, exc)
-        durables = (None if self._by_durable is None else
-                    _count_by_durable([order.msg for order in actions]))
+        durables = self._by_durable_of([order.msg for order in actions])
         self._unconfirmed.append((done, len(actions), durables))
         if not self._confirming:
             self._confirming = True
@@ -458,11 +443,11 @@ class NatsLink:
                                 type(exc).__name__, exc)
                 with self._counts_lock:
                     self._counts.update(done)
-                self._outstanding -= settled
-                if self._by_durable is not None:
-                    # Only now may a drained partition be unpinned: its acks are at the server.
-                    for _done, _count, durables in batch:
-                        self._by_durable.subtract(durables)
+                # Only now may a drained partition be unpinned: its acks are at the server.
+                by_durable: Counter[str] = Counter()
+                for _done, _count, durables in batch:
+                    by_durable.update(durables or {})
+                self._window.settled(settled, by_durable)
                 await self._top_up()
         finally:
             self._confirming = False
