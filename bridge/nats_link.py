@@ -3,9 +3,10 @@
 It all runs on an :class:`InlineLoop` that the Bridge's actor thread turns
 (:meth:`NatsLink.turn`) when the connection is readable, after each actor
 message and when a timer is due. Arrived messages wait in a :class:`Mailbox`
-for the Bridge; settlements are handed over through :meth:`NatsLink.settle`. Its :class:`FetchWindow` bounds how many
-messages may be requested or delivered and unsettled at once, so a slow
-pool holds fetching back instead of growing queues.
+for the Bridge; settlements are handed over through :meth:`NatsLink.settle`.
+Its :class:`FetchWindow` bounds how many messages may be requested or
+delivered and unsettled at once, so a slow pool holds fetching back instead
+of growing queues.
 """
 from __future__ import annotations
 
