@@ -442,7 +442,7 @@ class RequestFailed:
 # ---------------------------------------------------------------- timers
 # Payloads of an actor's own ``wakeupAfter``: each names what is due.
 @dataclass(frozen=True, slots=True)
-class PollMailbox:
+class PollLink:
     """Bridge → itself: turn the link (where ``ThespianWatch`` is missing)."""
 
 

@@ -22,7 +22,7 @@ from actorbus.actors.messages import (Address, DEFERRED, FAILED, INVALID, SUCCEE
                                       BridgeReady,
                                       BusStopped,
                                       Completion, Delivery, Dispatch, DrainDeadline, Halt,
-                                      LinkTimer, Outcome, PinsHeld, PollMailbox, PoolMembers, ProgressTick,
+                                      LinkTimer, Outcome, PinsHeld, PollLink, PoolMembers, ProgressTick,
                                       RequestFailed, RouterChanged, StartBridge, Stats,
                                       StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.actors.handlers import HandlerError
@@ -155,9 +155,9 @@ class Bridge(BusActor):
         due = message.payload
         if isinstance(due, LinkTimer):
             self._link_due = None
-        elif isinstance(due, PollMailbox):
+        elif isinstance(due, PollLink):
             if self._phase is not BridgePhase.STOPPED:
-                self.wakeupAfter(POLL_INTERVAL, payload=PollMailbox())
+                self.wakeupAfter(POLL_INTERVAL, payload=PollLink())
         elif isinstance(due, ProgressTick):
             self._signal_progress()
         elif isinstance(due, DrainDeadline):
@@ -237,7 +237,7 @@ class Bridge(BusActor):
         if config.runtime == "processes":
             self._watch = ThespianWatch([link.fileno()])
         else:
-            self.wakeupAfter(POLL_INTERVAL, payload=PollMailbox())
+            self.wakeupAfter(POLL_INTERVAL, payload=PollLink())
         self.wakeupAfter(PROGRESS_INTERVAL, payload=ProgressTick())
         self.send(sender, BridgeReady(message.request_id, os.getpid()))
 
