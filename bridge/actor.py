@@ -135,7 +135,9 @@ class Bridge(BusActor):
                     break
                 self._take_fetched()
                 io = False
-            self._wake_link_at(due)
+            # Arrivals left after the last turn are taken at the wakeup, not at whatever
+            # message happens to come next.
+            self._wake_link_at(0.0 if self._mailbox else due)
         except Exception:
             log.exception("the Bridge's NATS link failed in a turn")
 
