@@ -1,4 +1,4 @@
-"""Which aggregate a message belongs to: the rules of SPEC §2."""
+"""Which aggregate a message belongs to: its envelope, its headers, a given key, its subject."""
 from __future__ import annotations
 
 import json

@@ -57,7 +57,7 @@ def test_json_envelopes_get_the_envelope_contract(make_bus, records, nats_server
             first_handlings[r.aggregate_id].append(n)
         if r.kind == "ok":
             handled[r.aggregate_id].append(n)
-    # Per-key order as SPEC §3 defines it: first handlings follow stream order whatever
+    # Per-key order: first handlings follow stream order whatever
     # fails (a naked envelope's redelivery may come after later ones of its key, as in msgpack).
     for aggregate, numbers in first_handlings.items():
         assert numbers == sorted(numbers), f"{aggregate} first handled out of order"
@@ -99,7 +99,7 @@ def test_go_envelopes_come_out_of_a_handler_and_publish_envelope_as_they_went_in
 
 
 def test_a_plain_subscription_routes_go_envelopes_by_their_body(make_bus, records):
-    # The newest Go publisher sets no X-Aggregate-ID: the body gives the key (SPEC §2, rule 1).
+    # The newest Go publisher sets no X-Aggregate-ID: the body gives the key.
     bus = make_bus(pool_size=2)
     bus.subscribe("metrics.>", handlers.record, envelope=False, durable="metrics")
     results = bus.publish_many([(f"metrics.{n % 3}", go_envelope(n, f"host-{n % 3}", {"n": n}))

@@ -1,4 +1,4 @@
-"""Per-key order under failure (SPEC §10): for every aggregate id the first successful
+"""Per-key order under failure: for every aggregate id the first successful
 handlings follow stream order, whatever dies — the Bridge, the whole host, nats-server —
 and whatever fails; duplicates are allowed and counted, loss is not.
 

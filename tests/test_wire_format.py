@@ -241,7 +241,7 @@ def test_msgpack_accepts_nanosecond_timestamps_too():
 
 # ------------------------------------------------------------------ routing
 def test_a_plain_message_gets_the_aggregate_id_of_a_json_envelope_body():
-    # SPEC §2 rule 1: the newest Go publisher sets no header.
+    # The newest Go publisher sets no header: the key comes from the body.
     assert extract_aggregate_id(GO_ENVELOPES["minimal"], headers=None) == "order-1001"
     assert extract_aggregate_id(GO_ENVELOPES["minimal"], {"X-Aggregate-ID": "other"}) == "order-1001"
     # Not a valid envelope: the header rules apply.
