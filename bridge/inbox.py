@@ -15,18 +15,24 @@ through, needs less:
 - the protocol lines that come by the thousand (``MSG``, ``HMSG``, ``PING``,
   ``PONG``) are split instead of matched by regular expressions;
 - :meth:`InboxClient.write_settlements` writes a batch of acks, naks and
-  terms as one buffer of protocol commands.
+  terms as one buffer of protocol commands, and :meth:`InboxClient.confirm`
+  writes a PING behind them in the same write: its PONG says the server has
+  read them. (nats-py's ``flush`` writes its PING straight to the socket,
+  ahead of commands still queued for its flusher task, so its PONG can come
+  back before the server has read what it was meant to confirm.)
 
 This is the one module that relies on nats-py's internals
 (``Client._process_msg``, ``_send_command``, ``_flush_pending``, the
-parser's state);
+pending buffer and the PONG futures, the parser's state);
 :func:`check_nats_shape` refuses a nats-py without them when the client is
 made, instead of running on a guess.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -40,6 +46,9 @@ PIN_HEADER = "Nats-Pin-Id"
 _PIN_ONLY = b"NATS/1.0\r\n" + PIN_HEADER.encode() + b":"
 _STATUS_LINE = b"NATS/1.0 "
 _CRLF = b"\r\n"
+_PING = b"PING\r\n"
+#: What :meth:`InboxClient.confirm` uses of a nats-py client's own state.
+_CLIENT_STATE = ("_pending", "_pending_data_size", "_pongs", "_transport")
 
 
 class NatsShapeError(RuntimeError):
@@ -153,6 +162,10 @@ class InboxClient(Client):
     def __init__(self) -> None:
         check_nats_shape()
         super().__init__()
+        missing = [name for name in _CLIENT_STATE if not hasattr(self, name)]
+        if missing:
+            raise NatsShapeError(f"this nats-py's Client has no {', '.join(missing)}; actorbus "
+                                 "confirms its settlements with them; use nats-py 2.x")
         self._inboxes: dict[int, InboxHandler] = {}
         self._ps = InboxParser(self)
 
@@ -169,17 +182,42 @@ class InboxClient(Client):
         self._inboxes.pop(subscription._id, None)
         await subscription.unsubscribe()
 
-    async def write_settlements(self, commands: bytes) -> None:
+    async def write_settlements(self, commands: bytes, *, confirm_follows: bool = False) -> None:
         """Write settlement commands (see :func:`settlement_command`) as one buffer, like a
-        publish would: buffered while reconnecting, refused once closed or over the limit."""
+        publish would: buffered while reconnecting, refused once closed or over the limit.
+        With ``confirm_follows`` they wait for the caller's :meth:`confirm` (or any
+        earlier flush) to write them, instead of waking nats-py's flusher for a write
+        of their own."""
         if self.is_closed:
             raise nats_errors.ConnectionClosedError
         if not self.is_connected and (self._max_pending_size <= 0 or
                                       len(commands) + self._pending_data_size > self._max_pending_size):
             raise nats_errors.OutboundBufferLimitError
         await self._send_command(commands)
-        if self._flush_queue is not None and self._flush_queue.empty():
+        if not confirm_follows and self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    async def confirm(self, timeout: float) -> None:
+        """Return once the server has read every command written or queued before this
+        call: what is queued and a PING go out in one write, and the PING's PONG comes
+        back. Raises ``FlushTimeoutError`` after ``timeout`` seconds without it; while
+        reconnecting, does what nats-py's ``flush`` does."""
+        if self.is_closed:
+            raise nats_errors.ConnectionClosedError
+        if not self.is_connected or self._transport is None:
+            await self.flush(math.ceil(timeout))   # nats-py takes whole seconds
+            return
+        pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PING)
+        self._transport.writelines(self._pending)
+        self._pending = []
+        self._pending_data_size = 0
+        self._pongs.append(pong)
+        try:
+            # Shielded: the PONG still comes, and nats-py resolves the future it pops.
+            await asyncio.wait_for(asyncio.shield(pong), timeout)
+        except asyncio.TimeoutError:
+            raise nats_errors.FlushTimeoutError from None
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes) -> None:

@@ -409,7 +409,7 @@ class NatsLink:
         if commands:
             try:
                 # One buffer for the batch: a write each would cost more than the acks.
-                await self._nc.write_settlements(b"".join(commands))
+                await self._nc.write_settlements(b"".join(commands), confirm_follows=True)
                 done.update(written)
             except Exception as exc:
                 done["settle_errors"] += len(commands)
@@ -435,7 +435,7 @@ class NatsLink:
                 try:
                     # Counted only once the server has them: during an outage nats-py
                     # buffers acks that may never take effect.
-                    await self._nc.flush(timeout=_SETTLE_FLUSH_TIMEOUT)
+                    await self._nc.confirm(timeout=_SETTLE_FLUSH_TIMEOUT)
                 except Exception as exc:
                     unconfirmed = settled - done["settle_errors"]
                     done = Counter(settle_errors=settled)
@@ -501,7 +501,7 @@ class NatsLink:
         await asyncio.gather(*self._settling, *self._releasing.values(), return_exceptions=True)
         if self._nc is not None and not self._nc.is_closed:
             try:
-                await self._nc.flush(timeout=2)
+                await self._nc.confirm(timeout=2)
             except Exception as exc:
                 log.warning("flushing before close failed: %s", exc)
             # Only now: a standby pinned earlier would recover what was still settling.

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 from nats.aio.client import Client
-from nats.errors import ProtocolError
+from nats.errors import ConnectionClosedError, FlushTimeoutError, ProtocolError
 
 from actorbus.bridge.inbox import (ACK_COMMAND, ACK_PAYLOAD, Delivered, InboxClient, InboxStatus,
                                    NatsShapeError, check_nats_shape, nak_payload, read_message,
@@ -139,3 +139,89 @@ def test_a_malformed_message_line_is_a_protocol_error():
         with pytest.raises(ProtocolError) as caught:
             asyncio.run(RecordingClient()._ps.parse(line))
         assert caught.value.args == ("nats: malformed MSG",)
+
+
+class RecordingProxy:
+    """A TCP proxy in front of a nats-server that keeps every byte the client sent."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sent = bytearray()
+        self.muted = False   # drop what the server sends
+        self.server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, client_reader, client_writer) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(reader, writer, keep: bytearray | None) -> None:
+            while data := await reader.read(65536):
+                if keep is not None:
+                    keep.extend(data)
+                elif self.muted:
+                    continue
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        for task in (pipe(client_reader, server_writer, self.sent),
+                     pipe(server_reader, client_writer, None)):
+            self._tasks.add(asyncio.ensure_future(task))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def test_a_confirmation_is_pinged_behind_the_settlements_it_confirms(nats_server):
+    """The PONG that confirms settlements must answer a PING the server reads after them:
+    nats-py's own flush writes its PING ahead of commands still queued."""
+    async def main() -> tuple[bytes, int]:
+        proxy = RecordingProxy(nats_server.port)
+        port = await proxy.start()
+        client = InboxClient()
+        try:
+            await client.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+            await client.flush()
+            before = len(proxy.sent)
+            for n in range(20):
+                await client.write_settlements(settlement_command(f"acks.{n}", ACK_PAYLOAD),
+                                               confirm_follows=True)
+                await client.confirm(timeout=5)
+            return bytes(proxy.sent[before:]), before
+        finally:
+            await client.close()
+            await proxy.stop()
+
+    sent, before = asyncio.run(main())
+    assert before > 0
+    assert sent == b"".join(settlement_command(f"acks.{n}", ACK_PAYLOAD) + b"PING\r\n"
+                            for n in range(20))
+
+
+def test_a_confirmation_without_its_pong_times_out_and_a_closed_client_refuses_one(nats_server):
+    async def main() -> None:
+        proxy = RecordingProxy(nats_server.port)
+        port = await proxy.start()
+        client = InboxClient()
+        try:
+            await client.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+            await client.confirm(timeout=5)
+            proxy.muted = True   # the server's answers no longer reach the client
+            with pytest.raises(FlushTimeoutError):
+                await client.confirm(timeout=0.3)
+        finally:
+            await client.close()
+            await proxy.stop()
+        with pytest.raises(ConnectionClosedError):
+            await client.confirm(timeout=1)
+
+    asyncio.run(main())
