@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import DEFAULT_MAX_ENVELOPE_BYTES
+from actorbus.checks import check_count, check_name, check_positive, check_subject
 from actorbus.errors import ConfigurationError
 from actorbus.groups import MAX_PARTITIONS, ConsumerGroup, check_partitioned_subject
 from actorbus.policies import SupervisionTree, as_tree, exponential_delay
@@ -33,8 +34,6 @@ MASK = "***"
 MAX_WINDOW = 100_000
 STORAGE_TYPES = ("file", "memory")
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_SUBJECT_TOKEN = re.compile(r"[^\s.*>]+|\*|>")
 
 
 class SettlementPolicy(enum.StrEnum):
@@ -110,7 +109,7 @@ class SubscriptionConfig:
     partitions: int | None = None
 
     def __post_init__(self) -> None:
-        _check_subject(self.subject)
+        check_subject(self.subject)
         if self.partitions is not None:
             check_partitioned_subject(self.subject)
             # The partition is the subject's last token's: it is the key, whatever else says.
@@ -139,11 +138,11 @@ class SubscriptionConfig:
         if self.dead_letter_stream is None:
             object.__setattr__(self, "dead_letter_stream", f"{self.stream}_DLQ")
         if self.priority_group is not None:
-            _check_name("priority_group", self.priority_group)
-        _check_name("stream", self.stream)
-        _check_name("durable", self.durable)
-        _check_name("dead_letter_stream", self.dead_letter_stream)
-        _check_subject(self.dead_letter_subject, what="dead_letter_subject")
+            check_name("priority_group", self.priority_group)
+        check_name("stream", self.stream)
+        check_name("durable", self.durable)
+        check_name("dead_letter_stream", self.dead_letter_stream)
+        check_subject(self.dead_letter_subject, what="dead_letter_subject")
         if "*" in self.dead_letter_subject.split(".") or ">" in self.dead_letter_subject.split("."):
             raise ConfigurationError(
                 f"dead_letter_subject must not contain wildcards, got {self.dead_letter_subject!r}")
@@ -153,15 +152,15 @@ class SubscriptionConfig:
             raise ConfigurationError(f"storage must be one of {STORAGE_TYPES}, got {self.storage!r}")
         for name in ("ack_wait", "retry_backoff", "retry_backoff_max", "nak_delay",
                      "nak_delay_max", "pull_expires"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("max_ack_pending", "batch_size", "max_envelope_bytes"):
-            _check_count(name, getattr(self, name), minimum=1)
-        _check_count("retries", self.retries, minimum=0)
+            check_count(name, getattr(self, name), minimum=1)
+        check_count("retries", self.retries, minimum=0)
         if self.processing_timeout is not None:
-            _check_positive("processing_timeout", self.processing_timeout)
+            check_positive("processing_timeout", self.processing_timeout)
         if self.pin_timeout is None:
             object.__setattr__(self, "pin_timeout", max(DEFAULT_PIN_TIMEOUT, 2 * self.pull_expires))
-        _check_positive("pin_timeout", self.pin_timeout)
+        check_positive("pin_timeout", self.pin_timeout)
         if self.priority_group is not None and self.pin_timeout < 2 * self.pull_expires:
             # A pinned bus renews its pull requests as they expire: give it two.
             raise ConfigurationError(f"pin_timeout ({self.pin_timeout}) must be at least twice "
@@ -412,32 +411,23 @@ class BusConfig:
             _check_server_url(url)
         if not isinstance(self.auth, NatsAuth):
             raise ConfigurationError(f"auth must be a NatsAuth, got {type(self.auth).__name__}")
-        if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 0:
-            raise ConfigurationError(
-                f"pool_size must be an int >= 0 (0 processes in the Bridge), got {self.pool_size!r}")
+        check_count("pool_size", self.pool_size, minimum=0)   # 0: handlers in the Bridge
         if self.runtime not in RUNTIMES:
             raise ConfigurationError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         # The window bounds memory, not Thespian's queues: the Bridge holds
         # dispatches back while the Router is behind (see bridge.actor).
-        _check_count("window", self.window, minimum=1)
-        if self.window > MAX_WINDOW:
-            raise ConfigurationError(f"window must be <= {MAX_WINDOW}, got {self.window}")
-        _check_positive("connect_timeout", self.connect_timeout)
+        check_count("window", self.window, minimum=1, maximum=MAX_WINDOW)
+        check_positive("connect_timeout", self.connect_timeout)
         if self.group is not None and not isinstance(self.group, ConsumerGroup):
             raise ConfigurationError(f"group must be a ConsumerGroup, got {type(self.group).__name__}")
         if self.partitions is not None:
             if self.group is not None:
                 raise ConfigurationError("partitions is the group's (ConsumerGroup.partitions) "
                                          "on a bus in a consumer group")
-            _check_count("partitions", self.partitions, minimum=1)
-            if self.partitions > MAX_PARTITIONS:
-                raise ConfigurationError(f"partitions must be <= {MAX_PARTITIONS}, "
-                                         f"got {self.partitions}")
+            check_count("partitions", self.partitions, minimum=1, maximum=MAX_PARTITIONS)
         if self.bridges is None:
             object.__setattr__(self, "bridges", default_bridges(self))
-        _check_count("bridges", self.bridges, minimum=1)
-        if self.bridges > MAX_BRIDGES:
-            raise ConfigurationError(f"bridges must be <= {MAX_BRIDGES}, got {self.bridges}")
+        check_count("bridges", self.bridges, minimum=1, maximum=MAX_BRIDGES)
         if self.bridges > 1 and self.group is not None:
             raise ConfigurationError(
                 f"bridges={self.bridges} with group {self.group.name!r}: a member of a consumer "
@@ -461,34 +451,11 @@ class BusConfig:
         return f"BusConfig(servers={tuple(mask_url(s) for s in self.servers)!r}, {shown})"
 
 
-def _check_subject(subject: object, what: str = "subject") -> None:
-    if not isinstance(subject, str) or not subject:
-        raise ConfigurationError(f"{what} must be a non-empty str, got {subject!r}")
-    tokens = subject.split(".")
-    if not all(_SUBJECT_TOKEN.fullmatch(t) for t in tokens) or ">" in tokens[:-1]:
-        raise ConfigurationError(f"{what} {subject!r} is not a valid NATS subject")
-
-
 def _default_stream(subject: str) -> str:
     first = subject.split(".", 1)[0]
     if first in ("*", ">"):
         raise ConfigurationError(f"subject {subject!r} starts with a wildcard: name its stream")
     return re.sub(r"[^A-Za-z0-9_-]", "_", first).upper()
-
-
-def _check_name(what: str, value: object) -> None:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ConfigurationError(f"{what} must be 1-64 characters of [A-Za-z0-9_-], got {value!r}")
-
-
-def _check_positive(what: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigurationError(f"{what} must be a number > 0, got {value!r}")
-
-
-def _check_count(what: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{what} must be an int >= {minimum}, got {value!r}")
 
 
 def default_bridges(config: BusConfig) -> int:

@@ -30,7 +30,9 @@ import socket
 from dataclasses import dataclass
 from typing import Sequence
 
+from actorbus.checks import check_count, check_name, check_positive
 from actorbus.errors import ConfigurationError
+from actorbus.hashing import fnv1a_32
 
 #: The priority group of every group consumer (orbit.go's name).
 PRIORITY_GROUP = "PCG"
@@ -43,8 +45,6 @@ DEFAULT_HEARTBEAT = 1.0
 #: Heartbeats a member may miss before it is taken as gone: a busy bus's heartbeat can be
 #: a second late, and a member taken as gone by mistake moves partitions in vain.
 MISSED_HEARTBEATS = 5
-
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class GroupKind(enum.StrEnum):
@@ -76,17 +76,14 @@ class ConsumerGroup:
     member_ttl: float = None  # type: ignore[assignment]  # None: derived at construction
 
     def __post_init__(self) -> None:
-        _check_name("group", self.name)
-        if isinstance(self.partitions, bool) or not isinstance(self.partitions, int) or \
-                not 1 <= self.partitions <= MAX_PARTITIONS:
-            raise ConfigurationError(
-                f"partitions must be an int from 1 to {MAX_PARTITIONS}, got {self.partitions!r}")
+        check_name("group", self.name)
+        check_count("partitions", self.partitions, minimum=1, maximum=MAX_PARTITIONS)
         if self.members is not None:
             if isinstance(self.members, str):
                 raise ConfigurationError(f"members must be a list of names, got {self.members!r}")
             members = tuple(self.members)
             for name in members:
-                _check_name("member", name)
+                check_name("member", name)
             if not members or len(set(members)) != len(members):
                 raise ConfigurationError(f"members must be distinct names, at least one, got {list(members)}")
             object.__setattr__(self, "members", members)
@@ -98,10 +95,8 @@ class ConsumerGroup:
                                          f"members {list(members)}")
         elif self.member is None:
             object.__setattr__(self, "member", default_member_name())
-        _check_name("member", self.member)
-        if isinstance(self.heartbeat, bool) or not isinstance(self.heartbeat, (int, float)) or \
-                not self.heartbeat > 0:
-            raise ConfigurationError(f"heartbeat must be a number > 0, got {self.heartbeat!r}")
+        check_name("member", self.member)
+        check_positive("heartbeat", self.heartbeat)
         if self.member_ttl is None:
             object.__setattr__(self, "member_ttl", MISSED_HEARTBEATS * self.heartbeat)
         if isinstance(self.member_ttl, bool) or not isinstance(self.member_ttl, (int, float)) or \
@@ -158,10 +153,7 @@ def assign_partitions(members: Sequence[str], partitions: int) -> dict[str, tupl
 
 def partition_of(aggregate_id: str, partitions: int) -> int:
     """The partition nats-server's ``{{partition(P, ...)}}`` gives a one-token key: FNV-1a 32 mod P."""
-    digest = 0x811C9DC5
-    for byte in aggregate_id.encode():
-        digest = ((digest ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return digest % partitions
+    return fnv1a_32(aggregate_id) % partitions
 
 
 def check_partitioned_subject(subject: str) -> None:
@@ -216,8 +208,3 @@ def subject_for_key(subject: str, aggregate_id: str) -> str:
         raise ValueError(f"aggregate id {aggregate_id!r} cannot be a subject token (no '.', '*', "
                          "'>' or whitespace): a partitioned stream needs it in the subject")
     return subject.replace("{aggregate_id}", aggregate_id)
-
-
-def _check_name(what: str, value: object) -> None:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ConfigurationError(f"{what} must be 1-64 characters of [A-Za-z0-9_-], got {value!r}")

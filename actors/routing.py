@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import itertools
 
-_FNV_OFFSET = 0x811C9DC5
-_FNV_PRIME = 0x01000193
+from actorbus.hashing import fnv1a_32
 
 # The one piece of process-wide mutable state the spec names: keyless
 # messages take the next number, so they spread strictly round-robin.
@@ -12,12 +11,9 @@ _keyless_counter = itertools.count()
 
 
 def stable_hash(key: str) -> int:
-    """FNV-1a 32 of the key's UTF-8 bytes: the same in every process and run,
-    unlike Python's salted ``hash()``."""
-    value = _FNV_OFFSET
-    for byte in key.encode("utf-8"):
-        value = ((value ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
-    return value
+    """The key's FNV-1a 32: the same in every process and run, unlike Python's salted
+    ``hash()``."""
+    return fnv1a_32(key)
 
 
 def next_keyless_slot() -> int:

@@ -61,10 +61,10 @@ def test_the_default_is_one_bridge_per_four_cores_and_one_without_partitions(mon
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"bridges": 0}, "bridges must be an int >= 1"),
-    ({"bridges": True}, "bridges must be an int >= 1"),
-    ({"bridges": 65}, "bridges must be <= 64"),
-    ({"partitions": 0}, "partitions must be an int >= 1"),
+    ({"bridges": 0}, "bridges must be an int from 1 to 64"),
+    ({"bridges": True}, "bridges must be an int from 1 to 64"),
+    ({"bridges": 65}, "bridges must be an int from 1 to 64, got 65"),
+    ({"partitions": 0}, "partitions must be an int from 1 to 1024"),
     ({"bridges": 2, "group": ConsumerGroup("g", 4, "a")}, "a member of a consumer group runs one Bridge"),
     ({"partitions": 4, "group": ConsumerGroup("g", 4, "a")}, "partitions is the group's"),
 ])
