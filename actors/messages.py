@@ -17,6 +17,15 @@ from actorbus.policies import RestartPolicy
 Address = Any
 
 
+def index_of_address(addresses: Iterable[Address | None], address: Address) -> int | None:
+    """Where ``address`` is in ``addresses`` (None: nowhere). Thespian's addresses compare
+    equal but do not hash, so a pool is searched, not looked up."""
+    for index, candidate in enumerate(addresses):
+        if candidate is not None and candidate == address:
+            return index
+    return None
+
+
 # ---------------------------------------------------------------- hot path
 # Every delivery crosses a process boundary (Bridge → member) and every outcome one more,
 # each a pickle and an unpickle: the per-message parts are named tuples
@@ -214,14 +223,12 @@ class BusStarted:
 class StartPool:
     """Supervisor → Router: create ``size`` pool members; the ``bridges`` hear where they are.
 
-    ``policy`` restarts members that die; a delivery re-sent to a restarted
-    member more than ``max_resends`` times fails by its kind instead.
+    ``policy`` restarts members that die.
     """
 
     size: int
     bridges: tuple[Address, ...]
     policy: RestartPolicy | None = None  # None: OneForOne()
-    max_resends: int = 3
     #: Handlers the members run from the start (a restarted pool's, before the Bridge
     #: hears where its members are).
     subscriptions: tuple[SubscriptionConfig, ...] = ()
@@ -233,12 +240,10 @@ class PoolMembers:
 
     Sent once every member has started, and again whenever one dies or is back.
     The Bridge sends the members their dispatches itself and re-sends, in order,
-    what a member held when it died; a delivery re-sent more than
-    ``max_resends`` times fails by its kind instead.
+    what a member held when it died (see ``actors.pool.MAX_RESENDS``).
     """
 
     addresses: tuple[Address | None, ...]
-    max_resends: int = 3
 
     def __repr__(self) -> str:
         up = sum(address is not None for address in self.addresses)
@@ -258,7 +263,6 @@ class MemberRestarted:
 
     index: int
     pid: int
-    resent: int
 
 
 @dataclass(frozen=True, slots=True)

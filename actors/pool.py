@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from actorbus.actors.messages import (UNDELIVERED, Address, Completion, Delivery, Dispatch,
-                                      Outcome)
+                                      Outcome, index_of_address)
 from actorbus.actors.routing import pool_index
 
 #: Most deliveries in one dispatch to a member.
@@ -34,6 +34,10 @@ MAX_MEMBER_DISPATCHES = 2
 #: working, so that is soon) and goes as one dispatch: under moderate load this
 #: halves the actor messages per delivery, under heavy load the second slot is full.
 MIN_SECOND_BATCH = 128
+
+#: Most times a delivery is re-sent to a restarted member before it fails by its kind:
+#: one that kills its member again and again must not hold its key up for ever.
+MAX_RESENDS = 3
 
 #: Most routing keys whose pool index is remembered before starting afresh.
 _MAX_REMEMBERED_KEYS = 100_000
@@ -59,7 +63,7 @@ class _Member:
 class PoolTable:
     """Routes deliveries to pool members, numbers their dispatches, and keeps what each holds."""
 
-    def __init__(self, epoch: int = 0, bridge: int = 0) -> None:
+    def __init__(self, epoch: int = 0, bridge: int = 0, max_resends: int = MAX_RESENDS) -> None:
         self._members: list[_Member] = []
         self._resends: dict[int, int] = {}       # token → times re-sent to a restarted member
         self._member_of_key: dict[str, int] = {}  # routing key → pool index, remembered
@@ -67,20 +71,18 @@ class PoolTable:
         #: The Bridge's incarnation and index, carried by every dispatch (see :class:`Dispatch`).
         self.epoch = epoch
         self.bridge = bridge
-        self.max_resends = 3
+        self._max_resends = max_resends
 
     def __len__(self) -> int:
         return len(self._members)
 
     # ------------------------------------------------------------ where the members are
-    def update(self, addresses: tuple[Address | None, ...],
-               max_resends: int) -> tuple[list[int], list[Outcome]]:
+    def update(self, addresses: tuple[Address | None, ...]) -> tuple[list[int], list[Outcome]]:
         """The Router's word on where each member is (None: dead, a restart may follow).
 
         Returns the indices of members that came up holding something (re-sent to them in
         their original order) and the outcomes of deliveries re-sent too often already.
         """
-        self.max_resends = max_resends
         if len(self._members) != len(addresses):
             if any(m.held for m in self._members):
                 raise ValueError("the pool size cannot change while members hold deliveries")
@@ -125,7 +127,7 @@ class PoolTable:
                 resend.append(delivery)
                 continue
             count = self._resends.get(token, 0) + 1
-            if count > self.max_resends:
+            if count > self._max_resends:
                 del member.held[token]
                 self._resends.pop(token, None)
                 member.suspects.discard(token)
@@ -139,11 +141,8 @@ class PoolTable:
         return exhausted
 
     def index_of(self, address: Address) -> int | None:
-        """The pool index of the member at ``address`` (addresses are not hashable)."""
-        for index, member in enumerate(self._members):
-            if member.address is not None and member.address == address:
-                return index
-        return None
+        """The pool index of the member at ``address``."""
+        return index_of_address((member.address for member in self._members), address)
 
     # ------------------------------------------------------------ hot path
     def route(self, deliveries: Iterable[Delivery]) -> None:

@@ -22,7 +22,8 @@ from actorbus.actors.base import BusActor
 from actorbus.actors.member import PoolMember
 from actorbus.actors.messages import (Address, BridgeChanged, HandlerRegistered, MemberDied, MemberReady,
                                       MemberRestarted, PoolFailed, PoolMembers, PoolReady,
-                                      RegisterHandler, RestartDue, StartMember, StartPool)
+                                      RegisterHandler, RestartDue, StartMember, StartPool,
+                                      index_of_address)
 from actorbus.config import SubscriptionConfig
 from actorbus.policies import RestartBudget
 
@@ -72,7 +73,6 @@ class Router(BusActor):
         self._members: list[_Member] = []
         self._subscriptions: list[SubscriptionConfig] = []
         self._budget = RestartBudget()
-        self._max_resends = 3
         self._phase = RouterPhase.RUNNING
         self._announced = False   # the Bridge has been told where the members are
         self._registering: dict[int, _Registration] = {}   # by request id
@@ -82,7 +82,6 @@ class Router(BusActor):
         self._supervisor = sender
         self._bridges = list(message.bridges)
         self._budget = RestartBudget(message.policy)
-        self._max_resends = message.max_resends
         self._subscriptions = list(message.subscriptions)
         for index in range(message.size):
             member = _Member(self.createActor(PoolMember))
@@ -96,7 +95,7 @@ class Router(BusActor):
         if member.restarting:
             member.restarting = False
             self._announce()
-            self.send(self._supervisor, MemberRestarted(message.index, message.pid, 0))
+            self.send(self._supervisor, MemberRestarted(message.index, message.pid))
         else:
             pids = [m.pid for m in self._members]
             if all(pid is not None for pid in pids):
@@ -109,8 +108,7 @@ class Router(BusActor):
         if not self._bridges or not all(m.ready or m.restarting for m in self._members):
             return   # all at once the first time: a restarted pool replaces the old as a whole
         self._announced = True
-        where = PoolMembers(tuple(m.address if m.ready else None for m in self._members),
-                            self._max_resends)
+        where = PoolMembers(tuple(m.address if m.ready else None for m in self._members))
         for bridge in self._bridges if bridges is None else bridges:
             if bridge is not None:   # None: a Bridge being restarted hears it once it is back
                 self.send(bridge, where)
@@ -224,8 +222,4 @@ class Router(BusActor):
         log.error("returned as poison from %s: %r", sender, message.poisonMessage)
 
     def _member_index(self, address: Address) -> int | None:
-        # Thespian addresses are not hashable: a linear search over the pool.
-        for index, member in enumerate(self._members):
-            if member.address is not None and member.address == address:
-                return index
-        return None
+        return index_of_address((member.address for member in self._members), address)

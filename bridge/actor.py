@@ -174,7 +174,7 @@ class Bridge(BusActor):
             self._finish_drain()
 
     def receiveMsg_PoolMembers(self, message: PoolMembers, sender: Address) -> None:
-        resumed, exhausted = self._pool.update(message.addresses, message.max_resends)
+        resumed, exhausted = self._pool.update(message.addresses)
         depths = self._pool.depths()
         for index in resumed:
             log.warning("re-sending %d message(s) to pool member %d, in their order",

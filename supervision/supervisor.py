@@ -29,7 +29,7 @@ from actorbus.actors.messages import (MEMBER_PREFIX, ActorState, Address, Bridge
                                       PoolFailed, PoolReady, RegisterHandler, RequestFailed,
                                       RestartDue, RouterChanged, StartBridge, StartBus, StartPool,
                                       Stats, StatsRequest, StopBus, Subscribe, Subscribed,
-                                      bridge_name, member_name)
+                                      bridge_name, index_of_address, member_name)
 from actorbus.actors.router import Router
 from actorbus.bridge.actor import Bridge
 from actorbus.config import BusConfig, SubscriptionConfig
@@ -422,13 +422,8 @@ class Supervisor(BusActor):
         return tuple(slot.address for slot in self._bridges)
 
     def _slot_of(self, address: Address) -> _BridgeSlot | None:
-        # Thespian addresses are not hashable: a linear search over a handful of Bridges.
-        if address is None:
-            return None
-        for slot in self._bridges:
-            if slot.address is not None and slot.address == address:
-                return slot
-        return None
+        index = index_of_address(self._addresses(), address)
+        return None if index is None else self._bridges[index]
 
     def _send_to(self, index: int, message: Any) -> None:
         address = self._bridges[index].address

@@ -30,7 +30,7 @@ class CollectingBridge(Actor):
     def receiveMessage(self, message, sender):
         if isinstance(message, PoolMembers):
             self.announcements.append(message)
-            self.pool.update(message.addresses, message.max_resends)
+            self.pool.update(message.addresses)
         elif isinstance(message, tuple) and message[0] == "route":
             self.pool.route(message[1])
             self._dispatch()
@@ -145,8 +145,8 @@ def test_completions_carry_first_try_successes_as_bare_tokens():
 
 
 def test_pool_table_resends_what_a_dead_member_held_in_order_and_counts_attempts():
-    pool = PoolTable()
-    pool.update(("m0", "m1"), max_resends=1)
+    pool = PoolTable(max_resends=1)
+    pool.update(("m0", "m1"))
     keys = ["a", "b", "c", "d", "e", "f"]
     pool.route([delivery(i + 1, k, 0) for i, k in enumerate(keys)])
     sent = list(pool.dispatches())
@@ -161,9 +161,9 @@ def test_pool_table_resends_what_a_dead_member_held_in_order_and_counts_attempts
     position = ("m0", "m1").index(victim)
     down = (None, "m1") if position == 0 else ("m0", None)
     up = ("m0-new", "m1") if position == 0 else ("m0", "m1-new")
-    assert pool.update(down, 1) == ([], [])
+    assert pool.update(down) == ([], [])
     assert pool.depths()[position] == len(tokens) + 1
-    resumed, exhausted = pool.update(up, 1)
+    resumed, exhausted = pool.update(up)
     assert resumed == [position] and exhausted == []
     # Re-sent one at a time (suspects), in the original order, numbered afresh.
     (address, first), = pool.dispatches()
@@ -171,10 +171,10 @@ def test_pool_table_resends_what_a_dead_member_held_in_order_and_counts_attempts
     assert [d.token for d in first.deliveries] == tokens[:1]
     pool.completed(Completion.of([Outcome(tokens[0], SUCCEEDED)], member=position), address)
     assert [d.token for _a, dispatch in pool.dispatches() for d in dispatch.deliveries] == tokens[1:2]
-    # It dies again: the one it held is past max_resends and fails as undelivered; what
+    # It dies again: the one it held is past MAX_RESENDS and fails as undelivered; what
     # waited here did not reach this incarnation, is not counted again and goes next.
-    pool.update(down, 1)
-    resumed, exhausted = pool.update(up, 1)
+    pool.update(down)
+    resumed, exhausted = pool.update(up)
     assert [o.token for o in exhausted] == tokens[1:2] and resumed == [position]
     assert all(o.kind == UNDELIVERED for o in exhausted)
     assert pool.depths()[position] == len(tokens) - 2 + 1
@@ -183,13 +183,13 @@ def test_pool_table_resends_what_a_dead_member_held_in_order_and_counts_attempts
 
 
 def test_pool_table_replaced_pool_resends_without_counting():
-    pool = PoolTable(epoch=3)
-    pool.update(("m0",), max_resends=0)
+    pool = PoolTable(epoch=3, max_resends=0)
+    pool.update(("m0",))
     pool.route([delivery(1, "a", 0), delivery(2, "a", 1)])
     (_address, dispatch), = pool.dispatches()
     assert dispatch.epoch == 3
     # The Router and its pool were restarted: new addresses, no word of a death.
-    resumed, exhausted = pool.update(("n0",), max_resends=0)
+    resumed, exhausted = pool.update(("n0",))
     assert resumed == [0] and exhausted == []
     (address, again), = pool.dispatches()
     assert address == "n0" and [d.token for d in again.deliveries] == [1, 2] and again.sequence == 1
