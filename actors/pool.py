@@ -4,7 +4,7 @@ The Bridge routes deliveries (routing key → ``pool_index``) and sends each
 member its dispatches itself: a delivery crosses one actor hop to its
 handler, and its completion one hop back. The Router is the pool's parent
 and supervisor: it says where each member is (:class:`PoolMembers`), and
-the Bridge re-sends, in order, what a member held when it died.
+the Bridge re-sends, in order, what was assigned to a member that died.
 
 Numbering keeps per-key order whatever order the transport delivers in:
 each member's dispatches are numbered for its incarnation and handled
@@ -46,14 +46,14 @@ _MAX_REMEMBERED_KEYS = 100_000
 class _Member:
     """One pool member as the Bridge sees it."""
 
-    __slots__ = ("address", "outstanding", "sent", "waiting", "held", "suspects")
+    __slots__ = ("address", "outstanding", "sent", "waiting", "assigned", "suspects")
 
     def __init__(self) -> None:
         self.address: Address | None = None      # None: not up (yet, or again)
         self.outstanding = 0                     # dispatches sent, not completed
         self.sent = 0                            # dispatches sent to this incarnation
         self.waiting: list[Delivery] = []        # routed here, not yet sent
-        self.held: dict[int, Delivery] = {}      # sent or waiting, not completed, in order
+        self.assigned: dict[int, Delivery] = {}  # sent or waiting, not completed, in order
         # Tokens that reached an incarnation that died: re-sent one at a time
         # until each completes, so a delivery that kills its member is found
         # exactly and the others are not failed with it.
@@ -84,7 +84,7 @@ class PoolTable:
         their original order) and the outcomes of deliveries re-sent too often already.
         """
         if len(self._members) != len(addresses):
-            if any(m.held for m in self._members):
+            if any(m.assigned for m in self._members):
                 raise ValueError("the pool size cannot change while members hold deliveries")
             self._members = [_Member() for _ in addresses]
             self._member_of_key.clear()
@@ -101,7 +101,7 @@ class PoolTable:
                 exhausted += self._up(index, member, address, counted=True)
             elif member.address != address:
                 # Replaced without a word of its death (the Router and its pool were
-                # restarted): what it held is sent again, not counted as an attempt.
+                # restarted): what was assigned to it is sent again, not counted as an attempt.
                 self._down(member)
                 exhausted += self._up(index, member, address, counted=False)
             else:
@@ -116,19 +116,19 @@ class PoolTable:
         member.sent = 0   # a new incarnation expects dispatch 1 first
 
     def _up(self, index: int, member: _Member, address: Address, counted: bool) -> list[Outcome]:
-        """A member is (back) up: what its predecessor held goes first, in the original order."""
+        """A member is (back) up: what was assigned to its predecessor goes first, in the original order."""
         member.address = address
         exhausted: list[Outcome] = []
         resend: list[Delivery] = []
         # Only what reached the dead member counts as re-sent; what waited here did not.
         never_sent = {delivery.token for delivery in member.waiting}
-        for token, delivery in list(member.held.items()):
+        for token, delivery in list(member.assigned.items()):
             if token in never_sent or not counted:
                 resend.append(delivery)
                 continue
             count = self._resends.get(token, 0) + 1
             if count > self._max_resends:
-                del member.held[token]
+                del member.assigned[token]
                 self._resends.pop(token, None)
                 member.suspects.discard(token)
                 exhausted.append(Outcome(token, UNDELIVERED,
@@ -168,7 +168,7 @@ class PoolTable:
                                                                        size)
             member = pool[index]
             member.waiting.append(delivery)
-            member.held[delivery.token] = delivery
+            member.assigned[delivery.token] = delivery
 
     def dispatches(self) -> Iterator[tuple[Address, Dispatch]]:
         """The dispatches due now: what waits for each member that is up and has room."""
@@ -189,7 +189,7 @@ class PoolTable:
                 yield member.address, Dispatch(tuple(batch), member.sent, epoch, bridge)
 
     def completed(self, completion: Completion, sender: Address) -> None:
-        """A member reports outcomes: they are no longer held; a final part ends a dispatch."""
+        """A member reports outcomes: they are no longer assigned; a final part ends a dispatch."""
         index = completion.member
         member = self._members[index] if 0 <= index < len(self._members) else None
         tokens = tuple(completion.tokens())
@@ -203,16 +203,16 @@ class PoolTable:
             member.outstanding = max(0, member.outstanding - 1)
 
     def _forget(self, member: _Member, tokens: tuple[int, ...]) -> None:
-        held, resends = member.held, self._resends
+        assigned, resends = member.assigned, self._resends
         for token in tokens:
-            held.pop(token, None)
+            assigned.pop(token, None)
             if resends:
                 resends.pop(token, None)
         if member.suspects:
             member.suspects.difference_update(tokens)
 
     def returned(self, dispatch: Dispatch, sender: Address) -> None:
-        """A member gave a dispatch back (it raised twice on it): none of it is held any more."""
+        """A member gave a dispatch back (it raised twice on it): none of it is assigned any more."""
         index = self.index_of(sender)
         if index is None:
             return
@@ -221,9 +221,10 @@ class PoolTable:
         member.outstanding = max(0, member.outstanding - 1)
 
     def depths(self) -> tuple[int, ...]:
-        """Deliveries held per member (sent or waiting, not completed)."""
-        return tuple(len(m.held) for m in self._members)
+        """Deliveries assigned to each member (sent or waiting, not completed)."""
+        return tuple(len(m.assigned) for m in self._members)
 
-    def held(self) -> int:
-        """Deliveries held by all members, or waiting to be routed."""
-        return sum(len(m.held) for m in self._members) + len(self._unrouted)
+    def assigned(self) -> int:
+        """Deliveries assigned to a member (sent or waiting, not completed), or waiting to be
+        routed."""
+        return sum(len(m.assigned) for m in self._members) + len(self._unrouted)

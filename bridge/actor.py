@@ -570,11 +570,11 @@ class Bridge(BusActor):
         return len(self._inflight) - self._held()
 
     def _resend_to(self, router: Address) -> None:
-        # The old pool's work is lost with it: what its members held goes again, in
+        # The old pool's work is lost with it: what was assigned to its members goes again, in
         # order, to the new members, once the new Router says where they are.
         self._router = router
         log.warning("the Router was restarted; %d message(s) in flight go to its new pool",
-                    self._pool.held())
+                    self._pool.assigned())
 
     def _signal_progress(self) -> None:
         # Handlers still running past half their AckWait: keep JetStream from redelivering.
