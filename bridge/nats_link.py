@@ -154,7 +154,7 @@ class NatsLink:
         with self._counts_lock:
             counts = dict(self._counts)
         consumers = list(self._consumers.values())
-        grouped = [c for c in consumers if c.consumer.priority_group is not None]
+        grouped = [c for c in consumers if c.spec.priority_group is not None]
         if grouped:
             counts["pinned"] = sum(c.pin_id is not None for c in grouped)
             counts["standby"] = len(grouped) - counts["pinned"]
@@ -282,7 +282,7 @@ class NatsLink:
         # Its partition moved, or its pin: another bus reads back what this one left
         # un-acked, so what the Bridge holds back of it for per-key order is that bus's to
         # handle, in order. And the pins this bus holds changed.
-        self._mailbox.put(Released(consumer.subscription, consumer.consumer.filter_subjects))
+        self._mailbox.put(Released(consumer.subscription, consumer.spec.filter_subjects))
         self._mailbox.put(PinsChanged())
 
     def _schedule_recovery(self, consumer: PullConsumer) -> None:
@@ -293,7 +293,7 @@ class NatsLink:
 
     async def _recover(self, consumer: PullConsumer) -> None:
         """Hand over the consumer's un-acked gap, read from the stream, before anything it delivers."""
-        spec = consumer.consumer
+        spec = consumer.spec
         try:
             gap = await read_gap(self._js, spec, consumer.first_deliveries_kept_back)
             if consumer.stopped:
@@ -477,7 +477,7 @@ class NatsLink:
             await self._unpin_one(consumer)
 
     async def _unpin_one(self, consumer: PullConsumer) -> None:
-        spec = consumer.consumer
+        spec = consumer.spec
         if consumer.pin_id is not None and self._nc is not None and not self._nc.is_closed:
             try:
                 reply = await self._nc.request(f"$JS.API.CONSUMER.UNPIN.{spec.stream}.{spec.durable}",
@@ -533,7 +533,7 @@ class NatsLink:
         # cut connection left un-acked has been read back (its acks may have been lost).
         # In a priority group only the pinned bus recovers; a standby has nothing of its own.
         consumers = [c for c in self._consumers.values()
-                     if c.consumer.priority_group is None or c.pin_id is not None]
+                     if c.spec.priority_group is None or c.pin_id is not None]
         for consumer in self._consumers.values():
             consumer.forget()
         for consumer in consumers:

@@ -69,7 +69,7 @@ class PullConsumer:
     a request before it was filled (so there is room to ask again).
     """
 
-    def __init__(self, nc: InboxClient, sub: SubscriptionConfig, consumer: ConsumerSpec,
+    def __init__(self, nc: InboxClient, sub: SubscriptionConfig, spec: ConsumerSpec,
                  on_messages: Callable[[SubscriptionConfig, list[Delivered]], None],
                  on_request_ended: Callable[[], None],
                  on_pinned: Callable[[PullConsumer], None] | None = None,
@@ -77,11 +77,11 @@ class PullConsumer:
                  on_unpinned: Callable[[PullConsumer], None] | None = None) -> None:
         self._nc = nc
         self._sub = sub
-        self.consumer = consumer
+        self.spec = spec   #: the durable consumer these requests go to
         self._on_messages = on_messages
         self._on_request_ended = on_request_ended
         self._warned_at: dict[str, float] = {}
-        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{consumer.stream}.{consumer.durable}"
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
         self._inbox = nc.new_inbox()
         self._subscription: Subscription | None = None
         self._requests: collections.deque[_Request] = collections.deque()
@@ -109,7 +109,7 @@ class PullConsumer:
     @property
     def name(self) -> str:
         """The durable consumer's name."""
-        return self.consumer.durable
+        return self.spec.durable
 
     @property
     def subscription(self) -> str:
@@ -151,8 +151,8 @@ class PullConsumer:
         self._numbers += 1
         expires = self._sub.pull_expires
         request: dict[str, Any] = {"batch": count, "expires": int(expires * 1e9)}
-        if self.consumer.priority_group is not None:
-            request["group"] = self.consumer.priority_group
+        if self.spec.priority_group is not None:
+            request["group"] = self.spec.priority_group
             pin = self.pin_id or self.claimed_pin
             if pin is not None:
                 request["id"] = pin
@@ -176,7 +176,7 @@ class PullConsumer:
             return
         self._pin_renewed_at = now
         request = {"batch": 1, "max_bytes": 1, "expires": int(self._sub.pull_expires * 1e9),
-                   "group": self.consumer.priority_group, "id": self.pin_id}
+                   "group": self.spec.priority_group, "id": self.pin_id}
         await self._nc.publish(self._next_subject, json.dumps(request).encode(),
                                reply=f"{self._inbox}.{_KEEP}")
 
@@ -196,7 +196,7 @@ class PullConsumer:
             self._status(msg)
             return
         if msg.pin_id is not None and msg.pin_id != self.pin_id and \
-                self.consumer.priority_group is not None:
+                self.spec.priority_group is not None:
             self._pinned(msg.pin_id)
         if self._requests:
             oldest = self._requests[0]
@@ -213,7 +213,7 @@ class PullConsumer:
         # This client now owns the consumer: what the previous owner left un-acked
         # is recovered before anything delivered under the new pin is handed over.
         log.info("durable %s: pinned in priority group %s; this bus is the active one",
-                 self.name, self.consumer.priority_group)
+                 self.name, self.spec.priority_group)
         self.pin_id = pin
         self.claimed_pin = None
         self.pins += 1
@@ -278,7 +278,7 @@ class PullConsumer:
             # The pin moved to another bus: pull on as a standby, without an id.
             if self.pin_id is not None:
                 log.warning("durable %s: the pin of priority group %s moved to another bus; this "
-                            "bus is a standby now", self.name, self.consumer.priority_group)
+                            "bus is a standby now", self.name, self.spec.priority_group)
                 self.pin_id = None
                 self.unpins += 1
                 if self._on_unpinned is not None:

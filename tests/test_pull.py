@@ -87,7 +87,7 @@ def test_requests_lost_past_their_expiry_are_forgotten(nats_server):
 
 async def _pinned_client(js, consumer) -> str | None:
     """The pin id the server holds for the consumer's priority group, if any."""
-    spec = consumer.consumer
+    spec = consumer.spec
     reply = await js._nc.request(f"$JS.API.CONSUMER.INFO.{spec.stream}.{spec.durable}", b"",
                                  timeout=2)
     groups = json.loads(reply.data).get("priority_groups") or [{}]
@@ -141,7 +141,7 @@ def test_a_consumer_whose_pin_moved_to_another_client_says_so_and_pulls_as_a_sta
             assert first.pin_id is not None
 
             # As after a stall longer than pin_timeout: the pin goes to another client.
-            spec = first.consumer
+            spec = first.spec
             await js._nc.request(f"$JS.API.CONSUMER.UNPIN.{spec.stream}.{spec.durable}",
                                  json.dumps({"group": spec.priority_group}).encode(), timeout=2)
             other = PullConsumer(js._nc, sub, spec, lambda s, msgs: arrived.extend(msgs),
