@@ -112,55 +112,69 @@ class SubscriptionConfig:
         check_subject(self.subject)
         if self.partitions is not None:
             check_partitioned_subject(self.subject)
+        self._resolve_defaults()
+        self._check_names()
+        self._check_numbers()
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)   # frozen: only while it is being built
+
+    def _resolve_defaults(self) -> None:
+        """Fill in what was left None, from what was given."""
+        if self.partitions is not None:
             # The partition is the subject's last token's: it is the key, whatever else says.
-            object.__setattr__(self, "key_from_subject", True)
+            self._set("key_from_subject", True)
+        default = SettlementPolicy.NACK_ON_ERROR if self.envelope else SettlementPolicy.ACK
         try:
-            settlement = SettlementPolicy(self.settlement if self.settlement is not None else
-                                          SettlementPolicy.NACK_ON_ERROR if self.envelope else
-                                          SettlementPolicy.ACK)
-            object.__setattr__(self, "settlement", settlement)
+            self._set("settlement", SettlementPolicy(self.settlement if self.settlement is not None
+                                                     else default))
         except ValueError:
             raise ConfigurationError(f"settlement must be one of "
                                      f"{[str(p) for p in SettlementPolicy]}, got {self.settlement!r}") from None
         try:
-            object.__setattr__(self, "envelope_format", EnvelopeFormat(self.envelope_format))
+            self._set("envelope_format", EnvelopeFormat(self.envelope_format))
         except ValueError:
             raise ConfigurationError(f"envelope_format must be one of "
                                      f"{[str(f) for f in EnvelopeFormat]}, got {self.envelope_format!r}") from None
         if self.retries is None:
-            object.__setattr__(self, "retries", DEFAULT_RETRIES if self.settlement.redelivers else 0)
+            self._set("retries", DEFAULT_RETRIES if self.settlement.redelivers else 0)
         if self.stream is None:
-            object.__setattr__(self, "stream", _default_stream(self.subject))
+            self._set("stream", _default_stream(self.subject))
         if self.durable is None:
-            object.__setattr__(self, "durable", self.stream.lower())
+            self._set("durable", self.stream.lower())
         if self.dead_letter_subject is None:
-            object.__setattr__(self, "dead_letter_subject", f"deadletter.{self.stream}")
+            self._set("dead_letter_subject", f"deadletter.{self.stream}")
         if self.dead_letter_stream is None:
-            object.__setattr__(self, "dead_letter_stream", f"{self.stream}_DLQ")
+            self._set("dead_letter_stream", f"{self.stream}_DLQ")
+        if self.pin_timeout is None and isinstance(self.pull_expires, (int, float)):
+            self._set("pin_timeout", max(DEFAULT_PIN_TIMEOUT, 2 * self.pull_expires))
+
+    def _check_names(self) -> None:
+        """The stream, durable, group and dead-letter names and subject."""
         if self.priority_group is not None:
             check_name("priority_group", self.priority_group)
         check_name("stream", self.stream)
         check_name("durable", self.durable)
         check_name("dead_letter_stream", self.dead_letter_stream)
         check_subject(self.dead_letter_subject, what="dead_letter_subject")
-        if "*" in self.dead_letter_subject.split(".") or ">" in self.dead_letter_subject.split("."):
+        if {"*", ">"} & set(self.dead_letter_subject.split(".")):
             raise ConfigurationError(
                 f"dead_letter_subject must not contain wildcards, got {self.dead_letter_subject!r}")
-        if self.replicas not in (1, 3, 5) or isinstance(self.replicas, bool):
-            raise ConfigurationError(f"replicas must be 1, 3 or 5, got {self.replicas!r}")
         if self.storage is not None and self.storage not in STORAGE_TYPES:
             raise ConfigurationError(f"storage must be one of {STORAGE_TYPES}, got {self.storage!r}")
+
+    def _check_numbers(self) -> None:
+        """Times, counts and limits."""
+        if self.replicas not in (1, 3, 5) or isinstance(self.replicas, bool):
+            raise ConfigurationError(f"replicas must be 1, 3 or 5, got {self.replicas!r}")
         for name in ("ack_wait", "retry_backoff", "retry_backoff_max", "nak_delay",
-                     "nak_delay_max", "pull_expires"):
+                     "nak_delay_max", "pull_expires", "pin_timeout"):
             check_positive(name, getattr(self, name))
         for name in ("max_ack_pending", "batch_size", "max_envelope_bytes"):
             check_count(name, getattr(self, name), minimum=1)
         check_count("retries", self.retries, minimum=0)
         if self.processing_timeout is not None:
             check_positive("processing_timeout", self.processing_timeout)
-        if self.pin_timeout is None:
-            object.__setattr__(self, "pin_timeout", max(DEFAULT_PIN_TIMEOUT, 2 * self.pull_expires))
-        check_positive("pin_timeout", self.pin_timeout)
         if self.priority_group is not None and self.pin_timeout < 2 * self.pull_expires:
             # A pinned bus renews its pull requests as they expire: give it two.
             raise ConfigurationError(f"pin_timeout ({self.pin_timeout}) must be at least twice "
