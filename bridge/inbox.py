@@ -216,7 +216,7 @@ class InboxClient(Client):
         try:
             # Shielded: the PONG still comes, and nats-py resolves the future it pops.
             await asyncio.wait_for(asyncio.shield(pong), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise nats_errors.FlushTimeoutError from None
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
@@ -260,7 +260,7 @@ class InboxParser(nats_parser.Parser):
                     pos = at
                     continue
                 op = wire[pos:pos + 4]
-                if op == b"HMSG" or op == b"MSG ":
+                if op in {b"HMSG", b"MSG "}:
                     end = wire.find(_CRLF, pos)
                     if end < 0:
                         if len(wire) - pos > nats_parser.MAX_CONTROL_LINE_SIZE:
@@ -277,7 +277,7 @@ class InboxParser(nats_parser.Parser):
                         pos = end + 2
                         return
                     pos = at
-                elif (op == b"PING" or op == b"PONG") and wire[pos + 4:pos + 6] == _CRLF:
+                elif op in {b"PING", b"PONG"} and wire[pos + 4:pos + 6] == _CRLF:
                     pos += 6
                     await (self.nc._process_ping() if op == b"PING" else self.nc._process_pong())
                 else:

@@ -88,7 +88,7 @@ class InlineLoop:
         async def bounded() -> T:
             try:
                 return await asyncio.wait_for(coro, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TimeoutError(f"no result within {timeout}s") from None
 
         return self.loop.run_until_complete(bounded())
