@@ -9,7 +9,8 @@ from actorbus.aggregate import Aggregate
 from actorbus.envelope import Envelope, InvalidEnvelope
 from actorbus.bridge.extraction import extract_aggregate_id
 from actorbus.bus import BusError, EventBus
-from actorbus.config import ConfigurationError, NatsAuth
+from actorbus.config import NatsAuth
+from actorbus.errors import ConfigurationError
 from actorbus.message import Message
 from actorbus.publisher import PublishError, PublishResult
 from actorbus.topology import Subscription, Topology

@@ -12,8 +12,9 @@ from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, Sta
                                       StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import Envelope
-from actorbus.config import (BusConfig, ConfigurationError, NatsAuth, SubscriptionConfig, resolve_auth,
+from actorbus.config import (BusConfig, NatsAuth, SubscriptionConfig, resolve_auth,
                              servers_from_env)
+from actorbus.errors import ConfigurationError
 from actorbus.groups import DEFAULT_HEARTBEAT, ConsumerGroup, is_partitionable
 from actorbus.metrics import MetricsServer
 from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
@@ -79,7 +80,7 @@ class EventBus:
     def __init__(self, servers: str | list[str] | tuple[str, ...] | None = None,
                  pool_size: int = 8, runtime: str = "processes", supervision: Any = None, *,
                  window: int = BusConfig.window, connect_timeout: float = 5.0, name: str = "actorbus",
-                 admin_port: int | None = None, log_config: dict | None = None,
+                 admin_port: int | None = None, log_config: dict[str, Any] | None = None,
                  request_timeout: float = 30.0, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", transport_host: str | None = None,
                  auth: NatsAuth | None = None, user: str | None = None, password: str | None = None,

@@ -17,7 +17,8 @@ from actorbus.actors.member import PoolMember
 from actorbus.actors.messages import (Completion, Delivery, Dispatch, MemberReady,
                                       RegisterHandler, StartMember, bridge_name)
 from actorbus.bridge.layout import BridgePartitions, layout_for, partition_durable
-from actorbus.config import (BusConfig, ConfigurationError, SubscriptionConfig, default_bridges)
+from actorbus.config import BusConfig, SubscriptionConfig, default_bridges
+from actorbus.errors import ConfigurationError
 from actorbus.groups import ConsumerGroup
 from actorbus.supervision import Backoff, OneForOne
 from tests import handlers

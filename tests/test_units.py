@@ -10,7 +10,8 @@ from actorbus.actors.processing import HandlerTable
 from actorbus.bridge.jetstream import subject_covers
 from actorbus.bridge.settlement import ACK, ENVELOPE_FAILED, NAK, REGULAR_FAILED, decide
 from actorbus.config import SettlementPolicy
-from actorbus.config import BusConfig, ConfigurationError, SubscriptionConfig
+from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.errors import ConfigurationError
 from actorbus.supervision import Backoff, OneForOne
 from tests import handlers
 
