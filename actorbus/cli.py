@@ -6,7 +6,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator
+from types import FrameType
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -22,8 +23,10 @@ _ARGV_SECRETS = {"password": ("--password", "_ACTORBUS_ARGV_PASSWORD"),
                  "token": ("--token", "_ACTORBUS_ARGV_TOKEN"),
                  "servers": ("--servers", "_ACTORBUS_ARGV_SERVERS")}
 
+_Command = TypeVar("_Command", bound=Callable[..., Any])
 
-def nats_options(command: Callable) -> Callable:
+
+def nats_options(command: _Command) -> _Command:
     """The NATS connection options shared by ``run`` and ``demo``."""
     options = [
         click.option("--servers", default=None, envvar=_ARGV_SECRETS["servers"][1],
@@ -122,7 +125,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     SIGINT ignored, and Python then leaves it ignored (Ctrl-C sent to its
     process group would do nothing).
     """
-    def interrupt(signum, frame):
+    def interrupt(signum: int, frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt),
@@ -184,7 +187,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @nats_options
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
-def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, keyless: int,
+def demo(ctx: click.Context, /, pool_size: int, envelopes: int, aggregates: int, keyless: int,
          metrics_port: int | None, metrics_host: str, keep_files: bool, debug: bool,
          servers: str | None, **nats: str | None) -> None:
     """Run an embedded nats-server and a process pool, inject failures, check the results.
@@ -230,7 +233,7 @@ def demo(ctx: click.Context, pool_size: int, envelopes: int, aggregates: int, ke
                    "topology's, else one per four cores when it has partitions].")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
-def run(ctx: click.Context, topology: str, servers: str | None, metrics_port: int | None,
+def run(ctx: click.Context, /, topology: str, servers: str | None, metrics_port: int | None,
         metrics_host: str | None, drain_timeout: float, member: str | None,
         pid_file: str | None, bridges: int | None, debug: bool, **nats: str | None) -> None:
     """Run TOPOLOGY (package.module:name, an actorbus Topology) until SIGTERM or

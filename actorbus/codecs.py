@@ -93,7 +93,8 @@ class MsgpackCodec:
 
     def encode(self, fields: Mapping[str, Any]) -> bytes:
         """A msgpack map of ``fields``."""
-        return msgpack.packb(dict(fields), use_bin_type=True)
+        packed: bytes = msgpack.packb(dict(fields), use_bin_type=True)
+        return packed
 
     def decode(self, data: bytes) -> dict[str, Any]:
         """The map in ``data``; :class:`CodecError` for anything else.

@@ -27,7 +27,8 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from types import FrameType
+from typing import IO, Any, Iterator, NoReturn
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
@@ -199,7 +200,7 @@ def check_records(directory: Path, envelopes: int, aggregates: int) -> Check:
 
 
 # ====================================================================== running
-def log_config(path: Path) -> dict:
+def log_config(path: Path) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` dict sending WARNING+ (actorbus.* included) to ``path``."""
     return {
         "version": 1,
@@ -302,7 +303,7 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
              keyless: int = 5000, console: Console | None = None,
              metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
              keep_files: bool = False, servers: str | None = None,
-             nats: dict | None = None) -> int:
+             nats: dict[str, str | None] | None = None) -> int:
     """Run the demo end to end and print its summary; return 0 if every check passed, else 1
     (130 when interrupted: Ctrl-C or SIGTERM drains, a second one stops at once).
 
@@ -420,7 +421,7 @@ def _stop(bus: EventBus, console: Console) -> None:
     """
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 
-    def stop_now(signum, frame):
+    def stop_now(signum: int, frame: FrameType | None) -> NoReturn:
         for each in previous:
             signal.signal(each, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")

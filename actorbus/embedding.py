@@ -37,7 +37,7 @@ __all__ = ["Supervisor", "BusConfig", "SubscriptionConfig", "StartBus", "BusStar
 
 @contextlib.contextmanager
 def actor_system(admin_port: int | None = None, transport_host: str | None = None,
-                 log_config: dict | None = None) -> Iterator[Any]:
+                 log_config: dict[str, Any] | None = None) -> Iterator[Any]:
     """A ``multiprocTCPBase`` ActorSystem as the bus runs its own: a free admin port,
     loopback only (unless ``transport_host`` says otherwise), and on exit shut down
     with every process it started ended by pid."""

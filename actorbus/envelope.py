@@ -258,7 +258,8 @@ def _a(value: object) -> str:
 def _find_extension(value: object) -> object | None:
     # msgpack extension values anywhere in metadata are rejected, as at the top level.
     if isinstance(value, (msgpack.ExtType, msgpack.Timestamp)):
-        return value
+        extension: object = value  # msgpack is untyped: narrowed to its classes, value is Any
+        return extension
     children = value.values() if isinstance(value, Mapping) else (
         value if isinstance(value, (list, tuple)) else ())
     for child in children:

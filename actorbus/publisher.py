@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, TypeAlias
+
+from nats.js.api import PubAck
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.loop_thread import LoopThread
@@ -58,7 +60,8 @@ class PublishResult:
 
 #: One message for :meth:`Publisher.publish_many`: ``(subject, data)`` or
 #: ``(subject, data, headers)``; ``data`` may be an :class:`Envelope`.
-OutgoingMessage = Sequence
+OutgoingMessage: TypeAlias = (tuple[str, bytes | bytearray | Envelope]
+                              | tuple[str, bytes | bytearray | Envelope, Mapping[str, str] | None])
 
 
 class Publisher:
@@ -125,7 +128,8 @@ class Publisher:
         budget = timeout if timeout is not None else self._timeout * (1 + len(prepared) / in_flight)
         return self._thread.run(self._publish_all(prepared, in_flight), budget)
 
-    async def _publish_all(self, prepared: list, in_flight: int) -> list[PublishResult]:
+    async def _publish_all(self, prepared: list[tuple[str, bytes, dict[str, str] | None]],
+                           in_flight: int) -> list[PublishResult]:
         results: list[PublishResult] = []
         for start in range(0, len(prepared), in_flight):
             chunk = prepared[start:start + in_flight]
@@ -140,7 +144,8 @@ class Publisher:
         return results
 
     @staticmethod
-    def _prepare(item: OutgoingMessage, format: EnvelopeFormat) -> tuple[str, bytes, dict | None]:
+    def _prepare(item: OutgoingMessage,
+                 format: EnvelopeFormat) -> tuple[str, bytes, dict[str, str] | None]:
         if len(item) not in (2, 3):
             raise TypeError(f"expected (subject, data[, headers]), got {item!r}")
         subject, data = item[0], item[1]
@@ -162,6 +167,6 @@ class Publisher:
         self._thread.stop()
 
 
-def _result(subject: str, ack) -> PublishResult:
+def _result(subject: str, ack: PubAck) -> PublishResult:
     """A :class:`PublishResult` from nats-py's ``PubAck``."""
     return PublishResult(subject, ack.seq, None, bool(ack.duplicate), ack.stream)

@@ -16,7 +16,7 @@ import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeAlias
 
 from thespian.actors import ActorSystem
 
@@ -34,7 +34,7 @@ class ProcessRuntime:
     :mod:`actorbus.transport_binding`), every frame signed with a key only its
     own processes hold (:mod:`actorbus.transport_auth`)."""
 
-    def __init__(self, admin_port: int | None = None, log_config: dict | None = None,
+    def __init__(self, admin_port: int | None = None, log_config: dict[str, Any] | None = None,
                  transport_host: str | None = None) -> None:
         self.admin_port = admin_port or free_port()
         self.transport_host = resolve_transport_host(transport_host)
@@ -152,15 +152,19 @@ class ProcessRuntime:
 SHUTDOWN_KILL_MARGIN = 1.0
 
 
+#: A call for the pump thread: what to run with the actor system, and where its result goes.
+_Call: TypeAlias = tuple[Callable[[ActorSystem], Any], concurrent.futures.Future[Any]]
+
+
 class SimpleRuntime:
     """A simpleSystemBase actor system, pumped by a thread of its own."""
 
     _PUMP_INTERVAL = 0.002
 
     def __init__(self) -> None:
-        self._calls: queue.Queue = queue.Queue()
+        self._calls: queue.Queue[_Call] = queue.Queue()
         self._running = True
-        ready: concurrent.futures.Future = concurrent.futures.Future()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._pump, args=(ready,),
                                         name="actorbus-simple-runtime", daemon=True)
         self._thread.start()
@@ -201,11 +205,11 @@ class SimpleRuntime:
     def _call(self, fn: Callable[[ActorSystem], Any]) -> Any:
         if not self._running:
             raise RuntimeError("the actor system is shut down")
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._calls.put((fn, future))
         return future.result()
 
-    def _pump(self, ready: concurrent.futures.Future) -> None:
+    def _pump(self, ready: concurrent.futures.Future[None]) -> None:
         try:
             # The actors log in this process, through the program's own logging
             # configuration: logDefs=False keeps Thespian from replacing it.
@@ -226,7 +230,7 @@ class SimpleRuntime:
                 future.set_exception(exc)
 
 
-def make_runtime(name: str, admin_port: int | None = None, log_config: dict | None = None,
+def make_runtime(name: str, admin_port: int | None = None, log_config: dict[str, Any] | None = None,
                  transport_host: str | None = None) -> ProcessRuntime | SimpleRuntime:
     """The runtime called ``name``: ``"processes"`` or ``"simple"``."""
     if name == "processes":

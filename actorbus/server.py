@@ -37,8 +37,8 @@ def find_nats_server() -> str:
 class NatsServer:
     """A nats-server with JetStream, started and stopped by this process."""
 
-    def __init__(self, store_dir: str | os.PathLike | None = None, port: int | None = None,
-                 binary: str | None = None, config: str | os.PathLike | None = None) -> None:
+    def __init__(self, store_dir: str | os.PathLike[str] | None = None, port: int | None = None,
+                 binary: str | None = None, config: str | os.PathLike[str] | None = None) -> None:
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="actorbus-nats-"))
         self.port = port or free_port()
@@ -47,7 +47,7 @@ class NatsServer:
         #: A server configuration file (authorization, TLS, ...); the address, port and
         #: JetStream store given on the command line take precedence over it.
         self.config = Path(config) if config is not None else None
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -115,7 +115,7 @@ class NatsServer:
     def __enter__(self) -> "NatsServer":
         return self.start() if self.pid is None else self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def _log_tail(self, offset: int) -> str:

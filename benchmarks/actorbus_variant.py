@@ -5,6 +5,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.message import Message
@@ -20,7 +21,7 @@ def handle(msg: Message) -> None:
     RECORDER.handle(msg.aggregate_id, msg.data)
 
 
-def _log_config(path: Path) -> dict:
+def _log_config(path: Path) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -31,7 +32,7 @@ def _log_config(path: Path) -> dict:
     }
 
 
-def consume(params: dict) -> dict:
+def consume(params: dict[str, Any]) -> dict[str, Any]:
     from actorbus.bus import EventBus
 
     # The handlers find their record directory through the environment: it must

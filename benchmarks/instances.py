@@ -46,7 +46,7 @@ def handle(msg: Message) -> None:
 
 
 # ====================================================================== one instance
-def consume(params: dict) -> dict:
+def consume(params: dict[str, Any]) -> dict[str, Any]:
     """One instance: join the group and report its progress and pids until told to stop."""
     from actorbus.bus import EventBus
 
@@ -112,7 +112,7 @@ def _progress(paths: list[Path]) -> list[dict[str, Any]]:
     return found
 
 
-def _wait(predicate: Any, timeout: float, what: str, processes: list[subprocess.Popen]) -> None:
+def _wait(predicate: Any, timeout: float, what: str, processes: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

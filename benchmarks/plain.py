@@ -5,6 +5,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.errors import TimeoutError as NatsTimeout
@@ -15,7 +16,7 @@ from actorbus.benchmarks.common import FETCH_BATCH, RssSampler, handle_raw
 NOTES = f"nats-py pull consumer, fetch({FETCH_BATCH}) + ack per message, one task"
 
 
-async def _consume(params: dict) -> dict:
+async def _consume(params: dict[str, Any]) -> dict[str, Any]:
     nc = await nats.connect(params["url"], name="bench-plain")
     try:
         js = nc.jetstream()
@@ -49,5 +50,5 @@ async def _consume(params: dict) -> dict:
         await nc.close()
 
 
-def consume(params: dict) -> dict:
+def consume(params: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(_consume(params))

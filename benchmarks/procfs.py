@@ -34,7 +34,7 @@ def open_fds(pid: int) -> int:
         return 0
 
 
-def mapped_rss(pid: int, path: str | os.PathLike) -> int:
+def mapped_rss(pid: int, path: str | os.PathLike[str]) -> int:
     """Resident bytes of ``pid``'s mappings of the file ``path`` (``/proc/<pid>/smaps``);
     0 when it maps none of it or is gone."""
     target = os.fsdecode(path)

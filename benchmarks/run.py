@@ -187,7 +187,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _run_worker(params: dict[str, Any], work_dir: Path, *, pace: dict | None = None) -> dict[str, Any]:
+def _run_worker(params: dict[str, Any], work_dir: Path, *, pace: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run :mod:`actorbus.benchmarks.worker` with ``params``; with ``pace``, publish paced once it is ready."""
     name = params["durable"]
     params_path = work_dir / f"{name}.params.json"
@@ -217,7 +217,7 @@ def _run_worker(params: dict[str, Any], work_dir: Path, *, pace: dict | None = N
                 process.wait(10)
     if not result_path.exists():
         raise WorkerFailed(f"{name}: the worker exited with code {process.returncode} and no result")
-    result = json.loads(result_path.read_text(encoding="utf-8"))
+    result: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
     if "error" in result:
         raise WorkerFailed(f"{name}: {result['error']}\n{result.get('traceback', '')}")
     return result

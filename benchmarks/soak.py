@@ -211,7 +211,7 @@ class Host:
         self.params = params
         self.grouped = grouped
         self.generation = 0
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.status_path = work / f"{slot}.status.json"
         self._status: dict[str, Any] = {}
         #: The last counters of each earlier generation (a killed instance's are gone with it).
@@ -773,7 +773,8 @@ class SoakRun:
         return {host.slot: [*host.earlier, host.status().get("stats", {})] for host in self.hosts}
 
     def _report(self, tally: Tally, publisher: SteadyPublisher, progress: Progress,
-                launch: dict, warm: dict, warm_at: float | None, end: dict, publish_s: float,
+                launch: dict[str, dict[str, Any]], warm: dict[str, dict[str, Any]],
+                warm_at: float | None, end: dict[str, dict[str, Any]], publish_s: float,
                 drain_s: float) -> dict[str, Any]:
         c = self.config
         rows = compare(warm, end, c.rss_limit_pct)

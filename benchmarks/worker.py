@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 import traceback
+from types import FrameType
+from typing import NoReturn
 
 from actorbus.benchmarks.common import CPU_US_ENV, RECORD_DIR_ENV
 
@@ -21,7 +23,7 @@ MODULES = {"plain": "actorbus.benchmarks.plain", "faststream": "actorbus.benchma
            "group": "actorbus.benchmarks.instances"}
 
 
-def _interrupt(signum, frame):
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
