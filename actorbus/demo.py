@@ -40,7 +40,7 @@ from actorbus.bus import EventBus
 from actorbus.config import NatsAuth, show_servers
 from actorbus.message import Message
 from actorbus.publisher import PublishError
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 from actorbus.server import NatsServer
 
 #: Where the handlers write their records (set before the actor processes are forked).

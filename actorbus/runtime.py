@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, TypeAlias
 from thespian.actors import ActorSystem
 
 from actorbus.ports import free_port
+from actorbus.processes import descendants, process_alive, sigkill, wait_for_exit
 from actorbus.transport_auth import sign_transport
 from actorbus.transport_binding import hold_transport_host, resolve_transport_host
 
@@ -140,11 +141,7 @@ class ProcessRuntime:
         stuck = [pid for pid in sorted(processes) if pid != os.getpid() and process_alive(pid)]
         log.warning("the actor system did not shut down within %.1fs (a handler stuck in user "
                     "code?); ending its processes %s", time.monotonic() - started, stuck)
-        for pid in stuck:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sigkill(stuck)
         done.wait(SHUTDOWN_KILL_MARGIN / 2)
 
 
@@ -251,50 +248,14 @@ def kill_leftovers(pids: Iterable[int], grace: float = 3.0) -> list[int]:
     for them to die; return those killed."""
     others = [pid for pid in pids if pid != os.getpid()]
     # Thespian's shutdown can return while actor processes are still exiting.
-    alive = _wait_for_exit(others, grace)
-    killed = []
-    for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            continue
-        killed.append(pid)
+    alive = wait_for_exit(others, grace)
+    killed = sigkill(alive)
     if killed:
         log.warning("actor processes %s outlived the actor system; killed", killed)
-        still = _wait_for_exit(killed, 5.0)
+        still = wait_for_exit(killed, 5.0)
         if still:
             log.error("actor processes %s survived SIGKILL", still)
     return killed
-
-
-def _wait_for_exit(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    alive = [pid for pid in pids if process_alive(pid)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [pid for pid in alive if process_alive(pid)]
-    return alive
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` in the process tree (Linux ``/proc``)."""
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        parent = stack.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as children:
-                    kids = [int(c) for c in children.read().split()]
-            except OSError:
-                continue
-            found.extend(kids)
-            stack.extend(kids)
-    return found
 
 
 def _session_of(pid: int) -> int | None:
@@ -302,12 +263,3 @@ def _session_of(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False

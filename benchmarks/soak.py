@@ -55,7 +55,7 @@ from actorbus.benchmarks.soak_ledger import LedgerReader, Tally, create_ledger, 
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import Envelope, decode_envelope
 from actorbus.publisher import envelope_headers
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 from actorbus.server import NatsServer
 
 log = logging.getLogger("actorbus.soak")

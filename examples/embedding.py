@@ -22,7 +22,7 @@ from actorbus import Message
 from actorbus.embedding import (BusConfig, BusStarted, BusStopped, StartBus, Stats, StatsRequest,
                                 StopBus, Subscribe, Subscribed, SubscriptionConfig, Supervisor,
                                 actor_system)
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 
 SUBJECT = "embed.events"
 MESSAGES = 25

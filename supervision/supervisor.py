@@ -16,7 +16,6 @@ import dataclasses
 import enum
 import logging
 import os
-import signal
 from collections import Counter
 from typing import Any
 
@@ -34,6 +33,7 @@ from actorbus.actors.router import Router
 from actorbus.bridge.actor import Bridge
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.policies import RestartBudget
+from actorbus.processes import sigkill
 
 log = logging.getLogger("actorbus.supervision")
 
@@ -359,11 +359,7 @@ class Supervisor(BusActor):
         # Its pool would linger as orphans: end it; the Bridges re-send what they held.
         orphans = [pid for name, pid in self._pids.items() if name.startswith(MEMBER_PREFIX)]
         log.error("the Router (pid %s) exited; ending its pool %s", self._pids.get("router"), orphans)
-        for pid in orphans:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sigkill(orphans)
         self._router = None
         self._restart_later("the Router", _ROUTER)
 

@@ -26,7 +26,7 @@ import nats
 from nats.js.api import ClusterInfo, StorageType
 
 from actorbus.ports import free_port
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 from actorbus.server import NatsServer
 
 SIZE = 3

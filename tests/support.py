@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import nats
 
 from actorbus.benchmarks.procfs import process_rss
-from actorbus.runtime import descendants, process_alive
+from actorbus.processes import descendants, process_alive
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",

@@ -14,7 +14,7 @@ import nats
 import pytest
 
 from actorbus import Envelope
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 from tests.support import (consumer_info, ended_afterwards, process_tree, read_records,
                            stop_with_sigterm, wait_for, wait_until_gone)
 

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from actorbus import BusError, Envelope, PublishError
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 from tests import handlers
 from tests.support import (consumer_info, create_stream, publish_spread, read_records,
                            stream_info, stream_messages, tree_rss_bytes, wait_for,

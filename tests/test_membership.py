@@ -29,7 +29,7 @@ from actorbus.bridge import membership as membership_module
 from actorbus.bridge.membership import ElasticMembership, MemberView
 from actorbus.config import SubscriptionConfig
 from actorbus.groups import ConsumerGroup, assign_partitions
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 from tests.support import GROUP_PARTITIONS, GroupHost, wait_for
 
 #: Seconds the soak test runs its members under load.

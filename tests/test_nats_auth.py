@@ -25,7 +25,7 @@ from actorbus.bridge.connection import _tls_alert, connect_options, describe_err
 from actorbus.config import BusConfig, mask_url
 from actorbus.groups import STATIC_BUCKET
 from actorbus.ports import free_port
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 from actorbus.server import NatsServer
 import actorbus.bus
 from tests.support import bus_factory, stream_info, wait_for, wait_for_stats

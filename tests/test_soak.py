@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from actorbus.benchmarks.soak_ledger import KEYS_ENV, LEDGER_ENV, Ledger, LedgerReader, create_ledger
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 
 ACTORBUS = str(Path(sys.executable).parent / "actorbus")
 REPORT_KEYS = {"pass", "mode", "config", "publish_s", "drain_s", "published", "handled", "handlings",

@@ -14,7 +14,7 @@ from collections import defaultdict
 import pytest
 
 from actorbus import BusError, Envelope
-from actorbus.runtime import process_alive
+from actorbus.processes import process_alive
 from actorbus.supervision import AllForOne, Backoff, OneForOne
 from actorbus.policies import RestartBudget
 from tests import handlers
