@@ -62,7 +62,7 @@ def hide_argv_secrets(ctx: click.Context, values: dict[str, str | None]) -> None
     line in ``/proc/<pid>/cmdline``, readable by any local user; the
     environment (``/proc/<pid>/environ``) is readable by this user only.
     """
-    from actorbus.config import url_secrets
+    from actorbus.redaction import url_secrets
 
     moved: dict[str, str] = {}      # flag -> its value
     for name, (flag, _) in _ARGV_SECRETS.items():

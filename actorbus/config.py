@@ -11,14 +11,14 @@ import os
 import re
 from dataclasses import dataclass, fields
 from typing import Mapping
-from urllib.parse import urlsplit
 
+from actorbus.checks import check_count, check_name, check_positive, check_subject
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import DEFAULT_MAX_ENVELOPE_BYTES
-from actorbus.checks import check_count, check_name, check_positive, check_subject
 from actorbus.errors import ConfigurationError
 from actorbus.groups import MAX_PARTITIONS, ConsumerGroup, check_partitioned_subject
 from actorbus.policies import SupervisionTree, as_tree, exponential_delay
+from actorbus.redaction import MASK, mask_url, show_servers, split_server_url, url_secrets
 
 RUNTIMES = ("processes", "simple")
 #: Most Bridges a bus may run (each is a process with a NATS connection of its own).
@@ -28,8 +28,6 @@ MAX_BRIDGES = 64
 CORES_PER_BRIDGE = 4
 #: URL schemes nats-py connects with (a URL without one means ``nats://``).
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
-#: Where a URL or a repr shows a secret.
-MASK = "***"
 #: Largest ``BusConfig.window``: messages the Bridge may have in flight.
 MAX_WINDOW = 100_000
 STORAGE_TYPES = ("file", "memory")
@@ -307,57 +305,6 @@ class NatsAuth:
         return f"NatsAuth({', '.join(shown)})"
 
 
-def mask_url(url: str) -> str:
-    """``url`` with the secret of its user info masked: ``nats://alice:***@host:4222``;
-    a lone user name in a URL is a token to nats-py, so it is masked too."""
-    try:
-        parts = urlsplit(url if "://" in url else f"nats://{url}")
-    except ValueError:
-        return MASK
-    if "@" not in parts.netloc:
-        return url
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:{MASK}" if colon else MASK
-    return parts._replace(netloc=f"{shown}@{host}").geturl()
-
-
-def show_servers(servers: tuple[str, ...] | list[str] | str) -> str:
-    """Server URLs as shown in logs and errors: comma-separated, secrets masked."""
-    if isinstance(servers, str):
-        servers = servers.split(",")
-    return ", ".join(mask_url(s.strip()) for s in servers)
-
-
-def url_secrets(servers: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The passwords (or tokens) in the user info of these URLs."""
-    found = []
-    for url in servers:
-        try:
-            parts = urlsplit(url if "://" in url else f"nats://{url}")
-        except ValueError:
-            continue
-        if parts.password:
-            found.append(parts.password)
-        elif "@" in parts.netloc and parts.username:
-            found.append(parts.username)  # a token
-    return tuple(found)
-
-
-#: Shorter secrets are not redacted from free text: masking every "b" of a message
-#: would hide the message, not a secret that short.
-MIN_REDACTED = 4
-
-
-def redact(text: str, secrets: tuple[str, ...] | list[str]) -> str:
-    """``text`` with every occurrence of each of ``secrets`` (of at least
-    :data:`MIN_REDACTED` characters) replaced by ``***``."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        if secret and len(secret) >= MIN_REDACTED:
-            text = text.replace(secret, MASK)
-    return text
-
-
 def resolve_auth(auth: NatsAuth | None = None, **given: str | None) -> NatsAuth:
     """``auth`` as it is (the environment is not read), else :meth:`NatsAuth.from_env`
     with the ``given`` settings (``user``, ``password``, ``token``, ``nkey_seed``,
@@ -380,7 +327,7 @@ def servers_from_env(environ: Mapping[str, str] | None = None, default: str | No
 
 def _check_server_url(url: str) -> None:
     try:
-        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        parts = split_server_url(url)
         parts.port  # noqa: B018 - raises for a port that is not a number
     except ValueError as exc:
         raise ConfigurationError(f"server URL {mask_url(url)!r} is not valid: {exc}") from None

@@ -35,12 +35,13 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn)
 from rich.table import Table
 
-from actorbus.envelope import Envelope
 from actorbus.bus import EventBus
-from actorbus.config import NatsAuth, show_servers
+from actorbus.config import NatsAuth
+from actorbus.envelope import Envelope
 from actorbus.message import Message
-from actorbus.publisher import PublishError
 from actorbus.processes import process_alive
+from actorbus.publisher import PublishError
+from actorbus.redaction import show_servers
 from actorbus.server import NatsServer
 
 #: Where the handlers write their records (set before the actor processes are forked).

@@ -16,12 +16,12 @@ import socket
 import ssl
 import time
 from typing import Any, Awaitable, Callable
-from urllib.parse import urlsplit
 
-from nats.aio.client import Client
 from nats import errors as nats_errors
+from nats.aio.client import Client
 
-from actorbus.config import BusConfig, redact
+from actorbus.config import BusConfig
+from actorbus.redaction import redact, split_server_url
 
 log = logging.getLogger("actorbus.bridge")
 
@@ -176,7 +176,7 @@ def _tls_alert(config: BusConfig, timeout: float = 1.0) -> ssl.SSLError | None:
     if context is None:
         return None
     url = config.servers[0]
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    parts = split_server_url(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 4222
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw:

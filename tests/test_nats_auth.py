@@ -22,7 +22,8 @@ import trustme
 
 from actorbus import BusError, ConfigurationError, Envelope, EventBus, NatsAuth
 from actorbus.bridge.connection import _tls_alert, connect_options, describe_error
-from actorbus.config import BusConfig, mask_url
+from actorbus.config import BusConfig
+from actorbus.redaction import mask_url
 from actorbus.groups import STATIC_BUCKET
 from actorbus.ports import free_port
 from actorbus.processes import process_alive
