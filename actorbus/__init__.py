@@ -18,7 +18,19 @@ from actorbus.topology import Subscription, Topology
 # A library adds no handlers of its own; the application decides where logs go.
 logging.getLogger("actorbus").addHandler(logging.NullHandler())
 
-__all__ = ["EventBus", "Aggregate", "Envelope", "Message", "InvalidEnvelope",
-           "extract_aggregate_id", "BusError", "ConfigurationError", "NatsAuth", "PublishError",
-           "PublishResult", "Topology", "Subscription"]
+__all__ = [
+           "Aggregate",
+           "BusError",
+           "ConfigurationError",
+           "Envelope",
+           "EventBus",
+           "InvalidEnvelope",
+           "Message",
+           "NatsAuth",
+           "PublishError",
+           "PublishResult",
+           "Subscription",
+           "Topology",
+           "extract_aggregate_id",
+]
 __version__ = "0.1.0"

@@ -5,7 +5,8 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from actorbus.actors.handlers import handler_reference
 from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, StartBus, Stats,
@@ -205,7 +206,7 @@ class EventBus:
         actors died faster than its supervision policy allows.
         """
         self._check_running()
-        reply = self._request(lambda rid: StatsRequest(rid), Stats, what="reading stats")
+        reply = self._request(StatsRequest, Stats, what="reading stats")
         self._pids.update(reply.pids)
         if reply.failure:
             raise BusError(f"the bus has stopped processing: {reply.failure}")
@@ -253,7 +254,7 @@ class EventBus:
             self._runtime.shutdown(self._pids.values(),
                                    timeout=max(deadline - time.monotonic(), 0.1))
 
-    def __enter__(self) -> "EventBus":
+    def __enter__(self) -> EventBus:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

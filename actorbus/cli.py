@@ -7,7 +7,8 @@ import signal
 import sys
 import time
 from types import FrameType
-from typing import Any, Callable, Iterator, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Iterator
 
 import click
 from click.core import ParameterSource

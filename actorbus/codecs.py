@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Protocol
+from collections.abc import Iterable, Mapping
 
 import msgpack
 

@@ -10,7 +10,7 @@ import enum
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Mapping
+from collections.abc import Mapping
 
 from actorbus.checks import check_count, check_name, check_positive, check_subject
 from actorbus.codecs import EnvelopeFormat
@@ -263,7 +263,7 @@ class NatsAuth:
                 raise ConfigurationError(f"{name} {path!r} is not a readable file")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **given: str | None) -> "NatsAuth":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **given: str | None) -> NatsAuth:
         """Settings from the ``nats`` CLI's variables (``NATS_USER``, ``NATS_PASSWORD``,
         ``NATS_CREDS``, ``NATS_NKEY``, ``NATS_CA``, ``NATS_CERT``, ``NATS_KEY``),
         overridden by ``given`` values that are not None.

@@ -18,6 +18,7 @@ handled in publish order, and that each aggregate stayed on one process.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -28,7 +29,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Iterator, NoReturn
+from typing import IO, Any, NoReturn
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
@@ -106,7 +108,8 @@ def _records_file() -> IO[str]:
         directory = os.environ.get(DIR_ENV)
         if not directory:
             raise RuntimeError(f"{DIR_ENV} is not set: the demo handlers run only under `actorbus demo`")
-        handle = _records[pid] = open(Path(directory) / f"records-{pid}.txt", "a",
+        # Kept open for the process's life: a handler appends a line per message.
+        handle = _records[pid] = open(Path(directory) / f"records-{pid}.txt", "a",  # noqa: SIM115
                                       buffering=1, encoding="ascii")
     return handle
 
@@ -192,7 +195,7 @@ def check_records(directory: Path, envelopes: int, aggregates: int) -> Check:
             if (aggregate, seq) not in seen:
                 result.missing.append((aggregate, seq))
     for aggregate, seqs in sorted(first_order.items()):
-        for before, after in zip(seqs, seqs[1:], strict=False):
+        for before, after in itertools.pairwise(seqs):
             if after <= before:
                 result.order_violations.append(f"{aggregate}: {after} handled after {before}")
     result.multi_process = sorted(a for a, p in pids.items() if len(p) > 1)
@@ -308,9 +311,7 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
     """Run the demo end to end and print its summary; return 0 if every check passed, else 1
     (130 when interrupted: Ctrl-C or SIGTERM drains, a second one stops at once).
 
-    ``servers`` (with ``nats``, the credentials) names a NATS to use instead of
-    an embedded nats-server. Its temporary folder (records, log) is removed at
-    exit unless ``keep_files``.
+    Its temporary folder (records, log) is removed at exit unless ``keep_files``.
 
     ``servers`` is an existing NATS to use instead of an embedded server
     (its streams DEMO_ORDERS and DEMO_METRICS should start empty); ``nats``
@@ -321,12 +322,7 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
     Raises ``ValueError`` for impossible arguments and lets errors of the
     server or the bus propagate (the CLI turns them into one line).
     """
-    if pool_size < 0:
-        raise ValueError(f"pool size must be >= 0, got {pool_size}")
-    if envelopes < 0 or keyless < 0:
-        raise ValueError("the numbers of envelopes and plain messages must be >= 0")
-    if aggregates < 1:
-        raise ValueError(f"aggregates must be >= 1, got {aggregates}")
+    _check_arguments(pool_size, envelopes, aggregates, keyless)
     console = console or Console()
     started = time.monotonic()
     work_dir = Path(tempfile.mkdtemp(prefix="actorbus-demo-"))
@@ -402,6 +398,22 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
         waiting = total - min(stats.get("acked", 0) + stats.get("termed", 0), total)
         console.print(f"[bold red]not settled within {PROCESSING_DEADLINE:g}s[/]: {waiting} "
                       f"message(s) not settled, {stats['in_flight']} in flight")
+    _print_failures(console, check, plain_done, keyless)
+    console.print("[bold green]demo OK[/]" if ok else "[bold red]demo FAILED[/]")
+    return 0 if ok else 1
+
+
+def _check_arguments(pool_size: int, envelopes: int, aggregates: int, keyless: int) -> None:
+    if pool_size < 0:
+        raise ValueError(f"pool size must be >= 0, got {pool_size}")
+    if envelopes < 0 or keyless < 0:
+        raise ValueError("the numbers of envelopes and plain messages must be >= 0")
+    if aggregates < 1:
+        raise ValueError(f"aggregates must be >= 1, got {aggregates}")
+
+
+def _print_failures(console: Console, check: Check, plain_done: int, keyless: int) -> None:
+    """The first ten of each kind of failure the records show."""
     for aggregate, seq in check.missing[:10]:
         console.print(f"[red]missing[/]: {aggregate} event {seq} was never handled successfully")
     if len(check.missing) > 10:
@@ -410,8 +422,6 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
         console.print(f"[red]order violation[/]: {violation}")
     if plain_done != keyless:
         console.print(f"[red]plain messages[/]: {plain_done} handled, {keyless} published")
-    console.print("[bold green]demo OK[/]" if ok else "[bold red]demo FAILED[/]")
-    return 0 if ok else 1
 
 
 def _stop(bus: EventBus, console: Console) -> None:

@@ -20,7 +20,8 @@ refuses any process that is not one of the system's own.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, StartBus, Stats,
                                       StatsRequest, StopBus, Subscribe, Subscribed)
@@ -30,9 +31,22 @@ from actorbus.supervision.supervisor import Supervisor
 from actorbus.transport_auth import sign_transport
 from actorbus.transport_binding import hold_transport_host, resolve_transport_host
 
-__all__ = ["Supervisor", "BusConfig", "SubscriptionConfig", "StartBus", "BusStarted", "Subscribe",
-           "Subscribed", "StatsRequest", "Stats", "StopBus", "BusStopped", "RequestFailed",
-           "actor_system", "bind_transport"]
+__all__ = [
+    "BusConfig",
+    "BusStarted",
+    "BusStopped",
+    "RequestFailed",
+    "StartBus",
+    "Stats",
+    "StatsRequest",
+    "StopBus",
+    "Subscribe",
+    "Subscribed",
+    "SubscriptionConfig",
+    "Supervisor",
+    "actor_system",
+    "bind_transport",
+]
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ import datetime as _dt
 import json
 import re
 import uuid
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import msgpack
 
@@ -89,9 +90,9 @@ class Envelope:
         *,
         event_version: int = 1,
         **optional: Any,
-    ) -> "Envelope":
+    ) -> Envelope:
         """Build an envelope with a new UUID ``event_id`` and a UTC RFC 3339 timestamp."""
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        now = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
         return cls(
             event_id=str(uuid.uuid4()),
             aggregate_id=aggregate_id,
@@ -112,7 +113,7 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *,
-               max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> "Envelope":
+               max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> Envelope:
         """Decode and validate ``data``; raise :class:`InvalidEnvelope` naming what is wrong."""
         return decode_envelope(data, format, max_bytes=max_bytes)
 
@@ -161,7 +162,7 @@ def _rfc3339_from_epoch_ms(ms: int) -> str:
     return f"{text}.{fraction}Z" if fraction else f"{text}Z"
 
 
-_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 
 
 def decode_envelope(data: bytes, format: EnvelopeFormat = EnvelopeFormat.AUTO, *,
@@ -235,6 +236,10 @@ def _validate(env: Envelope) -> None:
         raise InvalidEnvelope("payload", f"expected binary (bytes), got {_a(env.payload)}")
     if not env.payload:
         raise InvalidEnvelope("payload", "empty")
+    _validate_optional(env)
+
+
+def _validate_optional(env: Envelope) -> None:
     for name in _OPTIONAL_STR:
         value = getattr(env, name)
         if value is not None and not isinstance(value, str):

@@ -28,7 +28,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from actorbus.checks import check_count, check_name, check_positive
 from actorbus.errors import ConfigurationError

@@ -1,4 +1,4 @@
-"""What counts as an aggregate id: 1–256 bytes of ``[A-Za-z0-9:_\\-./]``."""
+"""What counts as an aggregate id: 1-256 bytes of ``[A-Za-z0-9:_\\-./]``."""
 from __future__ import annotations
 
 import re

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from prometheus_client import start_http_server
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,

@@ -13,7 +13,8 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
+from collections.abc import Callable
 
 
 def exponential_delay(initial: float, maximum: float, n: int, multiplier: float = 2.0) -> float:

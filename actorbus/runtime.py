@@ -9,6 +9,7 @@ through that thread.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -16,7 +17,8 @@ import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, TypeAlias
+from typing import Any, TypeAlias
+from collections.abc import Callable, Iterable
 
 from thespian.actors import ActorSystem
 
@@ -115,10 +117,8 @@ class ProcessRuntime:
         finally:
             kill_leftovers(sorted(processes), grace=0.5 if timeout is not None else 3.0)
             for group in self._groups:
-                try:
+                with contextlib.suppress(ProcessLookupError):   # empty: everything exited
                     os.killpg(group, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass  # the group is empty: everything exited
             multiprocessing.active_children()  # reap the admin
             self._release_transport()
 

@@ -59,22 +59,21 @@ class NatsServer:
         """The server's pid while it runs."""
         return self._process.pid if self._process and self._process.poll() is None else None
 
-    def start(self, timeout: float = 15.0) -> "NatsServer":
+    def start(self, timeout: float = 15.0) -> NatsServer:
         """Start the server and wait until it reports ready."""
         if self.pid is not None:
             raise RuntimeError(f"nats-server already running as pid {self.pid}")
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.log_path, "ab")
-        start_offset = log_file.tell()
-        self._process = subprocess.Popen(
-            [self.binary, *(["-c", str(self.config)] if self.config else []),
-             "-a", "127.0.0.1", "-p", str(self.port), "-js",
-             "-sd", str(self.store_dir / "jetstream")],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            # Its own session: a Ctrl-C meant for the program (which drains, and
-            # needs the server for that) must not reach it; it is stopped by pid.
-            start_new_session=True)
-        log_file.close()
+        with open(self.log_path, "ab") as log_file:
+            start_offset = log_file.tell()
+            self._process = subprocess.Popen(
+                [self.binary, *(["-c", str(self.config)] if self.config else []),
+                 "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                 "-sd", str(self.store_dir / "jetstream")],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C meant for the program (which drains, and
+                # needs the server for that) must not reach it; it is stopped by pid.
+                start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -112,7 +111,7 @@ class NatsServer:
         if self._own_store:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
-    def __enter__(self) -> "NatsServer":
+    def __enter__(self) -> NatsServer:
         return self.start() if self.pid is None else self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -34,7 +34,8 @@ import os
 import socket
 import threading
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 log = logging.getLogger("actorbus.transport")
 

@@ -8,7 +8,8 @@ refused when subscribing, not later in an actor.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 
 class HandlerError(TypeError):

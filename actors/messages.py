@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping
 
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.policies import RestartPolicy

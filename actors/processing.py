@@ -11,7 +11,8 @@ import dataclasses
 import inspect
 import logging
 import time
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from actorbus.actors.handlers import HandlerError, resolve_handler
 from actorbus.actors.instances import AggregateInstances

@@ -1,7 +1,8 @@
 """Putting numbered dispatches back in order: the transport may hand them over in another."""
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
+from collections.abc import Iterator
 
 T = TypeVar("T")
 

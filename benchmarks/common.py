@@ -161,7 +161,7 @@ class RssSampler:
         while not self._stop.wait(self._interval):
             self.sample()
 
-    def __enter__(self) -> RssSampler:  # noqa: PYI034 - a plain context manager
+    def __enter__(self) -> RssSampler:
         self.sample()
         self._thread.start()
         return self

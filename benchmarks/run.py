@@ -362,6 +362,24 @@ def _latency(label: str, number: int, kind: str, extra: dict[str, Any], peak: fl
     return rows
 
 
+def _check_arguments(messages: int, keys: int, latency_keys: int, cpu_us: float,
+                     latency_seconds: float, pools: list[int], bridges: list[int],
+                     kinds: list[str] | tuple[str, ...] | None) -> None:
+    if messages < 1 or keys < 1 or latency_keys < 1:
+        raise ValueError("messages, keys and latency keys must be >= 1")
+    if cpu_us < 0:
+        raise ValueError("cpu-us must be >= 0")
+    if latency_seconds <= 0:
+        raise ValueError("latency seconds must be > 0")
+    if not pools or any(p < 1 for p in pools):
+        raise ValueError(f"pools must be sizes >= 1, got {pools}")
+    if any(k < 1 or k > BENCH_PARTITIONS for k in bridges):
+        raise ValueError(f"bridges must be counts from 1 to {BENCH_PARTITIONS}, got {bridges}")
+    unknown = set(kinds or ()) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown variant kind(s) {sorted(unknown)}; known: {', '.join(KINDS)}")
+
+
 def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
               pools: list[int] | tuple[int, ...] = (2, 4, 8), json_path: str | None = None,
               quick: bool = False, console: Console | None = None,
@@ -379,22 +397,9 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
         messages, pools = min(messages, QUICK_MESSAGES), list(QUICK_POOLS)
     if latency_seconds is None:
         latency_seconds = QUICK_LATENCY_SECONDS if quick else LATENCY_SECONDS
-    if messages < 1 or keys < 1 or latency_keys < 1:
-        raise ValueError("messages, keys and latency keys must be >= 1")
-    if cpu_us < 0:
-        raise ValueError("cpu-us must be >= 0")
-    if latency_seconds <= 0:
-        raise ValueError("latency seconds must be > 0")
     rates = parse_rates(",".join(rates))
-    pools = list(pools)
-    if not pools or any(p < 1 for p in pools):
-        raise ValueError(f"pools must be sizes >= 1, got {pools}")
-    bridges = list(bridges)
-    if any(k < 1 or k > BENCH_PARTITIONS for k in bridges):
-        raise ValueError(f"bridges must be counts from 1 to {BENCH_PARTITIONS}, got {bridges}")
-    unknown = set(kinds or ()) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown variant kind(s) {sorted(unknown)}; known: {', '.join(KINDS)}")
+    pools, bridges = list(pools), list(bridges)
+    _check_arguments(messages, keys, latency_keys, cpu_us, latency_seconds, pools, bridges, kinds)
     timeout = 60 + messages / 1000 * (1 + cpu_us / 100)
     work_dir = Path(tempfile.mkdtemp(prefix="actorbus-bench-"))
     rows: list[dict[str, Any]] = []

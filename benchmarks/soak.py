@@ -43,7 +43,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import nats
 from rich.console import Console
@@ -248,10 +249,8 @@ class Host:
 
     def status(self) -> dict[str, Any]:
         """Its last status file ({} before the first); read afresh at each call."""
-        try:
+        with contextlib.suppress(FileNotFoundError, ValueError):   # not written yet, or half
             self._status = json.loads(self.status_path.read_text())
-        except (FileNotFoundError, ValueError):
-            pass
         return self._status
 
     def pids(self) -> set[int]:

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     try:
         module = importlib.import_module(MODULES[params["kind"]])
         result = module.consume(params)
-    except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator
+    except BaseException as exc:
         result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     with open(result_path, "w", encoding="utf-8") as handle:
         json.dump(result, handle)

@@ -15,7 +15,8 @@ import logging
 import socket
 import ssl
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 from nats import errors as nats_errors
 from nats.aio.client import Client

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import msgpack
 

@@ -34,7 +34,8 @@ import inspect
 import json
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 from nats import errors as nats_errors
 from nats.aio.client import Client

@@ -13,7 +13,8 @@ only ever sees :class:`ConsumerSpec` values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
+from collections.abc import Sequence
 
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.groups import (PRIORITY_GROUP, ConsumerGroup, GroupKind, assign_partitions,

@@ -9,7 +9,8 @@ unit tests give a fake through ``StartBridge.link_factory``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable, Mapping
 
 from actorbus.bridge.layout import ConsumerLayout
 from actorbus.bridge.mailbox import Mailbox

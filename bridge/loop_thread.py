@@ -5,7 +5,8 @@ import asyncio
 import contextlib
 import concurrent.futures
 import threading
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
 
 T = TypeVar("T")
 

@@ -20,7 +20,8 @@ import json
 import logging
 import time
 from datetime import datetime
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 from nats.js.errors import (BucketNotFoundError, KeyDeletedError, KeyNotFoundError,
                             KeyWrongLastSequenceError)

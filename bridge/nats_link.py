@@ -16,7 +16,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.inbox import (ACK_COMMAND, PROGRESS_PAYLOAD, TERM_PAYLOAD, Delivered,

@@ -18,7 +18,8 @@ Only the Bridge actor's thread uses it.
 from __future__ import annotations
 
 import bisect
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
+from collections.abc import Callable
 
 T = TypeVar("T")
 

@@ -26,7 +26,8 @@ import collections
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from nats.aio.subscription import Subscription
 from nats.js.api import StatusCode

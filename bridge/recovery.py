@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Collection, Mapping, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable, Collection, Mapping
 
 from nats.js.errors import NotFoundError
 

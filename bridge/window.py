@@ -12,7 +12,8 @@ delivered here is settled: the window also counts by durable.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Protocol, Sequence, TypeVar
+from typing import Protocol, TypeVar
+from collections.abc import Sequence
 
 
 class Requesting(Protocol):

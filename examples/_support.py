@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from actorbus.server import NatsServer
 
@@ -38,3 +39,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
             return last
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def wait_for_acks(bus: Any, count: int, timeout: float = 30.0) -> dict[str, Any]:
+    """``bus.stats()`` once it has acked ``count`` messages; TimeoutError past ``timeout``."""
+    def stats_once_acked() -> dict[str, Any] | None:
+        stats: dict[str, Any] = bus.stats()
+        return stats if stats["acked"] >= count else None
+
+    result: dict[str, Any] = wait_until(stats_once_acked, timeout, f"{count} acks")
+    return result

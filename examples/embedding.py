@@ -110,41 +110,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     ids = itertools.count(1)
     pids: set[int] = set()
-    with nats_url(args.servers) as url:
-        # Shut down on exit, and every process it started ended by pid.
-        with actor_system() as asys:
-            monitor = asys.createActor(Monitor)
-            supervisor = asys.createActor(Supervisor)
-            watching = asys.ask(monitor, Watch(supervisor), 10.0)
-            pids.add(watching.pid)
-            started = ask(asys, supervisor,
-                          StartBus(next(ids), BusConfig(servers=url, pool_size=2)), BusStarted)
-            pids.update(started.pids.values())
-            print(f"bus started in our ActorSystem: {dict(sorted(started.pids.items()))}")
-            print(f"our Monitor actor runs in pid {watching.pid}")
-            sub = SubscriptionConfig(subject=SUBJECT, handler="examples.embedding:handle",
-                                     envelope=False, durable="embedded")
-            subscribed = ask(asys, supervisor, Subscribe(next(ids), sub), Subscribed)
-            print(f"subscribed: stream {subscribed.stream}, durable {subscribed.durable}")
+    # The actor system shuts down on exit, and every process it started is ended by pid.
+    with nats_url(args.servers) as url, actor_system() as asys:
+        monitor = asys.createActor(Monitor)
+        supervisor = asys.createActor(Supervisor)
+        watching = asys.ask(monitor, Watch(supervisor), 10.0)
+        pids.add(watching.pid)
+        started = ask(asys, supervisor,
+                      StartBus(next(ids), BusConfig(servers=url, pool_size=2)), BusStarted)
+        pids.update(started.pids.values())
+        print(f"bus started in our ActorSystem: {dict(sorted(started.pids.items()))}")
+        print(f"our Monitor actor runs in pid {watching.pid}")
+        sub = SubscriptionConfig(subject=SUBJECT, handler="examples.embedding:handle",
+                                 envelope=False, durable="embedded")
+        subscribed = ask(asys, supervisor, Subscribe(next(ids), sub), Subscribed)
+        print(f"subscribed: stream {subscribed.stream}, durable {subscribed.durable}")
 
-            asyncio.run(_publish(url, MESSAGES))
-            deadline = time.monotonic() + 20.0
-            while True:
-                view = asys.ask(monitor, MonitorQuery(), 10.0)
-                if isinstance(view, Stats):
-                    pids.update(view.pids.values())
-                    if view.counts.get("acked", 0) >= MESSAGES:
-                        break
-                if time.monotonic() > deadline:
-                    print(f"not all acked in time: {view!r}", file=sys.stderr)
-                    return 1
-                time.sleep(0.1)
-            counts = view.counts
-            print(f"monitor's view: received {counts.get('received')}, processed "
-                  f"{counts.get('processed')}, acked {counts.get('acked')}, "
-                  f"failed {counts.get('failed', 0)}; actors {dict(sorted(view.states.items()))}")
-            ask(asys, supervisor, StopBus(next(ids), 10.0), BusStopped, timeout=20.0)
-            print("bus stopped")
+        asyncio.run(_publish(url, MESSAGES))
+        deadline = time.monotonic() + 20.0
+        while True:
+            view = asys.ask(monitor, MonitorQuery(), 10.0)
+            if isinstance(view, Stats):
+                pids.update(view.pids.values())
+                if view.counts.get("acked", 0) >= MESSAGES:
+                    break
+            if time.monotonic() > deadline:
+                print(f"not all acked in time: {view!r}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        counts = view.counts
+        print(f"monitor's view: received {counts.get('received')}, processed "
+              f"{counts.get('processed')}, acked {counts.get('acked')}, "
+              f"failed {counts.get('failed', 0)}; actors {dict(sorted(view.states.items()))}")
+        ask(asys, supervisor, StopBus(next(ids), 10.0), BusStopped, timeout=20.0)
+        print("bus stopped")
     left = [pid for pid in sorted(pids) if process_alive(pid)]
     print(f"after shutdown: {len(pids)} actor processes checked, {len(left)} left")
     ok = counts.get("acked", 0) >= MESSAGES and not left

@@ -28,7 +28,7 @@ def handle(msg: Message) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from examples._support import nats_url, parse_args, wait_until
+    from examples._support import nats_url, parse_args, wait_for_acks
 
     args = parse_args(__doc__.splitlines()[0], argv)
     with tempfile.TemporaryDirectory(prefix="actorbus-fanout-") as records, \
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             if not all(r.ok for r in results):
                 print("publishing failed", file=sys.stderr)
                 return 1
-            stats = wait_until(lambda: (lambda s: s if s["acked"] >= MESSAGES else None)(
-                bus.stats()), 30.0, f"{MESSAGES} acks")
+            stats = wait_for_acks(bus, MESSAGES)
             members = {pid: name for name, pid in bus.pids.items() if name.startswith("member-")}
         counts: Counter[int] = Counter()
         for path in Path(records).glob("pids-*.txt"):

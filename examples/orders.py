@@ -91,7 +91,7 @@ def order_events(order_id: str, n: int) -> list[tuple[str, Envelope]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from examples._support import nats_url, parse_args, wait_until
+    from examples._support import nats_url, parse_args, wait_for_acks
 
     args = parse_args(__doc__.splitlines()[0], argv)
     run = uuid.uuid4().hex[:6]
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 print(f"publishing failed: {failed[0].error}", file=sys.stderr)
                 return 1
-            stats = wait_until(lambda: (lambda s: s if s["acked"] >= len(messages) else None)(
-                bus.stats()), 30.0, f"{len(messages)} acks")
+            stats = wait_for_acks(bus, len(messages))
         seconds = time.monotonic() - started
         states = [json.loads((Path(state_dir) / f"{o}.json").read_text())
                   for o in orders if (Path(state_dir) / f"{o}.json").exists()]

@@ -42,7 +42,7 @@ def publish_batch(orders: EventBus, metrics: EventBus, batch: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from examples._support import nats_url, parse_args, wait_until
+    from examples._support import nats_url, parse_args, wait_for_acks, wait_until
 
     args = parse_args(__doc__.splitlines()[0], argv)
     with nats_url(args.servers) as url, \
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         publish_batch(orders, metrics, 2)          # the restarted pools keep working
         total = 2 * PER_BATCH
-        final = {name: wait_until(lambda b=bus: (lambda s: s if s["acked"] >= total else None)(
-                     b.stats()), 30.0, f"{name}: {total} acks")
+        final = {name: wait_for_acks(bus, total)
                  for name, bus in (("orders", orders), ("metrics", metrics))}
 
     ok = True

@@ -5,4 +5,4 @@ The policies themselves are configuration values in :mod:`actorbus.policies`
 """
 from actorbus.policies import AllForOne, Backoff, OneForOne, RestartPolicy, SupervisionTree
 
-__all__ = ["OneForOne", "AllForOne", "Backoff", "SupervisionTree", "RestartPolicy"]
+__all__ = ["AllForOne", "Backoff", "OneForOne", "RestartPolicy", "SupervisionTree"]
