@@ -23,17 +23,14 @@ import sys
 import pytest
 
 import actorbus
+from tests.support import ended_afterwards, stop_with_sigterm, wait_for, wait_until_gone
+from tests.test_cli import ACTORBUS
 from tests.test_layers import LEAF
-from tests.test_readme import README, ROOT, python_blocks
+from tests.test_readme import README, ROOT, python_blocks, python_fences
 
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 WITH_SNIPPETS = [page.name for page in PAGES if python_blocks(page.read_text())]
-
-
-def python_fences(text: str) -> int:
-    """How many lines open a ```python block, counted without the block regex."""
-    return sum(line.strip() == "```python" for line in text.splitlines())
 
 
 def test_the_pages_have_the_snippets_this_test_runs():
@@ -95,3 +92,29 @@ def test_every_snippet_of_a_page_runs_as_pasted(page, tmp_path, nats_server):
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"{page}, {path.name}:\n{block}\n{result.stdout}\n{result.stderr}"
         assert "Traceback" not in result.stderr, f"{page}, {path.name}:\n{result.stderr}"
+
+
+@pytest.mark.integration
+def test_actorbus_run_of_the_examples_works_only_from_the_checkout_root(tmp_path, nats_server):
+    # As docs/examples.md says: elsewhere, `examples` does not import, in one line.
+    result = subprocess.run([ACTORBUS, "run", "examples.orders:topology", "--servers",
+                             nats_server.url], check=False, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot import 'examples.orders': No module named 'examples'" in result.stderr
+    assert "run it from the folder that holds the module" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "`actorbus run examples.orders:topology --servers URL`, from the checkout's root only" \
+        in (DOCS / "examples.md").read_text()
+
+    out_path = tmp_path / "root.txt"
+    with open(out_path, "w") as out:
+        process = subprocess.Popen([ACTORBUS, "run", "examples.orders:topology", "--servers",
+                                    nats_server.url], cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    with ended_afterwards(process):
+        wait_for(lambda: "running examples.orders:topology" in out_path.read_text(), timeout=60,
+                 what="the example topology, from the root")
+        code, tree = stop_with_sigterm(process)
+        assert code == 0
+    wait_until_gone(tree, "every process of the example to exit")
