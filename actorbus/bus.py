@@ -13,7 +13,7 @@ from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, Sta
                                       StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import Envelope
-from actorbus.config import (BusConfig, NatsAuth, SubscriptionConfig, resolve_auth,
+from actorbus.config import (DEFAULT_WINDOW, BusConfig, NatsAuth, SubscriptionConfig, resolve_auth,
                              servers_from_env)
 from actorbus.errors import ConfigurationError
 from actorbus.groups import DEFAULT_HEARTBEAT, ConsumerGroup, is_partitionable
@@ -80,7 +80,7 @@ class EventBus:
 
     def __init__(self, servers: str | list[str] | tuple[str, ...] | None = None,
                  pool_size: int = 8, runtime: str = "processes", supervision: Any = None, *,
-                 window: int = BusConfig.window, connect_timeout: float = 5.0, name: str = "actorbus",
+                 window: int = DEFAULT_WINDOW, connect_timeout: float = 5.0, name: str = "actorbus",
                  admin_port: int | None = None, log_config: dict[str, Any] | None = None,
                  request_timeout: float = 30.0, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", transport_host: str | None = None,
@@ -92,9 +92,9 @@ class EventBus:
                  members: Iterable[str] | None = None,
                  heartbeat: float = DEFAULT_HEARTBEAT, bridges: int | None = None) -> None:
         if servers is None:
-            servers = servers_from_env(default=DEFAULT_SERVERS)
-        # A str is split on commas by BusConfig itself.
-        self.config = BusConfig(servers=tuple(servers) if isinstance(servers, list) else servers,  # type: ignore[arg-type]
+            servers = servers_from_env() or DEFAULT_SERVERS
+        # A str or list is normalised by BusConfig itself.
+        self.config = BusConfig(servers=servers,
                                 pool_size=pool_size, runtime=runtime, window=window,
                                 connect_timeout=connect_timeout, name=name, supervision=supervision,
                                 auth=resolve_auth(auth, user=user, password=password, token=token,
@@ -102,7 +102,7 @@ class EventBus:
                                                   tls_cert=tls_cert, tls_key=tls_key),
                                 group=_group(group, partitions, member, members, heartbeat),
                                 partitions=partitions if group is None else None,
-                                bridges=bridges)  # type: ignore[arg-type]  # None: the default
+                                bridges=bridges)
         self._request_timeout = request_timeout
         self._request_ids = itertools.count(1)
         self._subscriptions: dict[str, SubscriptionConfig] = {}
@@ -150,7 +150,7 @@ class EventBus:
             options.setdefault("partitions", self.config.partitions)
         # None: derived from the subject (SubscriptionConfig fills them in).
         sub = SubscriptionConfig(subject=subject, handler=ref, envelope=envelope,
-                                 durable=durable, stream=stream, **options)  # type: ignore[arg-type]
+                                 durable=durable, stream=stream, **options)
         if sub.name in self._subscriptions:
             raise BusError(f"durable {sub.name!r} is already subscribed on this bus")
         self._request(lambda rid: Subscribe(rid, sub), Subscribed, what=f"subscribing {subject!r}")

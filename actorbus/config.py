@@ -17,7 +17,7 @@ from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import DEFAULT_MAX_ENVELOPE_BYTES
 from actorbus.errors import ConfigurationError
 from actorbus.groups import MAX_PARTITIONS, ConsumerGroup, check_partitioned_subject
-from actorbus.policies import SupervisionTree, as_tree, exponential_delay
+from actorbus.policies import RestartPolicy, SupervisionTree, as_tree, exponential_delay
 from actorbus.redaction import MASK, mask_url, show_servers, split_server_url, url_secrets
 
 RUNTIMES = ("processes", "simple")
@@ -28,7 +28,11 @@ MAX_BRIDGES = 64
 CORES_PER_BRIDGE = 4
 #: URL schemes nats-py connects with (a URL without one means ``nats://``).
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
-#: Largest ``BusConfig.window``: messages the Bridge may have in flight.
+#: ``BusConfig.window`` unless told: messages the Bridge may have in flight.
+DEFAULT_WINDOW = 2048
+#: ``SubscriptionConfig.batch_size`` unless told: most messages one pull request asks for.
+DEFAULT_BATCH_SIZE = 512
+#: Largest ``BusConfig.window``.
 MAX_WINDOW = 100_000
 STORAGE_TYPES = ("file", "memory")
 
@@ -60,98 +64,129 @@ DEFAULT_PIN_TIMEOUT = 10.0
 DEFAULT_RETRIES = 3
 
 
-@dataclass(frozen=True)
+def _settlement_of(settlement: SettlementPolicy | str | None, envelope: bool) -> SettlementPolicy:
+    """The settlement asked for, else the kind's default (envelopes redelivered, plain
+    messages not)."""
+    if settlement is None:
+        return SettlementPolicy.NACK_ON_ERROR if envelope else SettlementPolicy.ACK
+    try:
+        return SettlementPolicy(settlement)
+    except ValueError:
+        raise ConfigurationError(f"settlement must be one of "
+                                 f"{[str(p) for p in SettlementPolicy]}, got {settlement!r}") from None
+
+
+def _format_of(envelope_format: EnvelopeFormat | str) -> EnvelopeFormat:
+    try:
+        return EnvelopeFormat(envelope_format)
+    except ValueError:
+        raise ConfigurationError(f"envelope_format must be one of "
+                                 f"{[str(f) for f in EnvelopeFormat]}, got {envelope_format!r}") from None
+
+
+@dataclass(frozen=True, init=False)
 class SubscriptionConfig:
-    """One durable JetStream consumer and the handler for its messages."""
+    """One durable JetStream consumer and the handler for its messages.
+
+    Built resolved: an option left None in the constructor is derived from the
+    others (the stream from the subject, the durable from the stream, ...), so
+    every field holds the value the bus uses."""
 
     subject: str
     handler: str
     #: The body is an envelope: decoded, validated, invalid ones dead-lettered. Also
     #: picks the default ``settlement`` (envelopes redelivered, plain messages not).
-    envelope: bool = True
-    settlement: SettlementPolicy = None  # type: ignore[assignment]  # None: derived at construction
+    envelope: bool
+    settlement: SettlementPolicy
     #: The envelope encoding: ``auto`` recognises msgpack or JSON per message by its first
     #: bytes; ``msgpack`` or ``json`` fixes it.
-    envelope_format: EnvelopeFormat = EnvelopeFormat.AUTO
-    durable: str = None  # type: ignore[assignment]  # None: derived at construction
-    stream: str = None  # type: ignore[assignment]  # None: derived at construction
-    storage: str | None = None
+    envelope_format: EnvelopeFormat
+    durable: str
+    stream: str
+    storage: str | None
     #: Copies of the stream (and its consumers) in a NATS cluster: 1, 3 or 5.
-    replicas: int = 1
-    ack_wait: float = 30.0
-    max_deliver: int = 5
-    max_ack_pending: int = 4096
-    #: In-place retries before a failure counts (None: 3 when failures are redelivered, else 0;
-    #: more than 0 on an at-most-once subscription means the handler must be idempotent).
-    retries: int = None  # type: ignore[assignment]  # None: derived at construction
-    retry_backoff: float = 0.05
-    retry_backoff_max: float = 1.0
-    nak_delay: float = 0.5
-    nak_delay_max: float = 30.0
-    batch_size: int = 512
-    pull_expires: float = 5.0
+    replicas: int
+    ack_wait: float
+    max_deliver: int
+    max_ack_pending: int
+    #: In-place retries before a failure counts (by default 3 when failures are redelivered,
+    #: else 0; more than 0 on an at-most-once subscription means the handler must be idempotent).
+    retries: int
+    retry_backoff: float
+    retry_backoff_max: float
+    nak_delay: float
+    nak_delay_max: float
+    batch_size: int
+    pull_expires: float
     #: The durable's priority group with the ``pinned_client`` policy (nats-server >= 2.11):
     #: one bus at a time is pinned and gets messages, every other bus on the durable is a
     #: hot standby. None: no group (a second bus would split the keys with the first).
-    priority_group: str | None = "actorbus"
+    priority_group: str | None
     #: Seconds without a pull request from the pinned bus before a standby is pinned
-    #: (None: 10, or twice ``pull_expires`` if that is more).
-    pin_timeout: float = None  # type: ignore[assignment]  # None: derived at construction
-    max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
-    key_from_subject: bool = False
-    dead_letter_subject: str = None  # type: ignore[assignment]  # None: derived at construction
-    dead_letter_stream: str = None  # type: ignore[assignment]  # None: derived at construction
-    processing_timeout: float | None = None
+    #: (by default 10, or twice ``pull_expires`` if that is more).
+    pin_timeout: float
+    max_envelope_bytes: int
+    key_from_subject: bool
+    dead_letter_subject: str
+    dead_letter_stream: str
+    processing_timeout: float | None
     #: The stream is partitioned this many ways for a consumer group (see
     #: :mod:`actorbus.groups`): the subject ends with the aggregate id as a ``*`` token.
-    partitions: int | None = None
+    partitions: int | None
 
-    def __post_init__(self) -> None:
-        check_subject(self.subject)
-        if self.partitions is not None:
-            check_partitioned_subject(self.subject)
-        self._resolve_defaults()
+    def __init__(self, subject: str, handler: str, envelope: bool = True,
+                 settlement: SettlementPolicy | str | None = None,
+                 envelope_format: EnvelopeFormat | str = EnvelopeFormat.AUTO,
+                 durable: str | None = None, stream: str | None = None,
+                 storage: str | None = None, replicas: int = 1, ack_wait: float = 30.0,
+                 max_deliver: int = 5, max_ack_pending: int = 4096, retries: int | None = None,
+                 retry_backoff: float = 0.05, retry_backoff_max: float = 1.0,
+                 nak_delay: float = 0.5, nak_delay_max: float = 30.0,
+                 batch_size: int = DEFAULT_BATCH_SIZE,
+                 pull_expires: float = 5.0, priority_group: str | None = "actorbus",
+                 pin_timeout: float | None = None,
+                 max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+                 key_from_subject: bool = False, dead_letter_subject: str | None = None,
+                 dead_letter_stream: str | None = None, processing_timeout: float | None = None,
+                 partitions: int | None = None) -> None:
+        check_subject(subject)
+        if partitions is not None:
+            check_partitioned_subject(subject)
+            # The partition is the subject's last token's: it is the key, whatever else says.
+            key_from_subject = True
+        resolved_settlement = _settlement_of(settlement, envelope)
+        if stream is None:
+            stream = _default_stream(subject)
+        check_name("stream", stream)
+        if pin_timeout is None and isinstance(pull_expires, (int, float)):
+            pin_timeout = max(DEFAULT_PIN_TIMEOUT, 2 * pull_expires)
+        values: dict[str, object] = {
+            "subject": subject, "handler": handler, "envelope": envelope,
+            "settlement": resolved_settlement, "envelope_format": _format_of(envelope_format),
+            "durable": stream.lower() if durable is None else durable, "stream": stream,
+            "storage": storage, "replicas": replicas, "ack_wait": ack_wait,
+            "max_deliver": max_deliver, "max_ack_pending": max_ack_pending,
+            "retries": ((DEFAULT_RETRIES if resolved_settlement.redelivers else 0)
+                        if retries is None else retries),
+            "retry_backoff": retry_backoff, "retry_backoff_max": retry_backoff_max,
+            "nak_delay": nak_delay, "nak_delay_max": nak_delay_max, "batch_size": batch_size,
+            "pull_expires": pull_expires, "priority_group": priority_group,
+            "pin_timeout": pin_timeout, "max_envelope_bytes": max_envelope_bytes,
+            "key_from_subject": key_from_subject,
+            "dead_letter_subject": (f"deadletter.{stream}" if dead_letter_subject is None
+                                    else dead_letter_subject),
+            "dead_letter_stream": f"{stream}_DLQ" if dead_letter_stream is None else dead_letter_stream,
+            "processing_timeout": processing_timeout, "partitions": partitions,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)   # frozen: only while it is being built
         self._check_names()
         self._check_numbers()
-
-    def _set(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)   # frozen: only while it is being built
-
-    def _resolve_defaults(self) -> None:
-        """Fill in what was left None, from what was given."""
-        if self.partitions is not None:
-            # The partition is the subject's last token's: it is the key, whatever else says.
-            self._set("key_from_subject", True)
-        default = SettlementPolicy.NACK_ON_ERROR if self.envelope else SettlementPolicy.ACK
-        try:
-            self._set("settlement", SettlementPolicy(self.settlement if self.settlement is not None
-                                                     else default))
-        except ValueError:
-            raise ConfigurationError(f"settlement must be one of "
-                                     f"{[str(p) for p in SettlementPolicy]}, got {self.settlement!r}") from None
-        try:
-            self._set("envelope_format", EnvelopeFormat(self.envelope_format))
-        except ValueError:
-            raise ConfigurationError(f"envelope_format must be one of "
-                                     f"{[str(f) for f in EnvelopeFormat]}, got {self.envelope_format!r}") from None
-        if self.retries is None:
-            self._set("retries", DEFAULT_RETRIES if self.settlement.redelivers else 0)
-        if self.stream is None:
-            self._set("stream", _default_stream(self.subject))
-        if self.durable is None:
-            self._set("durable", self.stream.lower())
-        if self.dead_letter_subject is None:
-            self._set("dead_letter_subject", f"deadletter.{self.stream}")
-        if self.dead_letter_stream is None:
-            self._set("dead_letter_stream", f"{self.stream}_DLQ")
-        if self.pin_timeout is None and isinstance(self.pull_expires, (int, float)):
-            self._set("pin_timeout", max(DEFAULT_PIN_TIMEOUT, 2 * self.pull_expires))
 
     def _check_names(self) -> None:
         """The stream, durable, group and dead-letter names and subject."""
         if self.priority_group is not None:
             check_name("priority_group", self.priority_group)
-        check_name("stream", self.stream)
         check_name("durable", self.durable)
         check_name("dead_letter_stream", self.dead_letter_stream)
         check_subject(self.dead_letter_subject, what="dead_letter_subject")
@@ -338,33 +373,60 @@ def _check_server_url(url: str) -> None:
         raise ConfigurationError(f"server URL {mask_url(url)!r} names no host")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, init=False)
 class BusConfig:
-    """The bus as a whole: where NATS is, how big the pool is, what runs it."""
+    """The bus as a whole: where NATS is, how big the pool is, what runs it.
 
-    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
-    pool_size: int = 8
-    runtime: str = "processes"
-    window: int = 2048
-    connect_timeout: float = 5.0
-    name: str = "actorbus"
-    #: A policy for both levels, or a :class:`SupervisionTree`; normalised to a tree.
-    supervision: SupervisionTree = None  # type: ignore[assignment]  # None: the defaults
+    Built resolved: the servers as a tuple, the supervision as a tree, the
+    Bridges counted (see :func:`default_bridges`)."""
+
+    servers: tuple[str, ...]
+    pool_size: int
+    runtime: str
+    window: int
+    connect_timeout: float
+    name: str
+    #: Restart policies for the root (Bridges, Router) and the pool.
+    supervision: SupervisionTree
     #: Credentials and TLS for the NATS connections.
-    auth: NatsAuth = NatsAuth()
+    auth: NatsAuth
     #: This bus's place in a partitioned consumer group; None: it consumes whole durables.
-    group: ConsumerGroup | None = None
+    group: ConsumerGroup | None
     #: Without a group: P for the streams of the subscriptions whose subject ends with the
     #: aggregate id as a ``*`` token (the stream is partitioned on it, and the partitions
     #: are spread over the Bridges); None: no stream is partitioned unless a subscription says.
-    partitions: int | None = None
+    partitions: int | None
     #: Bridge actors (processes, NATS connections) that read the bus's partitioned
-    #: subscriptions, each a share of the partitions; None: :func:`default_bridges`.
-    bridges: int = None  # type: ignore[assignment]  # None: derived at construction
+    #: subscriptions, each a share of the partitions.
+    bridges: int
 
-    def __post_init__(self) -> None:
-        if isinstance(self.servers, str):
-            object.__setattr__(self, "servers", tuple(s.strip() for s in self.servers.split(",")))
+    def __init__(self, servers: tuple[str, ...] | list[str] | str = ("nats://127.0.0.1:4222",),
+                 pool_size: int = 8, runtime: str = "processes", window: int = DEFAULT_WINDOW,
+                 connect_timeout: float = 5.0, name: str = "actorbus",
+                 supervision: RestartPolicy | SupervisionTree | None = None,
+                 auth: NatsAuth | None = None, group: ConsumerGroup | None = None,
+                 partitions: int | None = None, bridges: int | None = None) -> None:
+        """``servers`` as a tuple, a list or a comma-separated str; ``supervision`` one
+        policy for both levels, a tree, or None for the defaults; ``bridges`` None for
+        :func:`default_bridges`."""
+        if isinstance(servers, str):
+            servers = tuple(s.strip() for s in servers.split(","))
+        try:
+            tree = as_tree(supervision)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        values: dict[str, object] = {
+            "servers": tuple(servers), "pool_size": pool_size, "runtime": runtime,
+            "window": window, "connect_timeout": connect_timeout, "name": name,
+            "supervision": tree, "auth": NatsAuth() if auth is None else auth, "group": group,
+            "partitions": partitions}
+        for field_name, value in values.items():
+            object.__setattr__(self, field_name, value)   # frozen: only while it is being built
+        self._check()
+        object.__setattr__(self, "bridges", default_bridges(self) if bridges is None else bridges)
+        self._check_bridges()
+
+    def _check(self) -> None:
         if not self.servers or not all(isinstance(s, str) and s for s in self.servers):
             shown = [mask_url(s) if isinstance(s, str) else s for s in self.servers]
             raise ConfigurationError(f"servers must name at least one NATS URL, got {shown!r}")
@@ -386,17 +448,13 @@ class BusConfig:
                 raise ConfigurationError("partitions is the group's (ConsumerGroup.partitions) "
                                          "on a bus in a consumer group")
             check_count("partitions", self.partitions, minimum=1, maximum=MAX_PARTITIONS)
-        if self.bridges is None:
-            object.__setattr__(self, "bridges", default_bridges(self))
+
+    def _check_bridges(self) -> None:
         check_count("bridges", self.bridges, minimum=1, maximum=MAX_BRIDGES)
         if self.bridges > 1 and self.group is not None:
             raise ConfigurationError(
                 f"bridges={self.bridges} with group {self.group.name!r}: a member of a consumer "
                 "group runs one Bridge (run more members to use more cores)")
-        try:
-            object.__setattr__(self, "supervision", as_tree(self.supervision))
-        except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret this configuration holds (in the auth and the URLs), to redact from text."""

@@ -56,7 +56,7 @@ class GroupKind(enum.StrEnum):
     ELASTIC = "elastic"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ConsumerGroup:
     """A bus's place in a partitioned consumer group.
 
@@ -70,39 +70,32 @@ class ConsumerGroup:
 
     name: str
     partitions: int
-    member: str = None  # type: ignore[assignment]  # None: derived at construction
-    members: tuple[str, ...] | None = None
-    heartbeat: float = DEFAULT_HEARTBEAT
-    member_ttl: float = None  # type: ignore[assignment]  # None: derived at construction
+    member: str
+    members: tuple[str, ...] | None
+    heartbeat: float
+    member_ttl: float
 
-    def __post_init__(self) -> None:
-        check_name("group", self.name)
-        check_count("partitions", self.partitions, minimum=1, maximum=MAX_PARTITIONS)
-        if self.members is not None:
-            if isinstance(self.members, str):
-                raise ConfigurationError(f"members must be a list of names, got {self.members!r}")
-            members = tuple(self.members)
-            for name in members:
-                check_name("member", name)
-            if not members or len(set(members)) != len(members):
-                raise ConfigurationError(f"members must be distinct names, at least one, got {list(members)}")
-            object.__setattr__(self, "members", members)
-            if self.member is None:
-                raise ConfigurationError("a static group needs member=: which of "
-                                         f"{list(members)} this bus is")
-            if self.member not in members:
-                raise ConfigurationError(f"member {self.member!r} is not one of the group's "
-                                         f"members {list(members)}")
-        elif self.member is None:
-            object.__setattr__(self, "member", default_member_name())
-        check_name("member", self.member)
-        check_positive("heartbeat", self.heartbeat)
-        if self.member_ttl is None:
-            object.__setattr__(self, "member_ttl", MISSED_HEARTBEATS * self.heartbeat)
-        if isinstance(self.member_ttl, bool) or not isinstance(self.member_ttl, (int, float)) or \
-                not self.member_ttl >= 2 * self.heartbeat:
+    def __init__(self, name: str, partitions: int, member: str | None = None,
+                 members: Sequence[str] | None = None, heartbeat: float = DEFAULT_HEARTBEAT,
+                 member_ttl: float | None = None) -> None:
+        check_name("group", name)
+        check_count("partitions", partitions, minimum=1, maximum=MAX_PARTITIONS)
+        if members is not None:
+            members = _check_members(members, member)
+        elif member is None:
+            member = default_member_name()
+        check_name("member", member)
+        check_positive("heartbeat", heartbeat)
+        if member_ttl is None:
+            member_ttl = MISSED_HEARTBEATS * heartbeat
+        if isinstance(member_ttl, bool) or not isinstance(member_ttl, (int, float)) or \
+                not member_ttl >= 2 * heartbeat:
             raise ConfigurationError(f"member_ttl must be at least twice the heartbeat "
-                                     f"({self.heartbeat}), got {self.member_ttl!r}")
+                                     f"({heartbeat}), got {member_ttl!r}")
+        for field_name, value in (("name", name), ("partitions", partitions), ("member", member),
+                                  ("members", members), ("heartbeat", heartbeat),
+                                  ("member_ttl", member_ttl)):
+            object.__setattr__(self, field_name, value)   # frozen: only while it is being built
 
     @property
     def kind(self) -> GroupKind:
@@ -208,3 +201,19 @@ def subject_for_key(subject: str, aggregate_id: str) -> str:
         raise ValueError(f"aggregate id {aggregate_id!r} cannot be a subject token (no '.', '*', "
                          "'>' or whitespace): a partitioned stream needs it in the subject")
     return subject.replace("{aggregate_id}", aggregate_id)
+
+
+def _check_members(members: Sequence[str], member: str | None) -> tuple[str, ...]:
+    """A static group's member list as a tuple, with ``member`` (this bus) in it."""
+    if isinstance(members, str):
+        raise ConfigurationError(f"members must be a list of names, got {members!r}")
+    names = tuple(members)
+    for name in names:
+        check_name("member", name)
+    if not names or len(set(names)) != len(names):
+        raise ConfigurationError(f"members must be distinct names, at least one, got {list(names)}")
+    if member is None:
+        raise ConfigurationError(f"a static group needs member=: which of {list(names)} this bus is")
+    if member not in names:
+        raise ConfigurationError(f"member {member!r} is not one of the group's members {list(names)}")
+    return names

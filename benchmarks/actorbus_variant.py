@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.config import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW
 from actorbus.message import Message
 from actorbus.benchmarks.procfs import process_cpu_seconds
 from actorbus.benchmarks.common import RECORD_DIR_ENV, RECORDER, RssSampler
@@ -65,8 +65,8 @@ def consume(params: dict[str, Any]) -> dict[str, Any]:
             elapsed = time.perf_counter() - started
         final = bus.stats()
         cpu = {name: round(process_cpu_seconds(pid), 2) for name, pid in bus.pids.items()}
-    notes = (f"processes runtime, default settings (window {BusConfig.window}, batch_size "
-             f"{SubscriptionConfig.batch_size}), completion by stats()['acked'] polled every "
+    notes = (f"processes runtime, default settings (window {DEFAULT_WINDOW}, batch_size "
+             f"{DEFAULT_BATCH_SIZE}), completion by stats()['acked'] polled every "
              f"{POLL_INTERVAL * 1000:.0f} ms")
     if final.get("naked") or final.get("redelivered") or final.get("restarts"):
         notes += (f"; naked {final.get('naked')}, redelivered {final.get('redelivered')}, "
