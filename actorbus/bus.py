@@ -62,7 +62,7 @@ class EventBus:
     ``NATS_CA``, ``NATS_CERT``, ``NATS_KEY``); ``auth=NatsAuth(...)`` gives
     them all at once and reads no environment.
 
-    Many buses on one stream (README, "Running more than one instance"):
+    Many buses on one stream (the documentation's "Running more than one instance", docs/scale-out.md):
     ``group`` names a partitioned consumer group and ``partitions`` its P;
     with ``members`` (the fixed list) and ``member`` (which one this bus is)
     the group is static, without ``members`` it is elastic (``member``

@@ -9,6 +9,7 @@ every module of ``actorbus/`` and one to each mapped folder.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,3 +34,13 @@ def on_config(config: Any) -> Any:
     for folder, name in MAPPED.items():
         (package / name).symlink_to(root / folder, target_is_directory=True)
     return config
+
+
+#: A Sphinx role before inline code, as the docstrings write cross-references
+#: (``:class:`Envelope```); Markdown renders the role's name as text before the code.
+_SPHINX_ROLE = re.compile(r":(?:class|meth|func|data|attr|mod|exc|obj):(?=<code>)")
+
+
+def on_page_content(html: str, **kwargs: Any) -> str:
+    """The API reference shows a docstring's ``:class:`X``` as ``X`` in code, without the role."""
+    return _SPHINX_ROLE.sub("", html)
