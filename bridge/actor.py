@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from thespian.actors import (ActorExitRequest, PoisonMessage, ThespianWatch, WakeupMessage,
@@ -31,11 +32,12 @@ from actorbus.actors.processing import HandlerTable
 from actorbus.actors.routing import keyless_routing_key, next_keyless_slot
 from actorbus.actors.watchdog import Watchdog
 from actorbus.bridge.book import SubscriptionBook
+from actorbus.bridge.inbox import Delivered
 from actorbus.bridge.inflight import InFlight, InFlightTable
 from actorbus.bridge.jetstream import subject_covers
 from actorbus.bridge.link import BridgeLink, LinkFactory
 from actorbus.bridge.layout import BridgePartitions, ConsumerLayout, layout_for
-from actorbus.bridge.mailbox import Mailbox, PinsChanged, Released
+from actorbus.bridge.mailbox import Mailbox, PinsChanged, Recovery, Released
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.bridge.nats_link import NatsLink
 from actorbus.bridge.recovery import RecoveredMsg
@@ -94,10 +96,10 @@ class Bridge(BusActor):
         super().__init__()
         self._phase = BridgePhase.STARTING
         self._config: BusConfig | None = None
-        self._router: Any = None
+        self._router: Address | None = None
         self._mailbox = Mailbox()
         self._link: BridgeLink | None = None   # a NatsLink, or what StartBridge.link_factory builds
-        self._supervisor: Any = None   # who started it: told of the pins it holds
+        self._supervisor: Address | None = None   # who started it: told of the pins it holds
         self._pins_reported: dict[str, str] = {}
         self._inflight = InFlightTable()
         self._books: dict[str, SubscriptionBook] = {}
@@ -106,7 +108,7 @@ class Bridge(BusActor):
         self._watch: ThespianWatch | None = None
         # Where the pool members are (the Router says), what each holds and what waits for it.
         self._pool = PoolTable()
-        self._drain: tuple[int, Any] | None = None   # (request id, who asked) while DRAINING
+        self._drain: tuple[int, Address] | None = None   # (request id, who asked) while DRAINING
         self._last_held = 0
         self._layout: ConsumerLayout = BridgePartitions()
         self._link_due: float | None = None   # when the link's next timer wakes the Bridge
@@ -296,7 +298,7 @@ class Bridge(BusActor):
             book = self._books.get(arrival.subscription)
             if book is None:
                 continue
-            if arrival.recovered:
+            if isinstance(arrival, Recovery):
                 self._take_recovered(book, arrival.messages, deliveries)
             else:
                 self._take(book, arrival.messages, deliveries, orders)
@@ -324,7 +326,7 @@ class Bridge(BusActor):
         for address, dispatch in self._pool.dispatches():
             self.send(address, dispatch)
 
-    def _take(self, book: SubscriptionBook, msgs: list[Any], deliveries: list[Delivery],
+    def _take(self, book: SubscriptionBook, msgs: list[Delivered], deliveries: list[Delivery],
               orders: list[Order]) -> None:
         """Record each message in flight and add its delivery, unless it is held for per-key
         order; redeliveries already handled in recovery go to ``orders``."""
@@ -348,9 +350,10 @@ class Bridge(BusActor):
             aggregate_id = book.routing_key(msg.subject, msg.data, msg.headers)
             if aggregate_id is None and not sub.envelope and msg.headers:
                 book.note_invalid_key(msg, now)
-            entry = InFlight(msg, sub, now)
-            delivery = self._delivery(entry, sub, msg.subject, msg.data, msg.headers,
-                                      aggregate_id, delivery_count, stream_sequence)
+            delivery = self._delivery(sub, msg.subject, msg.data, msg.headers, aggregate_id,
+                                      delivery_count, stream_sequence)
+            entry = InFlight(msg, sub, now, delivery)
+            self._inflight.add(entry)
             if aggregate_id is None:
                 deliveries.append(delivery)
             elif order.admit(aggregate_id, stream_sequence, delivery):
@@ -376,9 +379,10 @@ class Bridge(BusActor):
             if aggregate_id is None or msg.sequence in recovered or \
                     order.is_open(aggregate_id, msg.sequence):
                 continue
-            entry = InFlight(msg, book.config, now, recovered=True)
-            delivery = self._delivery(entry, book.config, msg.subject, msg.data, msg.headers,
+            delivery = self._delivery(book.config, msg.subject, msg.data, msg.headers,
                                       aggregate_id, RECOVERED_DELIVERY_COUNT, msg.sequence)
+            entry = InFlight(msg, book.config, now, delivery, recovered=True)
+            self._inflight.add(entry)
             recovered[msg.sequence] = entry
             book.tally.counts["recovered"] += 1
             if order.admit(aggregate_id, msg.sequence, delivery):
@@ -386,8 +390,8 @@ class Bridge(BusActor):
             else:
                 entry.held = True
 
-    def _delivery(self, entry: InFlight, sub: SubscriptionConfig, subject: str, data: bytes,
-                  headers: Any, aggregate_id: str | None, delivery_count: int,
+    def _delivery(self, sub: SubscriptionConfig, subject: str, data: bytes,
+                  headers: Mapping[str, str] | None, aggregate_id: str | None, delivery_count: int,
                   stream_sequence: int) -> Delivery:
         keyless_slot = None
         if aggregate_id is None:
@@ -398,11 +402,9 @@ class Bridge(BusActor):
         if sub.partitions is not None:
             subject = without_partition(subject)   # as it was published
         # Built as the tuple it is, without Delivery's Python-level __new__ (one per message).
-        delivery = tuple.__new__(Delivery, (self._inflight.add(entry), sub.name, subject, data,
-                                            headers, routing_key, aggregate_id, keyless_slot,
-                                            delivery_count, stream_sequence))
-        entry.delivery = delivery
-        return delivery
+        return tuple.__new__(Delivery, (self._inflight.next_token(), sub.name, subject, data,
+                                        headers, routing_key, aggregate_id, keyless_slot,
+                                        delivery_count, stream_sequence))
 
     def _complete(self, completion: Completion) -> list[Delivery]:
         """Settle what the completion reports; return the held deliveries it frees."""
@@ -467,11 +469,9 @@ class Bridge(BusActor):
         for delivery in book.order.released(key):
             entry = self._inflight.pop(delivery.token)
             if entry is not None:
-                # A new token: members drop tokens at or below the last they saw, and
-                # newer messages have been dispatched while this one was held.
-                entry.delivery = delivery._replace(token=self._inflight.add(entry))
+                # A new token: newer messages have been dispatched while this one was held.
                 entry.held = False
-                freed.append(entry.delivery)
+                freed.append(self._inflight.renew(entry))
 
     def _drop_released(self, released: Released) -> None:
         """Drop what is held of a durable this bus gave up: its new owner reads it back and
@@ -486,11 +486,14 @@ class Bridge(BusActor):
             return entry is not None and any(subject_covers(f, entry.msg.subject)
                                              for f in released.filters)
         dropped = order.drop(of_released)
-        forgotten: list[Any] = []   # what was delivered here and will not be settled here
+        forgotten: list[Delivered] = []   # delivered here and will not be settled here
         for delivery in dropped:
             entry = self._inflight.pop(delivery.token)
             if entry is not None:
-                forgotten.extend((entry.attached or ()) if entry.recovered else (entry.msg,))
+                if isinstance(entry.msg, Delivered):
+                    forgotten.append(entry.msg)
+                else:   # read back by recovery: its redeliveries are what the link holds
+                    forgotten.extend(entry.attached or ())
         if forgotten and self._link is not None:
             self._link.forget(forgotten)
         if dropped:
@@ -499,8 +502,8 @@ class Bridge(BusActor):
 
     def _hold_again(self, book: SubscriptionBook, entry: InFlight, freed: list[Delivery]) -> None:
         """The pool deferred it behind an older failure of its key: hold it (in flight again)."""
-        delivery = entry.delivery._replace(token=self._inflight.add(entry))
-        entry.delivery, entry.held = delivery, True
+        delivery = self._inflight.renew(entry)
+        entry.held = True
         key = delivery.aggregate_id
         assert key is not None   # only keyed deliveries are deferred
         book.tally.counts["held_for_order"] += 1
@@ -585,7 +588,8 @@ class Bridge(BusActor):
         if due and self._phase is not BridgePhase.HALTED:
             # A recovered message has no delivery of its own: its redeliveries are kept alive.
             msgs = [msg for entry in due
-                    for msg in ((entry.attached or ()) if entry.recovered else (entry.msg,))]
+                    for msg in ((entry.msg,) if isinstance(entry.msg, Delivered) else
+                                entry.attached or ())]
             if msgs:
                 self._link.touch(msgs)
         for book in self._books.values():
@@ -660,7 +664,7 @@ class Bridge(BusActor):
                      len(self._inflight))
 
 
-def _dead_letter(msg: Any, sub: SubscriptionConfig, stream_sequence: int, delivery_count: int,
+def _dead_letter(msg: Delivered | RecoveredMsg, sub: SubscriptionConfig, stream_sequence: int, delivery_count: int,
                  error: str | None) -> Order:
     return Order(msg, DEAD_LETTER, None, sub.dead_letter_subject,
                  dead_letter_headers(msg, sub.stream, stream_sequence, delivery_count, error))

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from actorbus.actors.messages import Delivery
+from actorbus.bridge.inbox import Delivered
 from actorbus.bridge.extraction import envelope_key, extract_aggregate_id, invalid_id_header
 from actorbus.bridge.inflight import InFlight
 from actorbus.bridge.ordering import KeyOrder
@@ -70,7 +71,7 @@ class SubscriptionBook:
         return extract_aggregate_id(data, headers, None, subject,
                                     key_from_subject=sub.key_from_subject)
 
-    def redelivered_after_recovery(self, msg: Any, sequence: int) -> Order | None:
+    def redelivered_after_recovery(self, msg: Delivered, sequence: int) -> Order | None:
         """A redelivery of a message recovery read back: settled by that handling, not handled
         again (the ack now, or, while it is still being handled, with its outcome: None)."""
         state = self.recovered[sequence]
@@ -111,7 +112,7 @@ class SubscriptionBook:
         for seq in stale:
             del self.recovered[seq]
 
-    def note_invalid_key(self, msg: Any, now: float) -> None:
+    def note_invalid_key(self, msg: Delivered, now: float) -> None:
         """Count a message whose aggregate-id header is not a valid id; warn now and then."""
         bad = invalid_id_header(msg.headers)
         if bad is None:

@@ -3,26 +3,30 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+
+from actorbus.actors.messages import Delivery
+from actorbus.bridge.inbox import Delivered
+from actorbus.bridge.recovery import RecoveredMsg
+from actorbus.config import SubscriptionConfig
 
 
 @dataclass(slots=True)
 class InFlight:
     """One delivered, unsettled message."""
 
-    msg: Any  # nats.aio.msg.Msg
-    subscription: Any  # actorbus.config.SubscriptionConfig
+    msg: Delivered | RecoveredMsg   # as delivered, or (``recovered``) as read back
+    subscription: SubscriptionConfig
     touched_at: float  # monotonic: delivery, or the last in_progress sent for it
-    # Its Delivery (set once the token is known): what is dispatched, and
-    # re-sent after a Router restart; it holds the delivery count and sequence.
-    delivery: Any = None
+    #: What is dispatched (and re-sent after a Router restart): its token is this entry's
+    #: key in the table; it holds the delivery count and the stream sequence.
+    delivery: Delivery
     #: Held back for per-key order (see :mod:`actorbus.bridge.ordering`), not dispatched.
     held: bool = False
     #: Read back from the stream by recovery: there is nothing to ack for it itself.
     recovered: bool = False
     #: Redeliveries of a recovered message that arrived while it was being handled:
     #: settled by its outcome.
-    attached: list[Any] | None = None
+    attached: list[Delivered] | None = None
 
 
 class InFlightTable:
@@ -32,11 +36,20 @@ class InFlightTable:
         self._entries: dict[int, InFlight] = {}
         self._tokens = itertools.count(first_token)
 
-    def add(self, entry: InFlight) -> int:
-        """Record ``entry``; return its token."""
-        token = next(self._tokens)
-        self._entries[token] = entry
-        return token
+    def next_token(self) -> int:
+        """A token no entry had: the next entry's delivery carries it."""
+        return next(self._tokens)
+
+    def add(self, entry: InFlight) -> None:
+        """Record ``entry`` under its delivery's token (from :meth:`next_token`)."""
+        self._entries[entry.delivery.token] = entry
+
+    def renew(self, entry: InFlight) -> Delivery:
+        """Record ``entry`` again under a new token (its old one is gone from the table:
+        members drop a token at or below the last they saw); return its new delivery."""
+        entry.delivery = entry.delivery._replace(token=next(self._tokens))
+        self._entries[entry.delivery.token] = entry
+        return entry.delivery
 
     def get(self, token: int) -> InFlight | None:
         """The entry of ``token``, or None if it was already settled."""

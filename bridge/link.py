@@ -9,9 +9,10 @@ unit tests give a fake through ``StartBridge.link_factory``.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 from collections.abc import Callable, Mapping
 
+from actorbus.bridge.inbox import Delivered
 from actorbus.bridge.layout import ConsumerLayout
 from actorbus.bridge.mailbox import Mailbox
 from actorbus.bridge.settlement import Order
@@ -37,10 +38,10 @@ class BridgeLink(Protocol):
     def settle(self, actions: list[Order]) -> None:
         """Ack, nak, term or dead-letter these messages; returns at once."""
 
-    def touch(self, msgs: list[Any]) -> None:
+    def touch(self, msgs: list[Delivered]) -> None:
         """Tell JetStream these messages are still being worked on."""
 
-    def forget(self, msgs: list[Any]) -> None:
+    def forget(self, msgs: list[Delivered]) -> None:
         """These delivered messages will not be settled here (another bus handles them)."""
 
     def set_held(self, held: int) -> None:

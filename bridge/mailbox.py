@@ -7,16 +7,25 @@ arrivals here, and the Bridge drains them once the turn is over.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, NamedTuple
+from typing import NamedTuple, TypeAlias
+
+from actorbus.bridge.inbox import Delivered
+from actorbus.bridge.recovery import RecoveredMsg
 
 
 class Arrival(NamedTuple):
-    """What the link leaves for the Bridge: messages of one subscription that came
-    together, either delivered by its consumer or (``recovered``) read back from the stream."""
+    """Messages of one subscription that its consumer delivered together."""
 
     subscription: str
-    messages: list[Any]
-    recovered: bool = False
+    messages: list[Delivered]
+
+
+class Recovery(NamedTuple):
+    """Messages of one subscription read back from the stream (between its ack floor and
+    what was last delivered), to be handled before anything newer of their keys."""
+
+    subscription: str
+    messages: list[RecoveredMsg]
 
 
 class Released(NamedTuple):
@@ -34,20 +43,24 @@ class PinsChanged(NamedTuple):
     its pins."""
 
 
+#: Anything the link leaves for the Bridge.
+MailboxItem: TypeAlias = "Arrival | Recovery | Released | PinsChanged"
+
+
 class Mailbox:
     """What the link left for the Bridge, in arrival order (both on the actor's thread)."""
 
     def __init__(self) -> None:
-        self._items: deque[Any] = deque()
+        self._items: deque[MailboxItem] = deque()
 
     def __bool__(self) -> bool:
         return bool(self._items)
 
-    def put(self, item: Any) -> None:
+    def put(self, item: MailboxItem) -> None:
         """Leave ``item`` for the Bridge."""
         self._items.append(item)
 
-    def drain(self) -> list[Any]:
+    def drain(self) -> list[MailboxItem]:
         """Take everything left so far."""
         items = list(self._items)
         self._items.clear()

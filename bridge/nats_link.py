@@ -25,7 +25,7 @@ from actorbus.bridge.inbox import (ACK_COMMAND, PROGRESS_PAYLOAD, TERM_PAYLOAD, 
 from actorbus.bridge.inline_loop import InlineLoop
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, layout_for
-from actorbus.bridge.mailbox import Arrival, Mailbox, PinsChanged, Released
+from actorbus.bridge.mailbox import Arrival, Mailbox, PinsChanged, Recovery, Released
 from actorbus.bridge.membership import ElasticMembership, ensure_static_group
 from actorbus.bridge.metadata import consumer_of
 from actorbus.bridge.pull import PullConsumer
@@ -310,7 +310,7 @@ class NatsLink:
                          gap.ack_floor, gap.delivered, gap.seconds)
                 with self._counts_lock:
                     self._counts["recoveries"] += 1
-                self._mailbox.put(Arrival(consumer.subscription, gap.messages, recovered=True))
+                self._mailbox.put(Recovery(consumer.subscription, gap.messages))
         consumer.resume()
 
     def _by_durable_of(self, msgs: list[Any]) -> Counter[str] | None:
@@ -376,14 +376,13 @@ class NatsLink:
         acked = 0
         for order in actions:
             msg = order.msg
-            reply = msg.reply
-            if not reply:
+            if not isinstance(msg, Delivered) or not msg.reply:
                 done["settle_errors"] += 1
                 log.warning("could not %s message on %s: it has no ack subject", order.action,
                             msg.subject)
                 continue
             if order.action is ACK:   # most of them: the command written out here
-                commands.append(ACK_COMMAND % reply.encode())
+                commands.append(ACK_COMMAND % msg.reply.encode())
                 acked += 1
             elif order.action == NAK:
                 commands.append(settlement_command(msg.reply, nak_payload(order.delay)))

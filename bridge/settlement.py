@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, OutcomeKind
+from actorbus.bridge.inbox import Delivered
+from actorbus.bridge.recovery import RecoveredMsg
 from actorbus.config import SettlementPolicy
 
 
@@ -64,14 +66,14 @@ def decide(kind: OutcomeKind, policy: SettlementPolicy, *, nak_delay: float,
 class Order(NamedTuple):
     """One message to settle, as the Bridge hands it to its NATS link (one per message: a tuple)."""
 
-    msg: Any  # nats.aio.msg.Msg
+    msg: Delivered | RecoveredMsg   # what recovery read back has no ack subject of its own
     action: Action
     delay: float | None = None
     dead_letter_subject: str | None = None
     dead_letter_headers: dict[str, str] | None = None
 
 
-def dead_letter_headers(msg: Any, stream: str, stream_sequence: int, delivery_count: int,
+def dead_letter_headers(msg: Delivered | RecoveredMsg, stream: str, stream_sequence: int, delivery_count: int,
                         error: str | None) -> dict[str, str]:
     """The original message's headers plus where it came from and why it failed."""
     reason = " ".join((error or "unknown").split())[:1000]  # header values are one line

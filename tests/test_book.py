@@ -18,8 +18,9 @@ def _book(**options) -> SubscriptionBook:
 
 
 def _recovered(book: SubscriptionBook, sequence: int) -> InFlight:
-    entry = InFlight(SimpleNamespace(subject="orders.a"), book.config, 0.0, recovered=True)
-    entry.delivery = Delivery(1, "orders", "orders.a", b"", None, "a", "a", None, 2, sequence)
+    entry = InFlight(SimpleNamespace(subject="orders.a"), book.config, 0.0,
+                     Delivery(1, "orders", "orders.a", b"", None, "a", "a", None, 2, sequence),
+                     recovered=True)
     book.recovered[sequence] = entry
     return entry
 

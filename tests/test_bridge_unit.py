@@ -20,21 +20,12 @@ from actorbus.actors.messages import (DEFERRED, FAILED, INVALID, SUCCEEDED, Brid
                                       Completion, Dispatch, Halt, Outcome, PinsHeld, PoolMembers,
                                       StartBridge, StatsRequest, StopBus, Subscribe, Subscribed)
 from actorbus.bridge.actor import Bridge
-from actorbus.bridge.mailbox import Arrival, PinsChanged, Released
+from actorbus.bridge.inbox import Delivered
+from actorbus.bridge.mailbox import Arrival, PinsChanged, Recovery, Released
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.bridge.recovery import RecoveredMsg
 from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK
 from actorbus.config import BusConfig, SubscriptionConfig
-
-
-@dataclass
-class FakeMsg:
-    """What the Bridge reads of a nats-py message."""
-
-    subject: str
-    data: bytes
-    reply: str
-    headers: dict[str, str] | None = None
 
 
 @dataclass
@@ -95,11 +86,11 @@ class FakeLink:
         self.closed = True
 
     # ------------------------------------------------------------ the test plays JetStream
-    def deliver(self, sub: str, *msgs: FakeMsg) -> None:
+    def deliver(self, sub: str, *msgs: Delivered) -> None:
         self.mailbox.put(Arrival(sub, list(msgs)))
 
     def recover(self, sub: str, *msgs: RecoveredMsg) -> None:
-        self.mailbox.put(Arrival(sub, list(msgs), recovered=True))
+        self.mailbox.put(Recovery(sub, list(msgs)))
 
     def actions(self) -> list[tuple[str, Any]]:
         return [(order.msg.subject, order.action) for order in self.settled]
@@ -124,9 +115,9 @@ class CollectingMember(Actor):
             self.send(sender, list(self.dispatches))
 
 
-def msg(subject: str, data: bytes, seq: int, delivered: int = 1, **headers: str) -> FakeMsg:
-    return FakeMsg(subject, data, f"$JS.ACK.ORDERS.orders.{delivered}.{seq}.{seq}.0.0",
-                   headers or None)
+def msg(subject: str, data: bytes, seq: int, delivered: int = 1, **headers: str) -> Delivered:
+    return Delivered(subject, f"$JS.ACK.ORDERS.orders.{delivered}.{seq}.{seq}.0.0", data,
+                     headers or None, None)
 
 
 def envelope(key: str, body: bytes) -> bytes:
