@@ -5,7 +5,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 from collections.abc import Callable, Iterable, Mapping
 
 from actorbus.actors.handlers import handler_reference
@@ -18,11 +18,15 @@ from actorbus.config import (DEFAULT_WINDOW, BusConfig, NatsAuth, SubscriptionCo
 from actorbus.errors import ConfigurationError
 from actorbus.groups import DEFAULT_HEARTBEAT, ConsumerGroup, is_partitionable
 from actorbus.metrics import MetricsServer
+from actorbus.policies import RestartPolicy, SupervisionTree
 from actorbus.publisher import OutgoingMessage, Publisher, PublishResult
 from actorbus.runtime import ProcessRuntime, SimpleRuntime, make_runtime
 from actorbus.supervision.supervisor import Supervisor
 
 log = logging.getLogger("actorbus.bus")
+
+#: The Supervisor's answer a request waits for.
+_Reply = TypeVar("_Reply")
 
 #: Where NATS is when neither ``servers`` nor ``$NATS_URL`` say.
 DEFAULT_SERVERS = "nats://127.0.0.1:4222"
@@ -79,7 +83,8 @@ class EventBus:
     """
 
     def __init__(self, servers: str | list[str] | tuple[str, ...] | None = None,
-                 pool_size: int = 8, runtime: str = "processes", supervision: Any = None, *,
+                 pool_size: int = 8, runtime: str = "processes",
+                 supervision: RestartPolicy | SupervisionTree | None = None, *,
                  window: int = DEFAULT_WINDOW, connect_timeout: float = 5.0, name: str = "actorbus",
                  admin_port: int | None = None, log_config: dict[str, Any] | None = None,
                  request_timeout: float = 30.0, metrics_port: int | None = None,
@@ -270,17 +275,17 @@ class EventBus:
         if self._stopped:
             raise BusError("the bus is stopped")
 
-    def _request(self, make: Callable[[int], Any], expected: type, *, what: str,
-                 timeout: float | None = None) -> Any:
+    def _request(self, make: Callable[[int], object], expected: type[_Reply], *, what: str,
+                 timeout: float | None = None) -> _Reply:
         with self._request_lock:
             return self._request_locked(make, expected, what=what, timeout=timeout)
 
-    def _request_locked(self, make: Callable[[int], Any], expected: type, *, what: str,
-                        timeout: float | None) -> Any:
+    def _request_locked(self, make: Callable[[int], object], expected: type[_Reply], *, what: str,
+                        timeout: float | None) -> _Reply:
         request_id = next(self._request_ids)
         timeout = self._request_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        reply: Any = self._runtime.ask(self._supervisor, make(request_id), timeout)
+        reply: object = self._runtime.ask(self._supervisor, make(request_id), timeout)
         while True:
             if isinstance(reply, RequestFailed) and reply.request_id == request_id:
                 raise BusError(f"{what} failed: {reply.error}")

@@ -97,10 +97,10 @@ class Router(BusActor):
             self._announce()
             self.send(self._supervisor, MemberRestarted(message.index, message.pid))
         else:
-            pids = [m.pid for m in self._members]
-            if all(pid is not None for pid in pids):
+            pids = tuple(m.pid for m in self._members if m.pid is not None)
+            if len(pids) == len(self._members):
                 self._announce()
-                self.send(self._supervisor, PoolReady(tuple(pids), os.getpid()))  # type: ignore[arg-type]
+                self.send(self._supervisor, PoolReady(pids, os.getpid()))
 
     def _announce(self, bridges: list[Address | None] | None = None) -> None:
         """Tell the Bridges (or those of ``bridges``) where every member is (None where one is
