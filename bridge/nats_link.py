@@ -289,7 +289,7 @@ class NatsLink:
     def _schedule_recovery(self, consumer: PullConsumer) -> None:
         # Not awaited by the caller: a large gap takes a while to read (about 0.3 ms a
         # message), and nothing of this consumer is handed over until it is done.
-        consumer.recovering = True
+        consumer.hold_for_recovery()
         self._track(lambda _: self._recover(consumer), None)
 
     async def _recover(self, consumer: PullConsumer) -> None:
@@ -492,7 +492,7 @@ class NatsLink:
                             "pin_timeout (%gs)", spec.durable, type(exc).__name__, exc,
                             spec.pin_timeout)
             finally:
-                consumer.pin_id = None   # no longer renewed either way
+                consumer.unpinned()   # no longer renewed either way
 
     async def _close(self) -> None:
         self._closing = True
@@ -537,7 +537,7 @@ class NatsLink:
         for consumer in self._consumers.values():
             consumer.forget()
         for consumer in consumers:
-            consumer.recovering = True
+            consumer.hold_for_recovery()
         for consumer in consumers:
             await self._recover(consumer)
         await self._top_up()

@@ -102,7 +102,8 @@ class PullConsumer:
         self.pins = 0     # times pinned
         self.unpins = 0   # times the pin moved away (status 423)
         self._pin_renewed_at = 0.0   # when a request last carried the pin id
-        #: While True no request is made and arrivals are kept back (see :meth:`resume`).
+        #: While True no request is made and arrivals are kept back (from
+        #: :meth:`hold_for_recovery` until :meth:`resume`).
         self.recovering = False
         #: Set by :meth:`stop`: nothing more is handed over.
         self.stopped = False
@@ -228,7 +229,7 @@ class PullConsumer:
                 self._requests.remove(request)
                 self.requested -= request.remaining
         if self._on_pinned is not None:
-            self.recovering = True
+            self.hold_for_recovery()
             self._on_pinned(self)
 
     def _hand_over(self) -> None:
@@ -259,6 +260,15 @@ class PullConsumer:
             if delivery_count == 1:
                 found.add(sequence)
         return found
+
+    def hold_for_recovery(self) -> None:
+        """Recovery is about to read this durable's gap: make no request and keep back what
+        arrives until :meth:`resume`, so that what recovery reads reaches the Bridge first."""
+        self.recovering = True
+
+    def unpinned(self) -> None:
+        """This client let its pin go (it asked the server to unpin it): no more renewals."""
+        self.pin_id = None
 
     def resume(self) -> None:
         """Recovery is over: hand over what arrived meanwhile, and let requests be made."""
