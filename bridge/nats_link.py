@@ -3,7 +3,8 @@
 It all runs on an :class:`InlineLoop` that the Bridge's actor thread turns
 (:meth:`NatsLink.turn`) when the connection is readable, after each actor
 message and when a timer is due. Arrived messages wait in a :class:`Mailbox`
-for the Bridge; settlements are handed over through :meth:`NatsLink.settle`.
+for the Bridge; settlements are handed over through :meth:`NatsLink.settle`
+to its :class:`Settler`.
 Its :class:`FetchWindow` bounds how many messages may be requested or
 delivered and unsettled at once, so a slow pool holds fetching back instead
 of growing queues.
@@ -13,24 +14,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from collections import Counter
 from typing import Any
 from collections.abc import Mapping
 
 from actorbus.bridge.connection import describe_error, open_connection
-from actorbus.bridge.inbox import (ACK_COMMAND, PROGRESS_PAYLOAD, TERM_PAYLOAD, Delivered,
-                                   InboxClient, nak_payload, settlement_command)
+from actorbus.bridge.inbox import Delivered, InboxClient
 from actorbus.bridge.inline_loop import InlineLoop
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
 from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, layout_for
 from actorbus.bridge.mailbox import Arrival, Mailbox, PinsChanged, Recovery, Released
 from actorbus.bridge.membership import ElasticMembership, ensure_static_group
-from actorbus.bridge.metadata import consumer_of
 from actorbus.bridge.pull import PullConsumer
 from actorbus.bridge.recovery import read_gap
-from actorbus.bridge.settlement import ACK, DEAD_LETTER, NAK, TERM, Order
+from actorbus.bridge.settlement import Order
+from actorbus.bridge.settler import Settler
 from actorbus.bridge.window import FetchWindow
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.errors import ConfigurationError
@@ -38,7 +37,6 @@ from actorbus.groups import GroupKind
 
 log = logging.getLogger("actorbus.bridge")
 
-_SETTLE_FLUSH_TIMEOUT = 5.0
 #: How often lost pull requests are looked for and requests topped up.
 _TICK = 0.1
 #: How often a released partition's drain looks whether its messages are all settled.
@@ -64,12 +62,9 @@ class NatsLink:
         self._stopped: list[PullConsumer] = []
         self._ticker: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[None]] = set()
-        # Settled, written, not yet confirmed by a flush: (counts, how many).
-        self._unconfirmed: list[tuple[Counter[str], int, Counter[str] | None]] = []
-        self._confirming = False
+        self._settler = Settler(lambda: self._nc, lambda: self._js, self._window, self._top_up)
         self._closing = False
-        self._counts: Counter[str] = Counter()
-        self._counts_lock = threading.Lock()
+        self._counts: Counter[str] = Counter()   # recoveries; the settler counts the rest
         self._violations: list[str] = []   # the server's permissions violations, latest last
         # Elastic groups: who owns which partitions.
         self._memberships: dict[str, ElasticMembership] = {}
@@ -118,11 +113,11 @@ class NatsLink:
 
     def settle(self, actions: list[Order]) -> None:
         """Ack, nak (with delay), term or dead-letter these messages; returns at once."""
-        self._loop.call_soon(self._track, self._settle, actions)
+        self._loop.call_soon(self._track, self._settler.settle, actions)
 
-    def touch(self, msgs: list[Any]) -> None:
+    def touch(self, msgs: list[Delivered]) -> None:
         """Tell JetStream these messages are still being worked on (``in_progress``)."""
-        self._loop.call_soon(self._track, self._touch, msgs)
+        self._loop.call_soon(self._track, self._settler.touch, msgs)
 
     def claim_pins(self, pins: Mapping[str, str]) -> None:
         """Pull with these pin ids (by durable) until pinned: the pins the Bridge before
@@ -133,12 +128,9 @@ class NatsLink:
         """The pin id of each durable this bus is pinned on now."""
         return {name: c.pin_id for name, c in list(self._consumers.items()) if c.pin_id is not None}
 
-    def forget(self, msgs: list[Any]) -> None:
+    def forget(self, msgs: list[Delivered]) -> None:
         """These delivered messages will not be settled here (their partition moved away)."""
-        self._forget(msgs)
-
-    def _forget(self, msgs: list[Any]) -> None:
-        self._window.settled(len(msgs), self._by_durable_of(msgs))
+        self._window.settled(len(msgs), self._window.by_durable_of(msgs))
 
     def set_held(self, held: int) -> None:
         """How many delivered messages the Bridge holds back for per-key order.
@@ -152,8 +144,7 @@ class NatsLink:
     def counts(self) -> dict[str, int]:
         """Done so far: acked, naked, termed, dead_lettered, in_progress, settle_errors,
         recoveries; and of the consumers in a priority group: pinned (now), pins, unpins."""
-        with self._counts_lock:
-            counts = dict(self._counts)
+        counts = {**self._settler.counts, **self._counts}   # their keys do not overlap
         consumers = list(self._consumers.values())
         grouped = [c for c in consumers if c.spec.priority_group is not None]
         if grouped:
@@ -308,15 +299,9 @@ class NatsLink:
                 log.info("recovering %d message(s) of durable %s between its ack floor %d and its "
                          "delivered sequence %d (read in %.3fs)", len(gap.messages), spec.durable,
                          gap.ack_floor, gap.delivered, gap.seconds)
-                with self._counts_lock:
-                    self._counts["recoveries"] += 1
+                self._counts["recoveries"] += 1
                 self._mailbox.put(Recovery(consumer.subscription, gap.messages))
         consumer.resume()
-
-    def _by_durable_of(self, msgs: list[Any]) -> Counter[str] | None:
-        # Counted where the window counts by durable, and only there (a split of each ack
-        # subject per message).
-        return None if self._window.by_durable is None else _count_by_durable(msgs)
 
     def _schedule_top_up(self) -> None:
         self._track(lambda _: self._top_up(), None)
@@ -357,101 +342,6 @@ class NatsLink:
         task = asyncio.ensure_future(work(items))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-
-    async def _touch(self, msgs: list[Delivered]) -> None:
-        commands = [settlement_command(msg.reply, PROGRESS_PAYLOAD) for msg in msgs if msg.reply]
-        try:
-            await self._nc.write_settlements(b"".join(commands))
-        except Exception as exc:
-            log.warning("could not send in_progress for %d message(s): %s: %s", len(msgs),
-                        type(exc).__name__, exc)
-            return
-        with self._counts_lock:
-            self._counts["in_progress"] += len(commands)
-
-    async def _settle(self, actions: list[Order]) -> None:
-        done: Counter[str] = Counter()
-        commands: list[bytes] = []
-        written: Counter[str] = Counter()
-        acked = 0
-        for order in actions:
-            msg = order.msg
-            if not isinstance(msg, Delivered) or not msg.reply:
-                done["settle_errors"] += 1
-                log.warning("could not %s message on %s: it has no ack subject", order.action,
-                            msg.subject)
-                continue
-            if order.action is ACK:   # most of them: the command written out here
-                commands.append(ACK_COMMAND % msg.reply.encode())
-                acked += 1
-            elif order.action == NAK:
-                commands.append(settlement_command(msg.reply, nak_payload(order.delay)))
-                written["naked"] += 1
-            elif order.action == TERM:
-                commands.append(settlement_command(msg.reply, TERM_PAYLOAD))
-                written["termed"] += 1
-            elif order.action == DEAD_LETTER:
-                try:
-                    # Termed only once the dead letter is stored: never lost in between.
-                    await self._js.publish(order.dead_letter_subject, msg.data,
-                                           headers=order.dead_letter_headers)
-                except Exception as exc:
-                    # Not counted as done: JetStream redelivers it after AckWait.
-                    done["settle_errors"] += 1
-                    log.warning("could not dead-letter message on %s: %s: %s", msg.subject,
-                                type(exc).__name__, exc)
-                    continue
-                commands.append(settlement_command(msg.reply, TERM_PAYLOAD))
-                written["dead_lettered"] += 1
-                written["termed"] += 1
-        if acked:
-            written["acked"] += acked
-        if commands:
-            try:
-                # One buffer for the batch: a write each would cost more than the acks.
-                await self._nc.write_settlements(b"".join(commands), confirm_follows=True)
-                done.update(written)
-            except Exception as exc:
-                done["settle_errors"] += len(commands)
-                log.warning("could not settle %d message(s): %s: %s", len(commands),
-                            type(exc).__name__, exc)
-        durables = self._by_durable_of([order.msg for order in actions])
-        self._unconfirmed.append((done, len(actions), durables))
-        if not self._confirming:
-            self._confirming = True
-            await self._confirm()
-
-    async def _confirm(self) -> None:
-        """Flush, and count what was settled before the flush; again while more was settled
-        meanwhile. One flush (a round trip to the server) confirms every settlement written
-        before it: not one per completion."""
-        try:
-            while self._unconfirmed:
-                batch, self._unconfirmed = self._unconfirmed, []
-                settled = sum(count for _done, count, _durables in batch)
-                done: Counter[str] = Counter()
-                for counts, _count, _durables in batch:
-                    done.update(counts)
-                try:
-                    # Counted only once the server has them: during an outage nats-py
-                    # buffers acks that may never take effect.
-                    await self._nc.confirm(timeout=_SETTLE_FLUSH_TIMEOUT)
-                except Exception as exc:
-                    unconfirmed = settled - done["settle_errors"]
-                    done = Counter(settle_errors=settled)
-                    log.warning("%d settlement(s) not confirmed by the server (%s: %s); JetStream "
-                                "will redeliver what did not take effect", unconfirmed,
-                                type(exc).__name__, exc)
-                with self._counts_lock:
-                    self._counts.update(done)
-                # Only now may a drained partition be unpinned: its acks are at the server.
-                by_durable: Counter[str] = Counter()
-                for _done, _count, durables in batch:
-                    by_durable.update(durables or {})
-                self._window.settled(settled, by_durable)
-                await self._top_up()
-        finally:
-            self._confirming = False
 
     async def _stop_fetching(self) -> None:
         # The other members take this one's partitions as standbys now; they are
@@ -541,8 +431,3 @@ class NatsLink:
         for consumer in consumers:
             await self._recover(consumer)
         await self._top_up()
-
-
-def _count_by_durable(msgs: list[Any]) -> Counter[str]:
-    """How many of ``msgs`` each durable delivered (by their ack subjects)."""
-    return Counter(consumer_of(msg.reply) or "" for msg in msgs)

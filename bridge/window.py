@@ -12,8 +12,11 @@ delivered here is settled: the window also counts by durable.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Protocol, TypeVar
 from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+from actorbus.bridge.inbox import Delivered
+from actorbus.bridge.metadata import consumer_of
 
 
 class Requesting(Protocol):
@@ -56,6 +59,13 @@ class FetchWindow:
         self.unsettled -= count
         if self.by_durable is not None and durables is not None:
             self.by_durable.subtract(durables)
+
+    def by_durable_of(self, msgs: Sequence[Delivered]) -> Counter[str] | None:
+        """How many of ``msgs`` each durable delivered (by their ack subjects), where the
+        window counts by durable; None elsewhere (a split of each ack subject per message)."""
+        if self.by_durable is None:
+            return None
+        return Counter(consumer_of(msg.reply) or "" for msg in msgs)
 
     def unsettled_of(self, durable: str) -> int:
         """What ``durable`` delivered here that is not settled yet."""
