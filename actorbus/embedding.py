@@ -28,6 +28,7 @@ from actorbus.actors.messages import (BusStarted, BusStopped, RequestFailed, Sta
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.runtime import ProcessRuntime
 from actorbus.supervision.supervisor import Supervisor
+from actorbus.actor_signals import starting_actor_system
 from actorbus.transport_auth import sign_transport
 from actorbus.transport_binding import hold_transport_host, resolve_transport_host
 
@@ -71,6 +72,7 @@ def bind_transport(host: str | None = None) -> Iterator[str]:
     sign_transport()
     release = hold_transport_host(chosen)
     try:
-        yield chosen
+        with starting_actor_system():
+            yield chosen
     finally:
         release()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 from thespian.actors import ActorSystem
 
+from actorbus.actor_signals import starting_actor_system
 from actorbus.ports import free_port
 from actorbus.processes import descendants, process_alive, sigkill, wait_for_exit
 from actorbus.transport_auth import sign_transport
@@ -49,10 +50,11 @@ class ProcessRuntime:
         try:
             # Fork, Thespian's default, said out loud: the binding reaches the
             # actor processes by inheritance, a spawned process would not have it.
-            self._system = ActorSystem("multiprocTCPBase",
-                                       {"Admin Port": self.admin_port,
-                                        "Process Startup Method": "fork"},
-                                       logDefs=log_config, transientUnique=True)
+            with starting_actor_system():
+                self._system = ActorSystem("multiprocTCPBase",
+                                           {"Admin Port": self.admin_port,
+                                            "Process Startup Method": "fork"},
+                                           logDefs=log_config, transientUnique=True)
         except BaseException:
             self._release_transport()
             raise

@@ -6,6 +6,7 @@ from typing import Any
 
 from thespian.actors import ActorSystemMessage, ActorTypeDispatcher, ThespianWatch
 
+from actorbus.actor_signals import ignore_in_actor_process
 from actorbus.actors.logs import adopt_actor_process_root
 
 log = logging.getLogger("actorbus.actors")
@@ -24,6 +25,7 @@ class BusActor(ActorTypeDispatcher):  # type: ignore[misc]  # Thespian ships no 
     def __init__(self) -> None:
         super().__init__()
         adopt_actor_process_root()
+        ignore_in_actor_process()   # the bus leads shutdown, not a signal to every process
         self._unknown_types: set[str] = set()
 
     def receiveMessage(self, message: Any, sender: Any) -> ThespianWatch | None:

@@ -127,6 +127,11 @@ topology = Topology(subscriptions=(Subscription("orders.>", record, durable="ord
                     bus={"pool_size": 2})
 
 
+#: The same with a handler of a couple of milliseconds: a drain has work in flight.
+slow_topology = Topology(subscriptions=(Subscription("orders.>", slow_record, durable="orders"),),
+                         bus={"pool_size": 2})
+
+
 def crash_on_crash(msg: Message) -> None:
     """End this actor's process on the message ``crash`` (as a segfault would); record the rest."""
     if msg.data == b"crash":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -141,6 +142,40 @@ def test_run_serves_a_topology_and_drains_on_sigterm(tmp_path, nats_server, reco
     wait_until_gone(tree, "every process of the topology to exit")
 
 
+@pytest.mark.parametrize("who", ["the main process", "every process at once"])
+def test_run_drains_once_whoever_gets_the_sigterm(tmp_path, nats_server, records, who):
+    # systemd's default (KillMode=control-group) and pkill signal every process of the
+    # service: the actor processes must leave the drain to the main one.
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        process = subprocess.Popen([ACTORBUS, "run", "tests.handlers:slow_topology", "--servers",
+                                    nats_server.url], stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=Path(__file__).parent.parent)
+    with ended_afterwards(process):
+        wait_for(lambda: "running tests.handlers:slow_topology" in out_path.read_text(),
+                 timeout=60, what="the topology to start")
+        publish_many(nats_server.url, 3000)
+        wait_for(lambda: len(read_records(records)) >= 200, what="handling under way")
+        tree = process_tree(process)
+        assert len(tree) >= 4, tree   # Thespian's admin and logger, the actors
+        targets = {process.pid} | (tree if who == "every process at once" else set())
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        code = process.wait(60)
+    text = out_path.read_text()
+    assert code == 0, text
+    assert text.count("draining") == 1 and text.rstrip().endswith("stopped"), text
+    assert "Traceback" not in text and "Aborted" not in text and "KeyboardInterrupt" not in text
+    wait_until_gone(tree, "every process of the topology to exit")
+    # Every message acked was handled; what was in flight was settled by the drain.
+    handled = {int(r.data) for r in read_records(records) if r.kind == "ok"}
+    info = consumer_info(nats_server.url, "ORDERS", "orders")
+    assert info.num_ack_pending == 0
+    assert info.ack_floor.stream_seq >= 200
+    assert set(range(info.ack_floor.stream_seq)) <= handled
+
+
 def test_run_refuses_what_is_not_a_topology():
     result = subprocess.run([ACTORBUS, "run", "tests.handlers:record"], capture_output=True,
                             text=True, timeout=60, cwd=Path(__file__).parent.parent)
@@ -153,5 +188,17 @@ def publish_one(url: str) -> None:
     async def main() -> None:
         nc = await nats.connect(url)
         await nc.jetstream().publish("orders.a", Envelope.create("a", "T", b"0").encode())
+        await nc.close()
+    asyncio.run(main())
+
+
+def publish_many(url: str, count: int) -> None:
+    """``count`` envelopes over ten keys, their payloads numbered from 0 in stream order."""
+    async def main() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        for n in range(count):
+            await js.publish(f"orders.k{n % 10}", Envelope.create(f"k{n % 10}", "T",
+                                                                  str(n).encode()).encode())
         await nc.close()
     asyncio.run(main())

@@ -14,7 +14,8 @@ PACKAGES = {"actorbus": "actorbus", "actors": "actorbus.actors", "bridge": "acto
 #: Value modules every layer may use; they import only each other.
 LEAF = {"actorbus.config", "actorbus.codecs", "actorbus.envelope", "actorbus.ids",
         "actorbus.message", "actorbus.aggregate", "actorbus.policies", "actorbus.ports",
-        "actorbus.errors", "actorbus.groups", "actorbus.checks", "actorbus.hashing", "actorbus.processes",
+        "actorbus.errors", "actorbus.groups", "actorbus.checks", "actorbus.hashing",
+        "actorbus.processes", "actorbus.actor_signals",
         "actorbus.redaction"}
 #: Higher imports lower, never the other way: facade → supervision → bridge → actors → leaf.
 RANK = {"leaf": 0, "actorbus.actors": 1, "actorbus.bridge": 2, "actorbus.supervision": 3,
