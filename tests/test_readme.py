@@ -4,7 +4,10 @@ Every ```python block is written to a folder of its own (a block whose first
 line is ``# <name>.py`` under that name, as README tells the reader to save
 it), then run with ``NATS_URL`` pointing at the test's server, the variable
 the snippets read, while the tour's ``actorbus run myapp:topology`` runs there.
-The pages of docs/ are run the same way by tests/test_docs.py.
+A block saved as ``test_<name>.py`` is a test file for the testing kit: it is
+run by ``python -m pytest`` in a project folder holding nothing else, as a
+user who installed ``actorbus[testing]`` runs it (the plugin comes from its
+entry point). The pages of docs/ are run the same way by tests/test_docs.py.
 """
 from __future__ import annotations
 
@@ -34,6 +37,27 @@ def python_blocks(text: str) -> list[str]:
     return blocks
 
 
+def saved_name(block: str, number: int) -> str:
+    """The file a block is saved as: the name its first line gives, else ``snippet_<n>.py``."""
+    named = re.match(r"# (\w+\.py)\b", block)
+    return named.group(1) if named else f"snippet_{number}.py"
+
+
+def is_test_file(name: str) -> bool:
+    """A block saved as ``test_<name>.py`` is run by pytest, not as a script."""
+    return name.startswith("test_")
+
+
+def run_pytest(folder: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m pytest`` in ``folder``, as a user runs it: none of this run's pytest settings
+    (``PYTEST_*``) leak in, and the testing kit is loaded through its entry point; ``env`` adds
+    variables."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+                          cwd=folder, env={**environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=170, check=False)
+
+
 def python_fences(text: str) -> int:
     """How many lines open a ```python block, counted without the block regex."""
     return sum(line.strip() == "```python" for line in text.splitlines())
@@ -42,11 +66,20 @@ def python_fences(text: str) -> int:
 def test_readme_has_the_snippets_this_test_runs():
     text = README.read_text()
     blocks = python_blocks(text)
-    # The tour's two (myapp.py first: the others import it) and the configuration's one;
-    # every fence is a block the regex finds, so none is skipped unseen.
-    assert len(blocks) == 3 == python_fences(text)
+    # The tour's two (myapp.py first: the others import it), the configuration's one and the
+    # testing kit's test file; every fence is a block the regex finds, so none is skipped unseen.
+    assert len(blocks) == 4 == python_fences(text)
     assert blocks[0].startswith("# myapp.py\n")
+    assert [saved_name(b, n) for n, b in enumerate(blocks) if is_test_file(saved_name(b, n))] == \
+        ["test_orders.py"]
     assert not any("4222" in b and "NATS_URL" not in b for b in blocks), "a hard-coded server"
+
+
+def test_the_first_test_of_the_testing_kit_takes_at_most_15_lines():
+    test_file = python_blocks(README.read_text())[3]
+    first = test_file[:test_file.index("\ndef test_", test_file.index("def test_"))].rstrip()
+    assert "publish_events" in first and "wait_until_handled(3)" in first and "assert" in first
+    assert len(first.splitlines()) <= 15, first
 
 
 def test_readme_is_the_front_door():
@@ -58,8 +91,9 @@ def test_every_readme_snippet_runs_as_pasted(tmp_path, nats_server):
     env = {**os.environ, "NATS_URL": nats_server.url}
     scripts = []
     for number, block in enumerate(python_blocks(README.read_text())):
-        named = re.match(r"# (\w+\.py)\b", block)
-        path = tmp_path / (named.group(1) if named else f"snippet_{number}.py")
+        path = tmp_path / saved_name(block, number)
+        if is_test_file(path.name):
+            continue   # a test file for pytest: test_readme_test_file_passes_in_a_project_of_its_own
         path.write_text(block)
         scripts.append(path)
 
@@ -82,3 +116,20 @@ def test_every_readme_snippet_runs_as_pasted(tmp_path, nats_server):
         code, tree = stop_with_sigterm(tour)
         assert code == 0
     wait_until_gone(tree, "every process of the tour to exit")
+
+
+def test_readme_test_file_passes_in_a_project_of_its_own(tmp_path):
+    # A new user's project: the test file written from README, nothing else; the kit's plugin
+    # comes from the installed package's entry point and starts its own nats-server.
+    [(name, block)] = [(saved_name(b, n), b) for n, b in enumerate(python_blocks(README.read_text()))
+                       if is_test_file(saved_name(b, n))]
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / name).write_text(block)
+
+    result = run_pytest(project, "--actorbus-runtime", "simple,processes", "-q")
+
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert "4 passed" in result.stdout   # its two tests, on each runtime
+    left = sorted(p.name for p in project.iterdir() if p.name != "__pycache__")
+    assert left == [name]   # no store, record or log left behind

@@ -23,6 +23,7 @@ from actorbus import Aggregate, Envelope, Message
 from actorbus.processes import process_alive
 from actorbus.testing import KitError, WaitTimeout
 from examples import orders
+from tests.test_readme import run_pytest
 
 pytestmark = pytest.mark.integration
 
@@ -294,7 +295,7 @@ def test_envelopes_in_msgpack_and_in_the_go_json_format(make_actorbus, format, h
 # ---------------------------------------------------------------- bad use, clear errors
 def test_a_handler_the_kit_cannot_import_is_refused_at_subscribe(make_actorbus):
     bus = make_actorbus()
-    with pytest.raises(KitError, match="lambda or closure.*of the test file itself works"):
+    with pytest.raises(KitError, match=r"lambda or closure.*of the test file itself works"):
         bus.subscribe("orders.>", lambda msg: None)
     with pytest.raises(KitError, match="cannot import module 'no_such_module'"):
         bus.subscribe("orders.>", "no_such_module:handle")
@@ -371,7 +372,8 @@ USER_TESTS = {
 
         def note(server, name):
             with open(os.environ["KIT_NOTES"], "a") as out:
-                out.write(json.dumps({"test": name, "pid": server.pid, "store": str(server.store_dir)}) + "\\n")
+                entry = {"test": name, "pid": server.pid, "store": str(server.store_dir)}
+                out.write(json.dumps(entry) + "\\n")
 
         def test_one(make_actorbus, actorbus_server):
             note(actorbus_server, "one")
@@ -417,11 +419,7 @@ def run_user_project(folder: Path, *args: str) -> tuple[subprocess.CompletedProc
     """``python -m pytest`` in ``folder`` as a user runs it; its outcome and each test's
     (``{"outcome": ..., "message": ...}`` by test id) from a JUnit report."""
     report = folder / "report.xml"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
-    env["KIT_NOTES"] = str(folder / "notes.jsonl")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                             f"--junitxml={report}", *args], cwd=folder, env=env,
-                            capture_output=True, text=True, timeout=170, check=False)
+    result = run_pytest(folder, f"--junitxml={report}", *args, env={"KIT_NOTES": str(folder / "notes.jsonl")})
     cases: dict[str, dict] = {}
     if report.exists():
         for case in ET.parse(report).iter("testcase"):
@@ -459,8 +457,8 @@ def test_a_user_project_gets_one_server_fresh_names_and_leak_reports(user_projec
     assert "runtime processes" in leak["message"] and "the testing kit stopped it" in leak["message"]
     leaked = json.loads(Path(f"{user_project}/notes.jsonl.leak").read_text())
     assert leaked and not [pid for pid in leaked if process_alive(pid)]
-    assert {cases[name]["outcome"] for name in ("test_default", "test_both[simple]", "test_both[processes]")} \
-        == {"passed"}
+    others = ("test_default", "test_both[simple]", "test_both[processes]")
+    assert {cases[name]["outcome"] for name in others} == {"passed"}
     assert result.returncode == 1   # the leak's error, and nothing else
 
 
@@ -470,7 +468,7 @@ def test_a_user_project_gets_one_server_fresh_names_and_leak_reports(user_projec
     (("-o", "actorbus_runtime=processes", "--actorbus-runtime", "simple"), "simple"),
 ])
 def test_the_runtime_switch_reads_the_option_then_the_ini(user_project, args, expected):
-    result, cases = run_user_project(user_project, "test_runtime.py::test_default", *args)
+    result, _ = run_user_project(user_project, "test_runtime.py::test_default", *args)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert Path(f"{user_project}/notes.jsonl.runtime").read_text() == f"{expected}\n"
