@@ -3,7 +3,9 @@
 Each page's ```python blocks are run as README's are (tests/test_readme.py):
 written to a folder of the page's own, a block whose first line is
 ``# <name>.py`` under that name, the others as ``snippet_<n>.py``, then run
-in order with ``NATS_URL`` pointing at the test's own nats-server. The
+in order with ``NATS_URL`` pointing at the test's own nats-server; a block
+saved as ``test_<name>.py`` (the testing kit's page) is run by
+``python -m pytest`` there instead, with the kit's plugin and server. The
 folder also holds README's ``myapp.py``: the pages' snippets say they sit
 beside it, as the tour leaves it.
 
@@ -26,7 +28,8 @@ import actorbus
 from tests.support import ended_afterwards, stop_with_sigterm, wait_for, wait_until_gone
 from tests.test_cli import ACTORBUS
 from tests.test_layers import LEAF
-from tests.test_readme import README, ROOT, python_blocks, python_fences
+from tests.test_readme import (README, ROOT, is_test_file, python_blocks, python_fences, run_pytest,
+                               saved_name)
 
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
@@ -84,12 +87,15 @@ def test_every_snippet_of_a_page_runs_as_pasted(page, tmp_path, nats_server):
     tour = python_blocks(README.read_text())[0]
     (tmp_path / "myapp.py").write_text(tour)
     for number, block in enumerate(python_blocks((DOCS / page).read_text())):
-        named = re.match(r"# (\w+\.py)\b", block)
-        path = tmp_path / (named.group(1) if named else f"snippet_{number}.py")
+        path = tmp_path / saved_name(block, number)
         assert not path.exists(), f"{page}: two snippets are saved as {path.name}"
         path.write_text(block)
-        result = subprocess.run([sys.executable, path.name], check=False, cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=120)
+        if is_test_file(path.name):
+            result = run_pytest(tmp_path, path.name)
+            assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout
+        else:
+            result = subprocess.run([sys.executable, path.name], check=False, cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"{page}, {path.name}:\n{block}\n{result.stdout}\n{result.stderr}"
         assert "Traceback" not in result.stderr, f"{page}, {path.name}:\n{result.stderr}"
 
