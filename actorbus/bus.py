@@ -125,7 +125,8 @@ class EventBus:
             self._pids = dict(started.pids)
             self._publisher = Publisher(self.config)
             if metrics_port is not None:
-                self._metrics = MetricsServer(self.stats, metrics_port, addr=metrics_host)
+                self._metrics = MetricsServer(self.stats, metrics_port, addr=metrics_host,
+                                              draining=lambda: self._stopped)
         except BaseException:
             if self._publisher is not None:
                 self._publisher.close()
@@ -205,7 +206,8 @@ class EventBus:
         restarts_bridge, restarts_router, restarts_pool; ``actors``, each
         supervised actor's state (starting, running, restarting, stopped);
         ``subscriptions``, per durable: its kind, counts and handler-duration
-        histogram buckets; ``queue_depths``, messages held per pool member.
+        histogram buckets; ``queue_depths``, messages held per pool member;
+        ``nats_disconnected``, Bridges whose NATS connection is not up now.
 
         Raises :class:`BusError` once the bus has stopped processing because
         actors died faster than its supervision policy allows.
@@ -245,8 +247,7 @@ class EventBus:
         # A deploy gives the process a fixed grace period: whatever the handlers do,
         # stop returns within timeout + STOP_GRACE seconds.
         deadline = time.monotonic() + timeout + STOP_GRACE
-        if self._metrics is not None:
-            self._metrics.close()
+        # Draining from here: the probes say so (not ready) until the drain is over.
         self._stopped = True
         try:
             self._request(lambda rid: StopBus(rid, timeout), BusStopped, what="stopping the bus",
@@ -254,6 +255,8 @@ class EventBus:
         except Exception as exc:
             log.warning("the Bridge did not stop cleanly: %s", exc)
         finally:
+            if self._metrics is not None:
+                self._metrics.close()
             if self._publisher is not None:
                 self._publisher.close()
             self._runtime.shutdown(self._pids.values(),

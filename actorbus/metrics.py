@@ -1,22 +1,28 @@
-"""Prometheus metrics for a bus, served over HTTP by prometheus-client.
+"""Prometheus metrics for a bus, and its health and readiness probes, served over HTTP.
 
 The numbers come from the actors themselves (the Bridge counts every
 outcome, whichever pool process produced it; the Supervisor counts
 restarts), read through ``bus.stats()`` at each scrape, so they cover
-every actor process, not only the one serving the endpoint.
+every actor process, not only the one serving the endpoint. The same
+server answers ``/healthz`` and ``/readyz`` (:mod:`actorbus.health`).
 """
 from __future__ import annotations
 
 import errno
+import json
 import logging
-from typing import Any
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
 
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 
 from actorbus.bridge.tally import DURATION_BUCKETS
+from actorbus.health import Probe, ProbeAnswer, answer
 
 #: Reads a bus's counters: ``EventBus.stats``.
 StatsReader = Callable[[], dict[str, Any]]
@@ -46,11 +52,14 @@ _GROUP_GAUGES = (
 class BusCollector:
     """A prometheus-client collector that reads a bus's stats at each scrape."""
 
-    def __init__(self, stats: StatsReader) -> None:
+    def __init__(self, stats: StatsReader, draining: Callable[[], bool] = lambda: False) -> None:
         self._stats = stats
+        self._draining = draining
 
     def collect(self) -> Iterator[Metric]:
-        """The bus's metrics, all named ``actorbus_...``."""
+        """The bus's metrics, all named ``actorbus_...`` (none while it drains)."""
+        if self._draining():
+            return
         try:
             stats = self._stats()
         except Exception as exc:  # a scrape must not take the endpoint down
@@ -97,29 +106,72 @@ class BusCollector:
         yield durations
 
 
-class MetricsPortInUse(OSError):
-    """The metrics endpoint's port is taken; the message names it and the option that sets it."""
-
-
 class MetricsServer:
-    """The HTTP endpoint: ``http://<addr>:<port>/metrics``."""
+    """The HTTP endpoint: ``http://<addr>:<port>/metrics``, ``/healthz`` and ``/readyz``."""
 
-    def __init__(self, stats: StatsReader, port: int, addr: str = "127.0.0.1") -> None:
+    def __init__(self, stats: StatsReader, port: int, addr: str = "127.0.0.1",
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(BusCollector(stats))
+        self.registry.register(BusCollector(stats, draining))
         self.port = port
+        self._stats = stats
+        self._draining = draining
         try:
-            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+            self._server = _Server((addr, port), _Handler, self)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise MetricsPortInUse(
                     f"the metrics port {addr}:{port} is in use by another program; choose another "
                     "with metrics_port= (actorbus run/demo: --metrics-port)") from None
             raise
-        log.info("metrics at http://%s:%d/metrics", addr, port)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="actorbus-metrics",
+                                        daemon=True)
+        self._thread.start()
+        log.info("metrics at http://%s:%d/metrics (probes: /healthz, /readyz)", addr, port)
+
+    def probe(self, probe: Probe) -> ProbeAnswer:
+        """Answer ``probe`` now."""
+        return answer(probe, self._stats, self._draining())
 
     def close(self) -> None:
         """Stop serving."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 metrics: MetricsServer) -> None:
+        self.metrics = metrics
+        super().__init__(address, handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path in (Probe.LIVE, Probe.READY):
+            reply = self.server.metrics.probe(Probe(path))
+            self._send(reply.http_status, "application/json", json.dumps(reply.body()).encode())
+        elif path in ("/metrics", "/"):
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.metrics.registry))
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found: /metrics, /healthz, /readyz\n")
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class MetricsPortInUse(OSError):
+    """The metrics endpoint's port is taken; the message names it and the option that sets it."""

@@ -153,6 +153,8 @@ class NatsLink:
             counts["pins"] = sum(c.pins for c in grouped)
             counts["unpins"] = sum(c.unpins for c in grouped)
         counts.update(self._layout.group_counts(list(self._memberships.values())))
+        # The readiness probe's: this Bridge's connection is not up (reconnecting, or closed).
+        counts["nats_disconnected"] = int(self._nc is None or not self._nc.is_connected)
         return counts
 
     def stop_fetching(self, timeout: float = 5.0) -> None:

@@ -444,7 +444,8 @@ class Supervisor(BusActor):
 
 
 #: Counts that say how things are now, not how many happened: not carried past a Bridge's death.
-_MOMENTARY = frozenset({"in_flight", "held"})
+_MOMENTARY = frozenset({"in_flight", "held", "pinned", "standby", "partitions_owned",
+                        "group_members", "nats_disconnected"})
 
 
 def _shown(index: int) -> str:

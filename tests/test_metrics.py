@@ -74,3 +74,76 @@ def test_a_group_member_s_metrics_say_what_it_owns_and_how_often_that_changed(ma
     assert samples[("actorbus_group_rebalances_total", ())] == 0
     assert samples[("actorbus_consumers_pinned", ())] == 1    # acct-1's partition's durable
     assert samples[("actorbus_consumers_standby", ())] == 5   # pinned only once a message comes
+
+
+def probe(port: int, path: str) -> tuple[int, dict]:
+    """GET a probe: its status code and JSON body (also for a 503)."""
+    import json
+    import urllib.error
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_probes_follow_the_bus_through_start_an_outage_and_a_drain(make_bus, records,
+                                                                   nats_server):
+    import threading
+
+    from tests.support import wait_for
+    port = free_port()
+    bus = make_bus(pool_size=1, metrics_port=port)
+    # Up, not subscribed yet: alive, not ready.
+    assert probe(port, "/healthz")[0] == 200
+    code, body = probe(port, "/readyz")
+    assert code == 503 and body["reasons"] == ["no subscription yet"]
+    bus.subscribe("orders.>", handlers.hold_until_released, durable="orders")
+    code, body = probe(port, "/readyz")
+    assert code == 200 and body["status"] == "ok" and body["subscriptions"] == ["orders"]
+
+    # The NATS connection lost: alive (it reconnects by itself), not ready until it has.
+    nats_server.stop()
+    wait_for(lambda: probe(port, "/readyz")[0] == 503, what="not ready without NATS")
+    code, body = probe(port, "/readyz")
+    assert "Bridge(s) not connected to NATS" in " ".join(body["reasons"]), body
+    assert probe(port, "/healthz")[0] == 200
+    nats_server.start()   # same port, same store
+    wait_for(lambda: probe(port, "/readyz")[0] == 200, timeout=30, what="ready again")
+
+    # Draining: not ready (so traffic moves on), still alive, until the drain is over.
+    bus.publish_envelope("orders.a", Envelope.create("a", "T", b"1"))
+    wait_for(lambda: [r for r in read_records(records) if r.kind == "started"],
+             what="the handler to start")
+    stopping = threading.Thread(target=bus.stop, kwargs={"timeout": 30})
+    stopping.start()
+    try:
+        wait_for(lambda: probe(port, "/readyz") == (503, {"status": "draining",
+                                                           "reasons": ["draining"]}),
+                 what="not ready while draining")
+        assert probe(port, "/healthz") == (200, {"status": "draining", "reasons": ["draining"]})
+    finally:
+        (records / handlers.RELEASE_MARKER).touch()
+        stopping.join(40)
+    assert not stopping.is_alive()
+    assert [r.kind for r in read_records(records)] == ["started", "ok"]
+
+
+def test_a_killed_member_makes_the_bus_unready_until_it_is_back(make_bus):
+    import os
+    import signal
+
+    from actorbus.supervision import Backoff, OneForOne
+    from tests.support import wait_for
+    port = free_port()
+    # A second's backoff: long enough to see the member down.
+    bus = make_bus(pool_size=2, metrics_port=port, supervision=OneForOne(
+        max_restarts=5, within=60.0, backoff=Backoff(initial=1.0, maximum=1.0, jitter=0.0)))
+    bus.subscribe("orders.>", handlers.record, durable="orders")
+    assert probe(port, "/readyz")[0] == 200
+    os.kill(bus.pids["member-1"], signal.SIGKILL)
+    wait_for(lambda: probe(port, "/readyz")[0] == 503, what="not ready with a member down")
+    code, body = probe(port, "/readyz")
+    assert body["reasons"] == ["not running: member-1 (restarting)"], body
+    assert probe(port, "/healthz")[0] == 200   # supervision brings it back: alive
+    wait_for(lambda: probe(port, "/readyz")[0] == 200, timeout=30, what="ready again")
