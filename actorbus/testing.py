@@ -32,13 +32,14 @@ import itertools
 import logging
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 from nats.js import JetStreamContext
 
 from actorbus.bus import EventBus
 from actorbus.processes import sigkill
+from actorbus.redaction import show_servers
 from actorbus.server import NatsServer
 from actorbus.testing_bus import (STOP_TIMEOUT, BusFactory, BusUnderTest, DeadLetter, KitError,
                                   TestScope, WaitTimeout, delete_streams, jetstream, processes_left,
@@ -70,21 +71,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the marker."""
+    """Register the marker, and refuse a runtime switch that names no runtime before any test runs."""
     config.addinivalue_line("markers", "actorbus_runtime(*names): run this test's buses on these "
                             "runtimes ('simple', 'processes'); two names run the test on each")
+    run_runtimes(config)
+
+
+def run_runtimes(config: pytest.Config) -> tuple[str, ...]:
+    """The runtimes of the run: ``--actorbus-runtime``'s, else the ini setting's."""
+    option = config.getoption("actorbus_runtime")
+    if option is not None:
+        return _runtimes(option.split(","), "--actorbus-runtime")
+    return _runtimes(str(config.getini("actorbus_runtime")).split(","), "the ini setting actorbus_runtime")
 
 
 def configured_runtimes(config: pytest.Config, node: pytest.Item | Any) -> tuple[str, ...]:
-    """The runtimes for ``node``: its marker's, else ``--actorbus-runtime``'s, else the ini's."""
+    """The runtimes for ``node``: its marker's, else the run's."""
     marker = node.get_closest_marker("actorbus_runtime")
     if marker is not None:
-        names, source = tuple(marker.args), "@pytest.mark.actorbus_runtime"
-    else:
-        option = config.getoption("actorbus_runtime")
-        source = "--actorbus-runtime" if option is not None else "the ini setting actorbus_runtime"
-        text = option if option is not None else str(config.getini("actorbus_runtime"))
-        names = tuple(text.split(","))
+        return _runtimes(marker.args, "@pytest.mark.actorbus_runtime")
+    return run_runtimes(config)
+
+
+def _runtimes(names: Iterable[object], source: str) -> tuple[str, ...]:
     runtimes = tuple(str(name).strip() for name in names if str(name).strip())
     unknown = [name for name in runtimes if name not in RUNTIMES]
     if not runtimes or unknown:
@@ -174,7 +183,7 @@ def end_of_test(scope: TestScope, made: list[EventBus], streams_before: set[str]
         if not bus._stopped:   # EventBus keeps whether it stopped to itself
             if not owned:
                 problems.append(
-                    f"the test left an EventBus running (servers {', '.join(bus.config.servers)}, runtime "
+                    f"the test left an EventBus running (servers {show_servers(bus.config.servers)}, runtime "
                     f"{bus.config.runtime}, pids {sorted(set(bus.pids.values()))}); the testing kit "
                     "stopped it. Stop the buses you make (`with EventBus(...) as bus:`), or make "
                     "them with make_actorbus, which stops its own")

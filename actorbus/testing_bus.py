@@ -89,8 +89,6 @@ class TestScope:
     #: Appended to the stream names the test's subscriptions derive, e.g. ``T7``.
     tag: str
     recorder: Recorder
-    #: The kit's buses of this test, stopped at its end.
-    buses: list[BusUnderTest] = dataclasses.field(default_factory=list)
 
     @classmethod
     def create(cls, url: str, directory: Path, tag: str) -> TestScope:
@@ -143,7 +141,6 @@ class BusFactory:
             log_path = self.scope.directory / f"actorbus-{next(self._numbers)}.log"
             settings.setdefault("log_config", file_log_config(log_path))
         bus = BusUnderTest(self.scope, **settings)
-        self.scope.buses.append(bus)
         if topology is not None:
             for sub in topology.subscriptions:
                 bus.subscribe(sub.subject, sub.handler, envelope=sub.envelope, durable=sub.durable,
@@ -165,7 +162,8 @@ class BusUnderTest(EventBus):
 
     def __init__(self, scope: TestScope, **options: Any) -> None:
         self.scope = scope
-        self.made: list[SubscriptionConfig] = []
+        #: The subscriptions made through this bus, for its waits and dead letters.
+        self.subscribed: list[SubscriptionConfig] = []
         super().__init__(**options)
 
     @property
@@ -194,19 +192,20 @@ class BusUnderTest(EventBus):
         """
         __tracebackhide__ = True
         target = self._reference(handler)
+        keys = (fail_keys,) if isinstance(fail_keys, str) else fail_keys   # one key, not its letters
         if stream is None:
             stream = f"{SubscriptionConfig(subject, target).stream}_{self.scope.tag}"
             durable = stream.lower() if durable is None else durable
         named = SubscriptionConfig(subject, target, envelope=envelope, durable=durable, stream=stream)
         probe = ProbeSpec(target, str(self.scope.directory), named.durable, fail_times,
-                          None if fail_keys is None else tuple(fail_keys)).reference()
+                          None if keys is None else tuple(keys)).reference()
         try:
             made = super().subscribe(subject, probe, envelope=envelope, durable=durable, stream=stream,
                                      **options)
         except (BusError, HandlerError) as exc:
             raise KitError(f"subscribing handler {target} (through the testing kit's probe) failed: "
                            f"{str(exc).replace(probe, target)}") from None
-        self.made.append(made)
+        self.subscribed.append(made)
         return made
 
     @staticmethod
@@ -268,6 +267,7 @@ class BusUnderTest(EventBus):
     def wait_until_acked(self, n: int, *, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         """Wait until this bus acked at least ``n`` messages; return its ``stats()``."""
         __tracebackhide__ = True
+
         def acked() -> dict[str, Any] | None:
             stats = self.stats()
             return stats if stats["acked"] >= n else None
@@ -286,7 +286,7 @@ class BusUnderTest(EventBus):
 
     def dead_letters(self) -> list[DeadLetter]:
         """The messages in the dead-letter streams of this bus's subscriptions, oldest first."""
-        streams = list(dict.fromkeys(sub.dead_letter_stream for sub in self.made))
+        streams = list(dict.fromkeys(sub.dead_letter_stream for sub in self.subscribed))
         return jetstream(self.scope.url, lambda js: _read_dead_letters(js, streams))
 
     def describe(self) -> str:
@@ -309,15 +309,16 @@ class BusUnderTest(EventBus):
         return "\n  ".join(lines)
 
     def _pending(self) -> str:
-        pairs = [(sub.stream, sub.durable) for sub in self.made]
+        pairs = [(sub.stream, sub.durable) for sub in self.subscribed]
         if not pairs:
             return "no subscription"
         try:
             infos = jetstream(self.scope.url, lambda js: _consumer_infos(js, pairs))
         except Exception as exc:
             return f"unreadable ({type(exc).__name__}: {exc})"
-        return "; ".join(f"{stream}/{durable}: {info}" for (stream, durable), info in zip(pairs, infos,
-                                                                                            strict=True))
+        described = (f"{stream}/{durable}: {info}"
+                     for (stream, durable), info in zip(pairs, infos, strict=True))
+        return "; ".join(described)
 
     def _stat(self, key: str) -> Any:
         try:

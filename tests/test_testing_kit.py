@@ -477,6 +477,6 @@ def test_the_runtime_switch_reads_the_option_then_the_ini(user_project, args, ex
 def test_an_unknown_runtime_is_a_usage_error(user_project):
     result, _ = run_user_project(user_project, "test_runtime.py", "--actorbus-runtime", "threads")
 
-    assert result.returncode != 0
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR   # refused before any test runs
     assert "--actorbus-runtime: threads is not a runtime; name one or both of simple, processes" \
         in result.stdout + result.stderr
