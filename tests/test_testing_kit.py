@@ -21,7 +21,7 @@ import pytest
 
 from actorbus import Aggregate, Envelope, Message
 from actorbus.processes import process_alive
-from actorbus.testing import KitError, WaitTimeout
+from actorbus.testing import KitError, Recorder, WaitTimeout
 from examples import orders
 from tests.test_readme import run_pytest
 
@@ -269,6 +269,23 @@ def test_kill_member_by_index_and_the_pool_goes_on(make_actorbus):
     assert killed not in member_pids(bus)
 
 
+@pytest.mark.actorbus_runtime("processes")
+def test_holds_are_per_key_and_released_one_by_one(make_actorbus):
+    bus = make_actorbus()
+    bus.subscribe("orders.>", handle)
+    bus.hold("order-1", "order-2")
+    bus.publish_events("orders.placed", "order-1", [1])
+    bus.publish_events("orders.placed", "order-2", [2])
+    bus.wait_until_started(2)
+
+    bus.release("order-1")
+
+    bus.wait_until_handled(1, key="order-1")
+    assert bus.records.handled("order-2") == []   # its own hold is still on
+    bus.release()
+    bus.wait_until_handled(1, key="order-2")
+
+
 def test_hold_and_kill_need_the_processes_runtime(make_actorbus):
     bus = make_actorbus(runtime="simple")
     with pytest.raises(KitError, match="hold needs runtime='processes'"):
@@ -290,6 +307,32 @@ def test_envelopes_in_msgpack_and_in_the_go_json_format(make_actorbus, format, h
     assert [r.event_id for r in handled] == [e.event_id for e in sent]
     assert {r.subject for r in handled} == {"orders.order-1"}
     assert {r.aggregate_id for r in handled} == {"order-1"}   # from the body when no header says
+
+
+def test_the_recorder_reads_what_was_added_and_skips_a_cut_line(tmp_path):
+    def line(kind, seq, key, **extra):
+        fields = {"kind": kind, "subscription": extra.get("sub", "orders"), "subject": "orders.x",
+                  "aggregate_id": key, "routing_key": key, "data": "MQ==", "event_type": None,
+                  "event_id": None, "delivery_count": 1, "attempt": 1, "stream_sequence": seq,
+                  "pid": 7, "at_ns": seq * 10 + (kind != "started"), "error": extra.get("error"),
+                  "state": None}
+        return json.dumps(fields) + "\n"
+
+    records = Recorder(tmp_path)
+    path = tmp_path / "records-7.jsonl"
+    path.write_text(line("started", 1, "a") + line("failed", 1, "a", error="ValueError: no"))
+    assert records.attempts() == [1]
+    assert records.last_error() == "ValueError: no (on a, delivery 1, attempt 1)"
+
+    with open(path, "a") as out:   # a killed writer's half line, then another process's records
+        out.write(line("started", 2, "b")[:40] + line("handled", 2, "b", sub="audit")[:-1])
+    assert len(records.records()) == 2   # the unfinished line waits for its end
+    with open(path, "a") as out:
+        out.write("\n" + line("started", 3, "a") + line("handled", 3, "a"))
+
+    assert [r.stream_sequence for r in records.handled()] == [3]   # the joined line is skipped
+    assert records.data("a") == [b"1"] and records.handled(subscription="audit") == []
+    assert [r.kind for r in records.records(key="a")] == ["started", "failed", "started", "handled"]
 
 
 # ---------------------------------------------------------------- bad use, clear errors
