@@ -225,6 +225,11 @@ class EventBus:
         return counts
 
     @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` was called (draining, or done)."""
+        return self._stopped
+
+    @property
     def pids(self) -> dict[str, int]:
         """The process id of each actor (``supervisor``, ``bridge``, ``router``, ``member-<i>``),
         as of the last ``stats()`` call."""

@@ -180,7 +180,7 @@ def end_of_test(scope: TestScope, made: list[EventBus], streams_before: set[str]
     for bus in made:
         # A bus is the kit's to stop when make_actorbus made it for this test.
         owned = isinstance(bus, BusUnderTest) and bus.scope is scope
-        if not bus._stopped:   # EventBus keeps whether it stopped to itself
+        if not bus.stopped:
             if not owned:
                 problems.append(
                     f"the test left an EventBus running (servers {show_servers(bus.config.servers)}, runtime "
