@@ -16,6 +16,7 @@ import nats
 
 from actorbus.benchmarks.procfs import process_rss
 from actorbus.processes import descendants, process_alive
+from actorbus.testing_bus import file_log_config
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
@@ -113,18 +114,6 @@ def consumer_info(url: str, stream: str, durable: str):
 def stream_info(url: str, stream: str):
     """JetStream's view of a stream."""
     return _run(url, lambda js: js.stream_info(stream))
-
-
-def file_log_config(path: Path) -> dict:
-    """A Thespian logDefs dict writing actorbus logs (INFO and up) to ``path``."""
-    return {
-        "version": 1,
-        "formatters": {"plain": {"format": "%(levelname)s %(name)s %(message)s"}},
-        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path),
-                              "formatter": "plain", "level": "INFO"}},
-        "loggers": {"actorbus": {"handlers": ["file"], "level": "INFO", "propagate": False}},
-        "root": {"level": "WARNING", "handlers": []},
-    }
 
 
 def stream_messages(url: str, stream: str) -> list:

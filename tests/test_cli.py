@@ -123,12 +123,17 @@ def test_the_demo_leaves_nothing_in_its_temp_folder(tmp_path):
     assert list(temp.iterdir()) == []
 
 
+def start_run(topology: str, url: str, out_path: Path) -> subprocess.Popen:
+    """``actorbus run tests.handlers:<topology>`` against ``url``, its output to ``out_path``."""
+    with open(out_path, "w") as out:
+        return subprocess.Popen([ACTORBUS, "run", f"tests.handlers:{topology}", "--servers", url],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).parent.parent)
+
+
 def test_run_serves_a_topology_and_drains_on_sigterm(tmp_path, nats_server, records):
     out_path = tmp_path / "out.txt"
-    with open(out_path, "w") as out:
-        process = subprocess.Popen([ACTORBUS, "run", "tests.handlers:topology", "--servers",
-                                    nats_server.url], stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=Path(__file__).parent.parent)
+    process = start_run("topology", nats_server.url, out_path)
     with ended_afterwards(process):
         wait_for(lambda: "running tests.handlers:topology" in out_path.read_text(), timeout=60,
                  what="the topology to start")
@@ -147,10 +152,7 @@ def test_run_drains_once_whoever_gets_the_sigterm(tmp_path, nats_server, records
     # systemd's default (KillMode=control-group) and pkill signal every process of the
     # service: the actor processes must leave the drain to the main one.
     out_path = tmp_path / "out.txt"
-    with open(out_path, "w") as out:
-        process = subprocess.Popen([ACTORBUS, "run", "tests.handlers:slow_topology", "--servers",
-                                    nats_server.url], stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=Path(__file__).parent.parent)
+    process = start_run("slow_topology", nats_server.url, out_path)
     with ended_afterwards(process):
         wait_for(lambda: "running tests.handlers:slow_topology" in out_path.read_text(),
                  timeout=60, what="the topology to start")
