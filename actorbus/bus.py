@@ -207,7 +207,9 @@ class EventBus:
         supervised actor's state (starting, running, restarting, stopped);
         ``subscriptions``, per durable: its kind, counts and handler-duration
         histogram buckets; ``queue_depths``, messages held per pool member;
-        ``nats_disconnected``, Bridges whose NATS connection is not up now.
+        ``nats_disconnected``, Bridges whose NATS connection is not up now; ``lag``, per
+        durable: pending, ack_pending, redelivered and oldest_unacked_seconds as JetStream
+        reported them at read_at (read every few seconds, not at each call).
 
         Raises :class:`BusError` once the bus has stopped processing because
         actors died faster than its supervision policy allows.
@@ -222,6 +224,7 @@ class EventBus:
         counts["actors"] = dict(reply.states)
         counts["subscriptions"] = {name: dict(tally) for name, tally in reply.by_subscription.items()}
         counts["queue_depths"] = list(reply.queue_depths)
+        counts["lag"] = {durable: dict(lag) for durable, lag in reply.lag.items()}
         return counts
 
     @property

@@ -48,6 +48,17 @@ _GROUP_GAUGES = (
      "Partitions of the consumer group this bus owns."),
     ("group_members", "actorbus_group_members", "Members of the consumer group, as this bus sees them."))
 
+#: Each durable's lag (``stats()["lag"]``), read from JetStream every few seconds.
+_LAG_GAUGES = (
+    ("pending", "actorbus_consumer_pending_messages",
+     "Messages of the durable's stream not yet delivered to it."),
+    ("ack_pending", "actorbus_consumer_ack_pending_messages",
+     "Messages delivered to the durable and not yet acked."),
+    ("redelivered", "actorbus_consumer_redelivered_messages",
+     "Messages delivered to the durable more than once and not yet acked."),
+    ("oldest_unacked_seconds", "actorbus_consumer_oldest_unacked_seconds",
+     "Age of the durable's oldest un-acked message (0 with none)."))
+
 
 class BusCollector:
     """A prometheus-client collector that reads a bus's stats at each scrape."""
@@ -94,6 +105,11 @@ class BusCollector:
         for index, held in enumerate(stats["queue_depths"]):
             depth.add_metric((str(index),), held)
         yield depth
+        for key, name, help_text in _LAG_GAUGES:
+            lag = GaugeMetricFamily(name, help_text, labels=("durable",))
+            for durable, reading in stats.get("lag", {}).items():
+                lag.add_metric((durable,), reading[key])
+            yield lag
         durations = HistogramMetricFamily("actorbus_handler_duration_seconds",
                                           "Time in the handler per message, all attempts.",
                                           labels=("subscription",))

@@ -419,6 +419,8 @@ class Stats:
     states: Mapping[str, str] = field(default_factory=dict)
     by_subscription: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     queue_depths: tuple[int, ...] = ()
+    #: By durable: its last lag reading (see ``bridge.lag``).
+    lag: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,7 +196,8 @@ class Bridge(BusActor):
         self.send(sender, Stats(message.request_id, self._stats(),
                                 by_subscription={name: book.snapshot()
                                                  for name, book in self._books.items()},
-                                queue_depths=self._pool.depths()))
+                                queue_depths=self._pool.depths(),
+                                lag=self._link.lag() if self._link is not None else {}))
 
     def receiveMsg_StopBus(self, message: StopBus, sender: Address) -> None:
         self._start_drain(message, sender)

@@ -53,6 +53,10 @@ class BridgeLink(Protocol):
     def pins(self) -> dict[str, str]:
         """The pin id of each durable this link is pinned on now."""
 
+    def lag(self) -> dict[str, dict[str, float]]:
+        """Each durable's last lag reading (pending, ack_pending, redelivered,
+        oldest_unacked_seconds, read_at)."""
+
     def counts(self) -> dict[str, int]:
         """The link's own counters (acked, naked, pins, ...)."""
 

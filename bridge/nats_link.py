@@ -23,6 +23,7 @@ from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.inbox import Delivered, InboxClient
 from actorbus.bridge.inline_loop import InlineLoop
 from actorbus.bridge.jetstream import ensure_consumer, ensure_dead_letter_stream, ensure_stream
+from actorbus.bridge.lag import LagWatch
 from actorbus.bridge.layout import ConsumerLayout, ConsumerSpec, layout_for
 from actorbus.bridge.mailbox import Arrival, Mailbox, PinsChanged, Recovery, Released
 from actorbus.bridge.membership import ElasticMembership, ensure_static_group
@@ -62,6 +63,7 @@ class NatsLink:
         self._stopped: list[PullConsumer] = []
         self._ticker: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[None]] = set()
+        self._lag = LagWatch()
         self._settler = Settler(lambda: self._nc, lambda: self._js, self._window, self._top_up)
         self._closing = False
         self._counts: Counter[str] = Counter()   # recoveries; the settler counts the rest
@@ -156,6 +158,10 @@ class NatsLink:
         # The readiness probe's: this Bridge's connection is not up (reconnecting, or closed).
         counts["nats_disconnected"] = int(self._nc is None or not self._nc.is_connected)
         return counts
+
+    def lag(self) -> dict[str, dict[str, float]]:
+        """The last lag reading of each durable this link reads (see :mod:`bridge.lag`)."""
+        return self._lag.snapshot()
 
     def stop_fetching(self, timeout: float = 5.0) -> None:
         """Fetch nothing more; settling goes on."""
@@ -332,6 +338,8 @@ class NatsLink:
             await self._top_up()
             if self._nc is None or self._nc.is_closed:
                 continue
+            if self._lag.due(now) and self._nc.is_connected:
+                await self._lag.read(self._js, [c.spec for c in self._consumers.values()], now)
             for consumer in [*self._consumers.values(), *self._stopped]:
                 try:
                     await consumer.keep_pin(now)

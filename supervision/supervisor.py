@@ -17,6 +17,7 @@ import enum
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, WakeupMessage
@@ -253,9 +254,11 @@ class Supervisor(BusActor):
         totals: Counter[str] = Counter(self._carried)
         by_subscription: dict[str, dict[str, Any]] = {}
         depths: list[int] = []
+        lag: dict[str, Mapping[str, float]] = {}
         # A Bridge that died meanwhile has no reply: what it last reported is carried.
         for reply in gathering.replies.values():
             totals.update(reply.counts)
+            lag.update(reply.lag)
             for name, tally in reply.by_subscription.items():
                 _add_tally(by_subscription.setdefault(name, {}), tally)
             depths.extend(0 for _ in range(len(reply.queue_depths) - len(depths)))
@@ -267,7 +270,7 @@ class Supervisor(BusActor):
         for level in ("bridge", "router", "pool"):
             counts[f"restarts_{level}"] = self._restarts[level]
         self._reply(Stats(request_id, counts, dict(self._pids), self._failure,
-                          dict(self._states), by_subscription, tuple(depths)))
+                          dict(self._states), by_subscription, tuple(depths), lag))
 
     # ------------------------------------------------------------ the pool's health
     def receiveMsg_MemberDied(self, message: MemberDied, sender: Address) -> None:

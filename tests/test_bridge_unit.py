@@ -64,6 +64,9 @@ class FakeLink:
     def touch(self, msgs: list[Any]) -> None:
         pass
 
+    def lag(self) -> dict[str, dict[str, float]]:
+        return {}
+
     def counts(self) -> dict[str, int]:
         return {}
 

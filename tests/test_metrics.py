@@ -147,3 +147,33 @@ def test_a_killed_member_makes_the_bus_unready_until_it_is_back(make_bus):
     assert body["reasons"] == ["not running: member-1 (restarting)"], body
     assert probe(port, "/healthz")[0] == 200   # supervision brings it back: alive
     wait_for(lambda: probe(port, "/readyz")[0] == 200, timeout=30, what="ready again")
+
+
+def test_lag_follows_a_stalled_consumer_and_its_recovery(make_bus, records, monkeypatch):
+    from actorbus.bridge import lag as lag_module
+    from tests.support import wait_for
+    # Read every half second here (the Bridge, forked from this process, inherits it).
+    monkeypatch.setattr(lag_module, "LAG_INTERVAL", 0.5)
+    port = free_port()
+    bus = make_bus(pool_size=1, metrics_port=port)
+    bus.subscribe("orders.>", handlers.hold_until_released, durable="orders")
+    for n in range(20):   # one key: the first is handled (held), the rest wait behind it
+        bus.publish_envelope("orders.a", Envelope.create("a", "T", str(n).encode()))
+
+    def lag() -> dict:
+        return bus.stats()["lag"].get("orders", {})
+
+    wait_for(lambda: lag().get("ack_pending") == 20, what="20 messages awaiting an ack")
+    first = lag()
+    assert first["pending"] == 0 and first["redelivered"] == 0
+    # Stalled: the oldest un-acked message only gets older, reading after reading.
+    wait_for(lambda: lag()["read_at"] > first["read_at"] + 1.0, what="a later reading")
+    later = lag()
+    assert later["oldest_unacked_seconds"] >= first["oldest_unacked_seconds"] + 1.0
+    samples = scrape(port)
+    assert samples[("actorbus_consumer_ack_pending_messages", (("durable", "orders"),))] == 20
+    assert samples[("actorbus_consumer_oldest_unacked_seconds", (("durable", "orders"),))] >= 1.0
+
+    (records / handlers.RELEASE_MARKER).touch()
+    wait_for(lambda: lag().get("ack_pending") == 0, what="everything acked")
+    assert lag()["oldest_unacked_seconds"] == 0
