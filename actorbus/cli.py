@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import signal
 import sys
@@ -457,6 +458,218 @@ def soak(ctx: click.Context, duration: float | None, messages: int | None, keys:
         return run_soak(config, json_path=json_path, keep_files=keep_files, console=console)
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
+
+
+class BadInput(click.ClickException):
+    """Bad input for a command (an unknown stream, a selection of nothing): one line, exit 2."""
+
+    exit_code = 2
+
+
+def _dlq_options(command: _Command) -> _Command:
+    """The options every ``actorbus dlq`` command takes: which stream, the filters, NATS."""
+    options = [
+        click.option("--stream", default=None, metavar="STREAM_DLQ",
+                     help="The dead-letter stream (e.g. ORDERS_DLQ)."),
+        click.option("--subscription-stream", default=None, metavar="STREAM",
+                     help="Instead: the subscription's stream; its dead-letter stream is STREAM_DLQ."),
+        click.option("--subject", default=None,
+                     help="Only dead letters whose original subject matches (NATS wildcards)."),
+        click.option("--error", "error_text", default=None, metavar="TEXT",
+                     help="Only dead letters whose error contains TEXT (case-insensitive)."),
+        click.option("--since", default=None, metavar="TIME",
+                     help="Only those stored since TIME: ISO 8601, or a duration ago (10m, 2h, 1d)."),
+        click.option("--until", default=None, metavar="TIME",
+                     help="Only those stored until TIME: ISO 8601, or a duration ago."),
+        click.option("--from-seq", type=click.IntRange(min=1), default=None,
+                     help="Only dead-letter stream sequences from this one."),
+        click.option("--to-seq", type=click.IntRange(min=1), default=None,
+                     help="Only dead-letter stream sequences up to this one."),
+    ]
+    command = nats_options(command)
+    for option in reversed(options):
+        command = option(command)
+    return click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")(command)
+
+
+def _on_dlq(ctx: click.Context, values: dict[str, Any],
+            work: Callable[[Any, Any], Any]) -> Any:
+    """Connect, open the dead-letter stream the options name, select what the filters
+    pick and run ``work(stream, letters)`` on the stream's connection; bad input is
+    a :class:`BadInput`."""
+    from actorbus import dlq
+
+    nats = {name: values.pop(name) for name in (*_IDENTITY, *_TLS) if name in values}
+    servers = values.pop("servers")
+    hide_argv_secrets(ctx, {"servers": servers, **nats})
+    try:
+        name = dlq.dead_letter_stream_name(values["stream"], values["subscription_stream"])
+        since = None if values["since"] is None else dlq.parse_time(values["since"])
+        until = None if values["until"] is None else dlq.parse_time(values["until"])
+        selection = dlq.Selection(subject=values["subject"], error=values["error_text"], since=since,
+                                  until=until, from_seq=values["from_seq"], to_seq=values["to_seq"])
+        config = dlq.connection_config(servers, **nats_settings(ctx, nats))
+
+        async def run(stream: dlq.DeadLetterStream) -> Any:
+            return await work(stream, await stream.select(selection))
+
+        return dlq.on_dead_letter_stream(config, name, run)
+    except dlq.DeadLetterInputError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _dlq_run(ctx: click.Context, debug: bool, work: Callable[[], int]) -> None:
+    _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
+
+
+@contextlib.contextmanager
+def _progress(total: int, what: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for long runs (50 dead letters or more); a no-op otherwise."""
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True, disable=total < 50) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda done, _total: bar.update(task, completed=done)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: list, show, redrive or purge a subscription's dead-letter stream.
+
+    Every command takes the dead-letter stream (--stream ORDERS_DLQ, or
+    --subscription-stream ORDERS) and the same filters; a filter that selects
+    nothing, an unknown stream or one that is not a dead-letter stream is one
+    line on stderr and exit code 2.
+    """
+
+
+@dlq.command("list")
+@_dlq_options
+@click.pass_context
+def dlq_list(ctx: click.Context, /, debug: bool, **values: Any) -> None:
+    """One line per dead letter: its sequence, time, original subject, original stream
+    and sequence, delivery count and error (shortened)."""
+    def work() -> int:
+        async def lines(stream: Any, letters: list[Any]) -> list[str]:
+            return [_letter_line(letter) for letter in letters]
+
+        for line in _on_dlq(ctx, values, lines):
+            click.echo(line)
+        return 0
+
+    _dlq_run(ctx, debug, work)
+
+
+def _letter_line(letter: Any) -> str:
+    error = " ".join(letter.error.split())
+    error = error if len(error) <= 60 else error[:59] + "…"
+    stored = letter.time.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    count = "?" if letter.delivery_count is None else letter.delivery_count
+    origin = "?" if letter.original_sequence is None else letter.original_sequence
+    return (f"{letter.sequence:>6}  {stored}  {letter.original_subject}  "
+            f"{letter.original_stream}#{origin}  deliveries {count}  {error}")
+
+
+@dlq.command("show")
+@click.argument("sequence", type=click.IntRange(min=1), required=False)
+@_dlq_options
+@click.pass_context
+def dlq_show(ctx: click.Context, /, sequence: int | None, debug: bool, **values: Any) -> None:
+    """Each selected dead letter in full (SEQUENCE: just that one): its original subject,
+    every header, the error and its body made readable (an envelope's fields)."""
+    if sequence is not None:
+        values["from_seq"] = values["to_seq"] = sequence
+
+    def work() -> int:
+        async def letters(stream: Any, found: list[Any]) -> list[Any]:
+            return found
+
+        for number, letter in enumerate(_on_dlq(ctx, values, letters)):
+            if number:
+                click.echo()
+            for line in _letter_details(letter):
+                click.echo(line)
+        return 0
+
+    _dlq_run(ctx, debug, work)
+
+
+def _letter_details(letter: Any) -> Iterator[str]:
+    from actorbus.dlq import describe_body
+
+    yield f"dead letter #{letter.sequence} ({letter.subject}, stored {letter.time.isoformat()})"
+    yield f"original subject: {letter.original_subject}"
+    yield f"original stream:  {letter.original_stream} #{letter.original_sequence}"
+    yield f"deliveries:       {letter.delivery_count}"
+    yield f"error:            {letter.error}"
+    yield "headers:"
+    for name, value in sorted(letter.headers.items()):
+        yield f"  {name}: {value}"
+    body = describe_body(letter.data)
+    yield f"body: {body.kind}, {len(letter.data)} bytes"
+    if body.problem:
+        yield f"  ({body.problem})"
+    for name, text in body.fields:
+        yield f"  {name}: {text}"
+
+
+@dlq.command("redrive")
+@click.option("--dry-run", is_flag=True, help="Say what would be redriven; change nothing.")
+@_dlq_options
+@click.pass_context
+def dlq_redrive(ctx: click.Context, /, dry_run: bool, debug: bool, **values: Any) -> None:
+    """Publish the selected dead letters back to their original subjects, in order, with
+    their original headers and Nats-Msg-Id actorbus-redrive-<stream>-<sequence>;
+    each is deleted from the dead-letter stream once its publish is acknowledged."""
+    def work() -> int:
+        async def redrive(stream: Any, letters: list[Any]) -> Any:
+            if dry_run:
+                return await stream.redrive(letters, dry_run=True)
+            with _progress(len(letters), "redriving") as progress:
+                return await stream.redrive(letters, progress=progress)
+
+        result = _on_dlq(ctx, values, redrive)
+        if result.dry_run:
+            for letter in result.letters:
+                click.echo(f"would redrive #{letter.sequence} to {letter.original_subject} "
+                           f"as {letter.redrive_msg_id}")
+            click.echo(f"dry run: {len(result.letters)} dead letter(s) would be redriven")
+        else:
+            click.echo(f"redriven {len(result.letters)} dead letter(s): {result.stored} stored, "
+                       f"{result.duplicates} duplicate(s) dropped by their stream")
+        return 0
+
+    _dlq_run(ctx, debug, work)
+
+
+@dlq.command("purge")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_dlq_options
+@click.pass_context
+def dlq_purge(ctx: click.Context, /, dry_run: bool, yes: bool, debug: bool, **values: Any) -> None:
+    """Delete the selected dead letters (asks first, unless --yes)."""
+    def work() -> int:
+        async def purge(stream: Any, letters: list[Any]) -> int | None:
+            if dry_run:
+                for letter in letters:
+                    click.echo(f"would delete #{letter.sequence} ({letter.original_subject})")
+                return int(await stream.purge(letters, dry_run=True))
+            if not yes and not click.confirm(f"delete {len(letters)} dead letter(s) from "
+                                             f"{stream.name}?", err=True):
+                return None
+            with _progress(len(letters), "deleting") as progress:
+                return int(await stream.purge(letters, progress=progress))
+
+        count = _on_dlq(ctx, values, purge)
+        if count is None:
+            click.echo("nothing deleted", err=True)
+            return 1
+        click.echo(f"dry run: {count} dead letter(s) would be deleted" if dry_run
+                   else f"deleted {count} dead letter(s)")
+        return 0
+
+    _dlq_run(ctx, debug, work)
 
 
 if __name__ == "__main__":  # pragma: no cover
