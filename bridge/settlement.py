@@ -75,11 +75,28 @@ class Order(NamedTuple):
 
 def dead_letter_headers(msg: Delivered | RecoveredMsg, stream: str, stream_sequence: int, delivery_count: int,
                         error: str | None) -> dict[str, str]:
-    """The original message's headers plus where it came from and why it failed."""
+    """The original message's headers plus where it came from and why it failed.
+
+    The dead letter's ``Nats-Msg-Id`` is its original's place in its stream, not the
+    original's id: with that, the dead-letter stream would take a second message carrying
+    the same id (published twice outside the source stream's duplicate window, or
+    republished by hand) for a duplicate and drop it, and the original would still be
+    termed. A dead-letter publish tried again is still stored once. The original's id is
+    kept as ``Actorbus-Original-Msg-Id``; its ``Nats-Expected-*`` were about its own stream.
+    """
     reason = " ".join((error or "unknown").split())[:1000]  # header values are one line
-    return {**(msg.headers or {}),
+    original = dict(msg.headers or {})
+    kept = {name: value for name, value in original.items()
+            if name != _MSG_ID and not name.startswith("Nats-Expected-")}
+    if _MSG_ID in original:
+        kept["Actorbus-Original-Msg-Id"] = original[_MSG_ID]
+    return {**kept,
+            _MSG_ID: f"actorbus-dead-letter-{stream}-{stream_sequence}",
             "Actorbus-Original-Subject": msg.subject,
             "Actorbus-Stream": stream,
             "Actorbus-Stream-Sequence": str(stream_sequence),
             "Actorbus-Delivery-Count": str(delivery_count),
             "Actorbus-Error": reason}
+
+
+_MSG_ID = "Nats-Msg-Id"

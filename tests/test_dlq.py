@@ -98,7 +98,7 @@ def test_a_poison_message_is_listed_shown_redriven_once_fixed_and_handled_once(m
     assert shown.exit_code == 0, shown.stderr
     text = shown.stdout
     assert "original subject: orders.bad" in text and "error:            RuntimeError: poison" in text
-    assert f"Nats-Msg-Id: {poison.event_id}" in text and "X-Aggregate-ID: bad-1" in text
+    assert f"Actorbus-Original-Msg-Id: {poison.event_id}" in text and "X-Aggregate-ID: bad-1" in text
     assert "body: msgpack envelope" in text and "aggregate_id: bad-1" in text
     assert "payload: poison" in text and "trace_id: trace-7" in text
 

@@ -48,6 +48,46 @@ def test_poison_envelope_is_dead_lettered_after_max_deliver(make_bus, records, n
              what="every message settled")
 
 
+
+def test_two_dead_letters_with_the_same_message_id_are_both_kept(make_bus, nats_server):
+    # A message id the publisher used twice, outside the source stream's duplicate window
+    # (short here): the dead-letter stream must not take the second letter for a duplicate
+    # of the first, since the original is termed either way.
+    import asyncio
+
+    import nats
+    from nats.js.api import StreamConfig
+
+    async def publish_twice() -> list[int]:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="ORDERS", subjects=["orders.>"],
+                                         duplicate_window=0.2))
+        sequences = [(await js.publish("orders.a", b"\xc1 not an envelope",
+                                       headers={"Nats-Msg-Id": "same-id"})).seq]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:   # once the window has passed, it is stored again
+            ack = await js.publish("orders.a", b"\xc1 not an envelope",
+                                   headers={"Nats-Msg-Id": "same-id"})
+            if not ack.duplicate:
+                sequences.append(ack.seq)
+                break
+            await asyncio.sleep(0.05)
+        await nc.close()
+        return sequences
+
+    sequences = asyncio.run(publish_twice())
+    assert len(sequences) == 2
+    bus = make_bus(pool_size=1)
+    bus.subscribe("orders.>", handlers.record, durable="orders")
+    wait_for_stats(bus, "dead_lettered", 2)
+    letters = stream_messages(nats_server.url, "ORDERS_DLQ")
+    assert [int(m.headers["Actorbus-Stream-Sequence"]) for m in letters] == sequences
+    assert {m.headers["Actorbus-Original-Msg-Id"] for m in letters} == {"same-id"}
+    assert [m.headers["Nats-Msg-Id"] for m in letters] == \
+        [f"actorbus-dead-letter-ORDERS-{seq}" for seq in sequences]
+
+
 BAD_INPUTS = {
     "garbage": b"\xc1\x00garbage",
     "wrong shape": msgpack.packb([1, 2, 3]),
