@@ -40,6 +40,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 
+from actorbus.bridge.jetstream import subject_covers
 from actorbus.bridge.connection import open_connection
 from actorbus.codecs import EnvelopeFormat, codec_for
 from actorbus.config import BusConfig, NatsAuth, servers_from_env
@@ -140,18 +141,6 @@ def _int_or_none(text: str | None) -> int | None:
         return None
 
 
-def subject_matches(pattern: str, subject: str) -> bool:
-    """True when ``subject`` matches the NATS subject ``pattern`` (``*``: one token,
-    ``>``: one or more tokens at the end)."""
-    wanted, tokens = pattern.split("."), subject.split(".")
-    for i, token in enumerate(wanted):
-        if token == ">":
-            return len(tokens) > i
-        if i >= len(tokens) or token not in ("*", tokens[i]):
-            return False
-    return len(tokens) == len(wanted)
-
-
 @dataclass(frozen=True, slots=True)
 class Selection:
     """Which dead letters a command acts on; every filter given must hold."""
@@ -171,7 +160,7 @@ class Selection:
     def matches(self, letter: DeadLetter) -> bool:
         """True when ``letter`` passes every filter."""
         checks = (
-            self.subject is None or subject_matches(self.subject, letter.original_subject),
+            self.subject is None or subject_covers(self.subject, letter.original_subject),
             self.error is None or self.error.lower() in letter.error.lower(),
             self.since is None or letter.time >= self.since,
             self.until is None or letter.time <= self.until,
