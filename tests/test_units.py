@@ -263,3 +263,18 @@ def test_key_order_drops_the_held_items_picked_and_keeps_the_rest_in_order():
     assert order.held == 1
     assert order.admit("a", 1, "a1")          # a's redelivery comes back
     assert order.released("a") == ["a3"] and order.released("b") == [] and order.held == 0
+
+
+def test_a_free_port_is_chosen_below_the_ephemeral_range_and_is_free():
+    # Outside the range the OS hands out to outgoing connections, nothing but an explicit
+    # bind can take the port between its choice and the server's bind.
+    import socket
+    from pathlib import Path
+
+    from actorbus.ports import free_port
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(10_000 <= port < low for port in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))   # free, as said
