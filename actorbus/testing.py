@@ -56,8 +56,6 @@ RUNTIMES = ("simple", "processes")
 #: The runtime of a test that says nothing.
 DEFAULT_RUNTIME = "simple"
 
-#: Tags that keep each test's stream names its own: T1, T2, ... within a run.
-_TAGS = itertools.count(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -149,10 +147,17 @@ def _actorbus_checks(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("_actorbus_scope")
 
 
+@pytest.fixture(scope="session")
+def _actorbus_tags() -> Iterator[int]:
+    """Tags that keep each test's stream names its own: T1, T2, ... within a run."""
+    return itertools.count(1)
+
+
 @pytest.fixture
-def _actorbus_scope(actorbus_server: NatsServer, tmp_path: Path) -> Iterator[TestScope]:
+def _actorbus_scope(actorbus_server: NatsServer, tmp_path: Path,
+                    _actorbus_tags: Iterator[int]) -> Iterator[TestScope]:
     """This test's names, records folder and buses; checked and cleaned up after it."""
-    scope = TestScope.create(actorbus_server.url, tmp_path / "actorbus", f"T{next(_TAGS)}")
+    scope = TestScope.create(actorbus_server.url, tmp_path / "actorbus", f"T{next(_actorbus_tags)}")
     before = jetstream(scope.url, stream_names)
     made: list[EventBus] = []
     with pytest.MonkeyPatch.context() as patch:
