@@ -382,7 +382,7 @@ class Bridge(BusActor):
                 continue
             delivery = self._delivery(book.config, msg.subject, msg.data, msg.headers,
                                       aggregate_id, RECOVERED_DELIVERY_COUNT, msg.sequence)
-            entry = InFlight(msg, book.config, now, delivery, recovered=True)
+            entry = InFlight(msg, book.config, now, delivery)
             self._inflight.add(entry)
             recovered[msg.sequence] = entry
             book.tally.counts["recovered"] += 1

@@ -22,11 +22,14 @@ class InFlight:
     delivery: Delivery
     #: Held back for per-key order (see :mod:`actorbus.bridge.ordering`), not dispatched.
     held: bool = False
-    #: Read back from the stream by recovery: there is nothing to ack for it itself.
-    recovered: bool = False
     #: Redeliveries of a recovered message that arrived while it was being handled:
     #: settled by its outcome.
     attached: list[Delivered] | None = None
+
+    @property
+    def recovered(self) -> bool:
+        """Read back from the stream by recovery: there is nothing to ack for it itself."""
+        return isinstance(self.msg, RecoveredMsg)
 
 
 class InFlightTable:

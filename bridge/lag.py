@@ -73,12 +73,11 @@ async def _read_one(js: Any, spec: ConsumerSpec) -> ConsumerLag:
     read_at = time.time()
     oldest = 0.0
     if info.num_ack_pending:
-        first = info.ack_floor.stream_seq + 1
-        if len(spec.filter_subjects) == 1:
-            msg = await js.get_msg(spec.stream, seq=first, subject=spec.filter_subjects[0],
-                                   next=True)
-        else:
-            msg = await js.get_msg(spec.stream, seq=first, next=True, subject=">")
+        # The first message after the ack floor that the durable reads (of any subject,
+        # with several filters: the upper bound).
+        subject = spec.filter_subjects[0] if len(spec.filter_subjects) == 1 else ">"
+        msg = await js.get_msg(spec.stream, seq=info.ack_floor.stream_seq + 1, subject=subject,
+                               next=True)
         stored = _as_datetime(msg.time)
         if stored is not None:
             oldest = max(0.0, read_at - stored.timestamp())

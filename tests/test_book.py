@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from actorbus.actors.messages import Delivery
 from actorbus.bridge.book import INVALID_KEY_WARNING_INTERVAL, RECOVERED_RECORD_GRACE, SubscriptionBook
 from actorbus.bridge.inflight import InFlight
+from actorbus.bridge.recovery import RecoveredMsg
 from actorbus.bridge.settlement import ACK, NAK
 from actorbus.config import SubscriptionConfig
 from actorbus import Envelope
@@ -18,9 +19,8 @@ def _book(**options) -> SubscriptionBook:
 
 
 def _recovered(book: SubscriptionBook, sequence: int) -> InFlight:
-    entry = InFlight(SimpleNamespace(subject="orders.a"), book.config, 0.0,
-                     Delivery(1, "orders", "orders.a", b"", None, "a", "a", None, 2, sequence),
-                     recovered=True)
+    entry = InFlight(RecoveredMsg("orders.a", b"", None, sequence), book.config, 0.0,
+                     Delivery(1, "orders", "orders.a", b"", None, "a", "a", None, 2, sequence))
     book.recovered[sequence] = entry
     return entry
 
