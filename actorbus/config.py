@@ -56,6 +56,28 @@ class SettlementPolicy(enum.StrEnum):
         """True when a failure is redelivered."""
         return self is SettlementPolicy.NACK_ON_ERROR
 
+class TraceMode(enum.StrEnum):
+    """Which messages a subscription's handlers trace, with OpenTelemetry installed (the
+    ``otel`` extra): a ``process`` span around the handler, and the Bridge's spans of it."""
+
+    #: Those that carry a trace context (a ``traceparent`` header, else an envelope's
+    #: ``trace_id``): the publisher's trace goes on. Others cost nothing.
+    CONTINUE = "continue"
+    #: Those too, and each other message in a trace of its own (a root span: the sampler
+    #: decides, at a few microseconds per message even when it samples nothing).
+    ALWAYS = "always"
+    #: None.
+    OFF = "off"
+
+
+def _trace_mode_of(tracing: TraceMode | str) -> TraceMode:
+    try:
+        return TraceMode(tracing)
+    except ValueError:
+        raise ConfigurationError(f"tracing must be one of {[str(m) for m in TraceMode]}, "
+                                 f"got {tracing!r}") from None
+
+
 #: Seconds without a pull request from a pinned bus before a standby is pinned, by default.
 DEFAULT_PIN_TIMEOUT = 10.0
 
@@ -133,6 +155,8 @@ class SubscriptionConfig:
     #: The stream is partitioned this many ways for a consumer group (see
     #: :mod:`actorbus.groups`): the subject ends with the aggregate id as a ``*`` token.
     partitions: int | None
+    #: Which messages are traced (see :class:`TraceMode`; ``continue`` by default).
+    tracing: TraceMode
 
     def __init__(self, subject: str, handler: str, envelope: bool = True,
                  settlement: SettlementPolicy | str | None = None,
@@ -148,7 +172,8 @@ class SubscriptionConfig:
                  max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
                  key_from_subject: bool = False, dead_letter_subject: str | None = None,
                  dead_letter_stream: str | None = None, processing_timeout: float | None = None,
-                 partitions: int | None = None) -> None:
+                 partitions: int | None = None,
+                 tracing: TraceMode | str = TraceMode.CONTINUE) -> None:
         check_subject(subject)
         if partitions is not None:
             check_partitioned_subject(subject)
@@ -177,6 +202,7 @@ class SubscriptionConfig:
                                     else dead_letter_subject),
             "dead_letter_stream": f"{stream}_DLQ" if dead_letter_stream is None else dead_letter_stream,
             "processing_timeout": processing_timeout, "partitions": partitions,
+            "tracing": _trace_mode_of(tracing),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)   # frozen: only while it is being built

@@ -16,6 +16,7 @@ from actorbus.codecs import CODECS, EnvelopeFormat
 from actorbus.config import BusConfig
 from actorbus.envelope import Envelope
 from actorbus.groups import subject_for_key
+from actorbus.tracing import inject_trace_context
 
 log = logging.getLogger("actorbus.publisher")
 
@@ -93,12 +94,15 @@ class Publisher:
 
     def publish(self, subject: str, data: bytes,
                 headers: Mapping[str, str] | None = None) -> PublishResult:
-        """Publish ``data``; return JetStream's acknowledgement. Raises :class:`PublishError`."""
+        """Publish ``data``; return JetStream's acknowledgement. Raises :class:`PublishError`.
+
+        With the ``otel`` extra, the current trace context goes along (``traceparent``,
+        ``tracestate``): the handler's span is its child."""
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
         try:
             ack = self._thread.run(
-                self._js.publish(subject, bytes(data), headers=dict(headers) if headers else None,
+                self._js.publish(subject, bytes(data), headers=inject_trace_context(headers),
                                  timeout=self._timeout), self._timeout + 1.0)
         except Exception as exc:
             raise PublishError(f"publishing to {subject!r} failed: {type(exc).__name__}: {exc}") from exc
@@ -158,7 +162,7 @@ class Publisher:
             data = data.encode(format)
         elif not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"data for {subject!r} must be bytes or an Envelope, got {type(data).__name__}")
-        return subject, bytes(data), headers
+        return subject, bytes(data), inject_trace_context(headers)
 
     def close(self) -> None:
         """Flush and disconnect."""

@@ -15,6 +15,7 @@ from actorbus.actors.messages import (Address, Completion, Delivery, Dispatch, H
 from actorbus.actors.processing import HandlerTable
 from actorbus.actors.sequencing import Resequencer
 from actorbus.actors.watchdog import Watchdog
+from actorbus.tracing import flush_traces
 
 log = logging.getLogger("actorbus.actors")
 
@@ -122,3 +123,4 @@ class PoolMember(BusActor):
     def receiveMsg_ActorExitRequest(self, message: ActorExitRequest, sender: Address) -> None:
         self._runner.call(self._table.close)   # its event loop belongs to that thread
         self._runner.stop()
+        flush_traces()   # the process may end without the interpreter's exit hooks

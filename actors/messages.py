@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.policies import RestartPolicy
+from actorbus.tracing import SpanHandle
 
 #: A Thespian actor address: opaque, only ever passed back to ``send``.
 Address = Any
@@ -118,6 +119,9 @@ class Outcome(NamedTuple):
     error: str | None = None
     attempts: int = 1
     seconds: float = 0.0  # time in the handler, all attempts
+    #: The sampled ``process`` span it was handled in (see :mod:`actorbus.tracing`):
+    #: the Bridge adds its own spans of the message to that trace.
+    trace: SpanHandle | None = None
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -149,7 +153,7 @@ class Completion:
         seconds: list[float] = []
         others: list[Outcome] = []
         for outcome in outcomes:
-            if outcome.kind == SUCCEEDED and outcome.attempts == 1:
+            if outcome.kind == SUCCEEDED and outcome.attempts == 1 and outcome.trace is None:
                 succeeded.append(outcome.token)
                 seconds.append(outcome.seconds)
             else:

@@ -23,6 +23,7 @@ from actorbus.aggregate import Aggregate
 from actorbus.config import SubscriptionConfig
 from actorbus.envelope import InvalidEnvelope, decode_envelope
 from actorbus.message import Message
+from actorbus.tracing import ProcessSpan, ProcessSpans, process_spans
 
 log = logging.getLogger("actorbus.actors")
 
@@ -31,8 +32,10 @@ class HandlerTable:
     """The handlers of one pool member, by subscription, and the loop for async ones."""
 
     def __init__(self, subscriptions: Iterable[SubscriptionConfig] = (),
-                 sleep: Callable[[float], Any] = time.sleep, watchdog: Watchdog | None = None):
+                 sleep: Callable[[float], Any] = time.sleep, watchdog: Watchdog | None = None,
+                 spans: ProcessSpans | None = None):
         self._watchdog = watchdog
+        self._spans = spans if spans is not None else process_spans()
         self._subscriptions: dict[str, SubscriptionConfig] = {}
         # (subscription, aggregate id) → stream sequence of its failed message due to come back.
         self._blocked: dict[tuple[str, str | None], int] = {}
@@ -102,15 +105,34 @@ class HandlerTable:
             not spec.is_last_delivery(delivery.delivery_count)
 
     def process_one(self, delivery: Delivery) -> Outcome:
-        """Handle one delivery with in-place retries; never raises."""
+        """Handle one delivery with in-place retries, inside its ``process`` span; never
+        raises."""
         spec = self._subscriptions.get(delivery.subscription)
         if spec is None:
             return Outcome(delivery.token, UNDELIVERED,
                            f"no handler registered for subscription {delivery.subscription!r}", 0)
+        message: Message | None = None
+        invalid = None
         try:
             message = self._message(spec, delivery)
         except InvalidEnvelope as exc:
-            return Outcome(delivery.token, INVALID, str(exc), 0)
+            invalid = str(exc)
+        span = self._spans.start(spec, delivery.subject, delivery.headers,
+                                 message.envelope.trace_id if message and message.envelope else None)
+        if span.recording:
+            span.describe(_attributes_of(delivery))
+        with span:
+            if message is None:
+                outcome = Outcome(delivery.token, INVALID, invalid, 0)
+            else:
+                outcome = self._run(spec, delivery, message, span)
+        handle = span.end(outcome.kind, outcome.error, outcome.attempts)
+        return outcome if handle is None else outcome._replace(trace=handle)
+
+    def _run(self, spec: SubscriptionConfig, delivery: Delivery, message: Message,
+             span: ProcessSpan) -> Outcome:
+        """The handler on ``message``, tried again (in place, after a delay) while it raises,
+        up to the subscription's retries."""
         try:
             handler = self._handler(spec)
         except HandlerError as exc:
@@ -135,6 +157,7 @@ class HandlerTable:
                 delay = spec.retry_delay_for(attempt)
                 log.debug("handler failed on %s (attempt %d), retrying in %.3fs: %r",
                           delivery.subject, attempt, delay, exc)
+                span.retried(attempt, exc)
                 self._sleep(delay)
                 attempt += 1
                 message = dataclasses.replace(message, attempt=attempt)
@@ -187,3 +210,14 @@ class HandlerTable:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
             self._loop.run_until_complete(result)
+
+
+def _attributes_of(delivery: Delivery) -> dict[str, Any]:
+    """What a traced delivery's ``process`` span says about it, beyond the messaging basics."""
+    attributes: dict[str, Any] = {"messaging.message.body.size": len(delivery.data),
+                                  "actorbus.subscription": delivery.subscription,
+                                  "actorbus.delivery_count": delivery.delivery_count,
+                                  "actorbus.stream_sequence": delivery.stream_sequence}
+    if delivery.aggregate_id is not None:
+        attributes["actorbus.aggregate_id"] = delivery.aggregate_id
+    return attributes

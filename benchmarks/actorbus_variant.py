@@ -32,6 +32,15 @@ def _log_config(path: Path) -> dict[str, Any]:
     }
 
 
+def _trace_nothing() -> None:
+    """OpenTelemetry's SDK as the tracer provider, sampling nothing: set before the bus
+    forks its actor processes, which inherit it."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+    trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
+
+
 def consume(params: dict[str, Any]) -> dict[str, Any]:
     from actorbus.bus import EventBus
 
@@ -40,6 +49,9 @@ def consume(params: dict[str, Any]) -> dict[str, Any]:
     if os.environ.get(RECORD_DIR_ENV) != params["record_dir"]:
         raise RuntimeError(f"{RECORD_DIR_ENV} must be set before the bus is built")
     count = params["count"]
+    tracing = params.get("tracing")
+    if tracing:
+        _trace_nothing()
     log_path = Path(params.get("log_path") or tempfile.mktemp(prefix="actorbus-bench-", suffix=".log"))
     with EventBus(servers=params["url"], pool_size=params["pool"], runtime="processes",
                   log_config=_log_config(log_path), partitions=params.get("partitions"),
@@ -50,7 +62,8 @@ def consume(params: dict[str, Any]) -> dict[str, Any]:
         with RssSampler(pids) as rss:
             started = time.perf_counter()
             bus.subscribe(params["subject"], handle, envelope=True, durable=params["durable"],
-                          stream=params["stream"], storage="file")
+                          stream=params["stream"], storage="file",
+                          **({"tracing": tracing} if tracing else {}))
             if params.get("ready_path"):
                 Path(params["ready_path"]).touch()
             deadline = time.monotonic() + params["timeout"]

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -73,6 +74,9 @@ QUICK_POOLS = (2,)
 KINDS = ("plain", "faststream", "actorbus")
 #: Handler tasks of the second FastStream row (its concurrent pull subscriber).
 FASTSTREAM_WORKERS = 8
+#: What labels the rows that run with OpenTelemetry installed and sampling off.
+TRACED = "tracing="
+UNSAMPLED = " (sampling off)"
 
 
 # ====================================================================== publishing
@@ -225,14 +229,36 @@ def _run_worker(params: dict[str, Any], work_dir: Path, *, pace: dict[str, Any] 
 
 # ====================================================================== the whole run
 def _variants(pools: list[int], bridges: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
-    found = [("plain", "plain", {}), ("FastStream", "faststream", {}),
+    found: list[tuple[str, str, dict[str, Any]]] = [
+        ("plain", "plain", {}), ("FastStream", "faststream", {}),
              (f"FastStream max_workers={FASTSTREAM_WORKERS}", "faststream",
               {"max_workers": FASTSTREAM_WORKERS})]
     found += [(f"actorbus pool={p}", "actorbus", {"pool": p}) for p in pools]
+    if tracing_sdk_available():
+        # What tracing costs when it is installed but samples nothing: its price for everyone
+        # (these messages carry no trace context: "continue" makes no span for them).
+        found += [(f"actorbus pool={min(pools)} {TRACED}{mode}{UNSAMPLED}", "actorbus",
+                   {"pool": min(pools), "tracing": mode}) for mode in ("continue", "always")]
     # The largest pool: several Bridges are for a pool that one Bridge cannot keep busy.
     found += [(f"actorbus pool={max(pools)} bridges={k}", "actorbus",
                {"pool": max(pools), "bridges": k, "partitions": BENCH_PARTITIONS}) for k in bridges]
     return found
+
+
+def tracing_sdk_available() -> bool:
+    """Whether OpenTelemetry's SDK is installed (the ``bench`` extra has it)."""
+    return importlib.util.find_spec("opentelemetry.sdk") is not None
+
+
+def _note_tracing_overhead(rows: list[dict[str, Any]]) -> None:
+    """Say, on the traced row, what share of its untraced twin's throughput it reached."""
+    for row in rows:
+        if TRACED in row["variant"] and row["msgs_per_s"]:
+            twin = row["variant"].split(TRACED)[0].rstrip()
+            base = next((r["msgs_per_s"] for r in rows if r["variant"] == twin), None)
+            if base:
+                row["notes"] = (f"OpenTelemetry SDK installed, sampler ALWAYS_OFF: "
+                                f"{row['msgs_per_s'] / base:.3f}× the {twin} row; ") + row["notes"]
 
 
 def _slug(label: str) -> str:
@@ -430,9 +456,11 @@ def run_bench(messages: int = 100_000, keys: int = 1000, cpu_us: float = 0.0,
                 rows.append(_throughput(label, kind, extra, server.url, messages, keys, cpu_us,
                                         timeout, work_dir, console, server.pid))
             report.add_ratios(rows)
+            _note_tracing_overhead(rows)
             if rates:
                 for number, r in enumerate(rows):
-                    if r["msgs_per_s"] and not specs[r["variant"]][1].get("bridges"):
+                    extra = specs[r["variant"]][1]
+                    if r["msgs_per_s"] and not extra.get("bridges") and not extra.get("tracing"):
                         kind, extra = specs[r["variant"]]
                         latency_rows += _latency(r["variant"], number, kind, extra,
                                                  r["msgs_per_s"], rates, server.url, latency_keys,

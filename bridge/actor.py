@@ -45,6 +45,7 @@ from actorbus.bridge.settlement import (ACK, DEAD_LETTER, NAK, Order, dead_lette
                                         decide)
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.groups import without_partition
+from actorbus.tracing import BridgeSpans, SpanHandle, end_settle_span, flush_traces
 
 log = logging.getLogger("actorbus.bridge")
 
@@ -112,6 +113,7 @@ class Bridge(BusActor):
         self._last_held = 0
         self._layout: ConsumerLayout = BridgePartitions()
         self._link_due: float | None = None   # when the link's next timer wakes the Bridge
+        self._spans = BridgeSpans()
 
     def watch(self) -> ThespianWatch | None:
         """The link's descriptor while connected (multiprocTCPBase)."""
@@ -353,7 +355,7 @@ class Bridge(BusActor):
                 book.note_invalid_key(msg, now)
             delivery = self._delivery(sub, msg.subject, msg.data, msg.headers, aggregate_id,
                                       delivery_count, stream_sequence)
-            entry = InFlight(msg, sub, now, delivery)
+            entry = InFlight(msg, sub, now, delivery, now)
             self._inflight.add(entry)
             if aggregate_id is None:
                 deliveries.append(delivery)
@@ -362,7 +364,7 @@ class Bridge(BusActor):
                 if order.held:   # a redelivery that others waited for: they go right behind it
                     self._release(book, aggregate_id, deliveries)
             else:
-                entry.held = True
+                entry.held_for_order = True
                 tally["held_for_order"] += 1
 
     def _take_recovered(self, book: SubscriptionBook, msgs: list[RecoveredMsg],
@@ -382,14 +384,14 @@ class Bridge(BusActor):
                 continue
             delivery = self._delivery(book.config, msg.subject, msg.data, msg.headers,
                                       aggregate_id, RECOVERED_DELIVERY_COUNT, msg.sequence)
-            entry = InFlight(msg, book.config, now, delivery)
+            entry = InFlight(msg, book.config, now, delivery, now)
             self._inflight.add(entry)
             recovered[msg.sequence] = entry
             book.tally.counts["recovered"] += 1
             if order.admit(aggregate_id, msg.sequence, delivery):
                 deliveries.append(delivery)
             else:
-                entry.held = True
+                entry.held_for_order = True
 
     def _delivery(self, sub: SubscriptionConfig, subject: str, data: bytes,
                   headers: Mapping[str, str] | None, aggregate_id: str | None, delivery_count: int,
@@ -427,7 +429,7 @@ class Bridge(BusActor):
             if entry.recovered:
                 actions += book.recovered_done(entry, ACK, None)
             else:
-                actions.append(new_order(Order, (entry.msg, ACK, None, None, None)))
+                actions.append(new_order(Order, (entry.msg, ACK, None, None, None, None)))
             if entry.delivery.aggregate_id is not None:
                 self._resolve(book, entry, freed)
         for outcome in completion.others:
@@ -441,10 +443,11 @@ class Bridge(BusActor):
             settlement = self._decide(book, entry, outcome)
             key = entry.delivery.aggregate_id
             redelivered = settlement.action == NAK or (entry.recovered and settlement.action != ACK)
-            if entry.recovered:
-                actions += book.recovered_done(entry, settlement.action, settlement.delay)
-            else:
-                actions.append(settlement)
+            orders = book.recovered_done(entry, settlement.action, settlement.delay) \
+                if entry.recovered else [settlement]
+            if outcome.trace is not None:
+                self._traced(entry, outcome.trace, settlement, orders)
+            actions += orders
             if key is None:
                 continue
             if redelivered:
@@ -457,6 +460,21 @@ class Bridge(BusActor):
         if actions and self._link is not None:
             self._link.settle(actions)
         return freed
+
+    def _traced(self, entry: InFlight, handle: SpanHandle, settlement: Order,
+                orders: list[Order]) -> None:
+        """Add the Bridge's spans of a message handled in a sampled span to its trace: how long
+        it waited here, and its settlement (ended once the server confirms it)."""
+        sub, subject = entry.subscription, entry.msg.subject
+        self._spans.waited(handle, entry.received_at, sub.subject, entry.held_for_order)
+        span = self._spans.settling(handle, subject, sub.subject, sub.durable,
+                                    settlement.action, settlement.delay)
+        if span is None:
+            return
+        if orders:   # a recovered message's settlement is its redeliveries'
+            orders[0] = orders[0]._replace(span=span)
+        else:
+            end_settle_span(span)
 
     def _resolve(self, book: SubscriptionBook, entry: InFlight, freed: list[Delivery]) -> None:
         key = entry.delivery.aggregate_id
@@ -471,7 +489,6 @@ class Bridge(BusActor):
             entry = self._inflight.pop(delivery.token)
             if entry is not None:
                 # A new token: newer messages have been dispatched while this one was held.
-                entry.held = False
                 freed.append(self._inflight.renew(entry))
 
     def _drop_released(self, released: Released) -> None:
@@ -504,7 +521,7 @@ class Bridge(BusActor):
     def _hold_again(self, book: SubscriptionBook, entry: InFlight, freed: list[Delivery]) -> None:
         """The pool deferred it behind an older failure of its key: hold it (in flight again)."""
         delivery = self._inflight.renew(entry)
-        entry.held = True
+        entry.held_for_order = True
         key = delivery.aggregate_id
         assert key is not None   # only keyed deliveries are deferred
         book.tally.counts["held_for_order"] += 1
@@ -663,6 +680,7 @@ class Bridge(BusActor):
         if len(self._inflight):
             log.info("stopped with %d message(s) in flight; JetStream will redeliver them",
                      len(self._inflight))
+        flush_traces()   # the process may end without the interpreter's exit hooks
 
 
 def _dead_letter(msg: Delivered | RecoveredMsg, sub: SubscriptionConfig, stream_sequence: int, delivery_count: int,

@@ -20,8 +20,10 @@ class InFlight:
     #: What is dispatched (and re-sent after a Router restart): its token is this entry's
     #: key in the table; it holds the delivery count and the stream sequence.
     delivery: Delivery
-    #: Held back for per-key order (see :mod:`actorbus.bridge.ordering`), not dispatched.
-    held: bool = False
+    #: When it came (monotonic): where its trace's ``wait`` span starts.
+    received_at: float
+    #: Held back at some point for per-key order (see :mod:`actorbus.bridge.ordering`).
+    held_for_order: bool = False
     #: Redeliveries of a recovered message that arrived while it was being handled:
     #: settled by its outcome.
     attached: list[Delivered] | None = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, OutcomeKind
 from actorbus.bridge.inbox import Delivered
@@ -71,6 +71,9 @@ class Order(NamedTuple):
     delay: float | None = None
     dead_letter_subject: str | None = None
     dead_letter_headers: dict[str, str] | None = None
+    #: The ``settle`` span of a traced message (see :mod:`actorbus.tracing`), ended by the
+    #: settler once the server confirmed it.
+    span: Any = None
 
 
 def dead_letter_headers(msg: Delivered | RecoveredMsg, stream: str, stream_sequence: int, delivery_count: int,

@@ -169,3 +169,12 @@ def fail_first_delivery_of_first(msg: Message) -> None:
 
 def noop(msg: Message) -> None:
     """Do nothing (for throughput checks)."""
+
+
+def traced(msg: Message) -> None:
+    """Make a span of its own (a child of the one it runs in); fail the first attempt of
+    an envelope whose payload is ``retry``."""
+    from opentelemetry import trace
+    with trace.get_tracer("tests.handlers").start_as_current_span("handler's own work"):
+        if msg.data == b"retry" and msg.attempt == 1:
+            raise RuntimeError("deliberate failure on the first attempt")

@@ -20,7 +20,7 @@ def _book(**options) -> SubscriptionBook:
 
 def _recovered(book: SubscriptionBook, sequence: int) -> InFlight:
     entry = InFlight(RecoveredMsg("orders.a", b"", None, sequence), book.config, 0.0,
-                     Delivery(1, "orders", "orders.a", b"", None, "a", "a", None, 2, sequence))
+                     Delivery(1, "orders", "orders.a", b"", None, "a", "a", None, 2, sequence), 0.0)
     book.recovered[sequence] = entry
     return entry
 
