@@ -211,9 +211,9 @@ class _SampledSpan(_UnsampledSpan):
 
     recording = True
 
-    def __init__(self, span: Span) -> None:
+    def __init__(self, span: Span, started: int) -> None:
         super().__init__(span)
-        self._started = time.time_ns()
+        self._started = started   # the span's start, where the Bridge's wait span ends
 
     def describe(self, attributes: Mapping[str, Any]) -> None:
         self._span.set_attributes(attributes)
@@ -254,15 +254,17 @@ class OtelProcessSpans:
             parent = parent_of_trace_id(trace_id)
             if parent is None and mode is TraceMode.CONTINUE:
                 return _NO_SPAN   # nothing to continue: a message nobody traces costs nothing
+        started = time.time_ns()
         span = self._tracer.start_span(
             f"process {subscription.subject}", context=parent, kind=SpanKind.CONSUMER,
-            attributes=_messaging("process", subject, subscription.subject, subscription.durable))
+            attributes=_messaging("process", subject, subscription.subject, subscription.durable),
+            start_time=started)
         if not span.is_recording():
             return _UnsampledSpan(span)
         message_id = headers.get(_MSG_ID) if headers else None
         if message_id:
             span.set_attribute("messaging.message.id", message_id)
-        return _SampledSpan(span)
+        return _SampledSpan(span, started)
 
 
 def process_spans() -> ProcessSpans:

@@ -173,8 +173,11 @@ def noop(msg: Message) -> None:
 
 def traced(msg: Message) -> None:
     """Make a span of its own (a child of the one it runs in); fail the first attempt of
-    an envelope whose payload is ``retry``."""
+    an envelope whose payload is ``retry``, and the whole first delivery of one whose
+    payload is ``nak``."""
     from opentelemetry import trace
     with trace.get_tracer("tests.handlers").start_as_current_span("handler's own work"):
         if msg.data == b"retry" and msg.attempt == 1:
             raise RuntimeError("deliberate failure on the first attempt")
+        if msg.data == b"nak" and msg.delivery_count == 1:
+            raise RuntimeError("deliberate failure on the first delivery")

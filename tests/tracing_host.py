@@ -6,11 +6,13 @@ the actor processes forked from it inherit the tracer provider. With the
 ``processes`` runtime each process appends its finished spans to SPANS_FILE as
 JSON lines; with ``simple`` (one process) they are kept by an in-memory
 exporter and written there at the end. It then publishes, with a raw nats-py
-client as a foreign publisher would, three envelopes whose ``traceparent`` says
-their publisher's span (an ``ok``, a ``retry`` that fails its first attempt,
-and an invalid one), and one through ``publish_envelope`` inside a span of its
-own; waits until all four are settled, stops the bus, and writes its
-processes' pids to ``SPANS_FILE.pids``.
+client as a foreign publisher would, messages whose ``traceparent`` says
+their publisher's span (see :data:`TRACE_IDS`: an ``ok``, a ``retry`` that fails
+its first attempt, ``behind`` of the same key, a ``nak`` that fails its first
+delivery, and an invalid one), before it subscribes, so they come in one fetch;
+then one through ``publish_envelope`` inside a span of its own. It waits until
+all are settled, stops the bus, and writes its processes' pids to
+``SPANS_FILE.pids``.
 """
 from __future__ import annotations
 
@@ -32,9 +34,15 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from actorbus import Envelope, EventBus
 
-#: The trace and span ids of the foreign publisher's spans: one trace per message.
+#: The foreign publisher's messages, by name: (trace id, aggregate id). One trace each;
+#: ``behind`` shares its key with ``nak``, published right after it: it waits in the
+#: Bridge, held for its key's order, until ``nak`` comes back and succeeds.
 TRACE_IDS = {"ok": "4bf92f3577b34da6a3ce929d0e0e4736", "retry": "5bf92f3577b34da6a3ce929d0e0e4737",
+             "nak": "8bf92f3577b34da6a3ce929d0e0e473a", "behind": "7bf92f3577b34da6a3ce929d0e0e4739",
              "invalid": "6bf92f3577b34da6a3ce929d0e0e4738"}
+KEYS = {"behind": "nak"}
+#: The stream the host creates, before the bus subscribes: all of it comes in one fetch.
+STREAM = "TRACED"
 PUBLISHER_SPAN_ID = "00f067aa0ba902b7"
 
 
@@ -67,12 +75,14 @@ async def publish_raw(url: str) -> None:
     """Publish as a foreign publisher: W3C headers written by hand."""
     nc = await nats.connect(url)
     js = nc.jetstream()
+    await js.add_stream(name=STREAM, subjects=["traced.*"])
     for name, trace_id in TRACE_IDS.items():
+        key = KEYS.get(name, name)
         body = b"not an envelope" if name == "invalid" else \
-            Envelope.create(name, "Happened", name.encode()).encode()
+            Envelope.create(key, "Happened", name.encode()).encode()
         await js.publish(f"traced.{name}", body, headers={
             "traceparent": f"00-{trace_id}-{PUBLISHER_SPAN_ID}-01", "Nats-Msg-Id": f"msg-{name}",
-            "X-Aggregate-ID": name})
+            "X-Aggregate-ID": key})
     await nc.close()
 
 
@@ -84,15 +94,15 @@ def main(url: str, spans_file: str, runtime: str) -> None:
     trace.set_tracer_provider(provider)
     bus = EventBus(servers=url, pool_size=2, runtime=runtime)
     try:
-        bus.subscribe("traced.*", "tests.handlers:traced", durable="traced", retries=1,
-                      retry_backoff=0.01)
         asyncio.run(publish_raw(url))
+        bus.subscribe("traced.*", "tests.handlers:traced", durable="traced", stream=STREAM,
+                      retries=1, retry_backoff=0.01, nak_delay=0.2)
         with trace.get_tracer("tests.tracing_host").start_as_current_span("publish via the bus"):
             bus.publish_envelope("traced.bus", Envelope.create("bus", "Happened", b"bus"))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             stats = bus.stats()
-            if stats.get("acked", 0) >= 3 and stats.get("dead_lettered", 0) >= 1:
+            if stats.get("acked", 0) >= 5 and stats.get("dead_lettered", 0) >= 1:
                 break
             time.sleep(0.05)
         else:
