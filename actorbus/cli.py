@@ -249,6 +249,7 @@ def run(ctx: click.Context, /, topology: str, servers: str | None, metrics_port:
     hide_argv_secrets(ctx, {"servers": servers, **nats})
 
     def work() -> int:
+        from actorbus.draining import drain_then_stop
         from actorbus.topology import load_topology
 
         if os.getcwd() not in sys.path:
@@ -280,14 +281,17 @@ def run(ctx: click.Context, /, topology: str, servers: str | None, metrics_port:
                                   f"{group}")
                     time.sleep(1.0)
         except KeyboardInterrupt:
-            console.print(f"draining (up to {drain_timeout:g} s)")
+            console.print(f"draining (up to {drain_timeout:g} s); a second SIGTERM or Ctrl-C "
+                          "stops at once")
         finally:
-            bus.stop(timeout=drain_timeout)
-            if pid_file:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(pid_file)
-        console.print("stopped")
-        return 0
+            try:
+                drained = drain_then_stop(bus, console, drain_timeout)
+            finally:
+                if pid_file:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(pid_file)
+        console.print("stopped" if drained else "stopped without finishing the drain")
+        return 0 if drained else 1
 
     _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 

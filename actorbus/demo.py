@@ -22,14 +22,12 @@ import itertools
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -38,10 +36,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from rich.table import Table
 
 from actorbus.bus import EventBus
+from actorbus.draining import drain_then_stop
 from actorbus.config import NatsAuth
 from actorbus.envelope import Envelope
 from actorbus.message import Message
-from actorbus.processes import process_alive
 from actorbus.publisher import PublishError
 from actorbus.redaction import show_servers
 from actorbus.server import NatsServer
@@ -372,7 +370,7 @@ def run_demo(pool_size: int = 8, envelopes: int = 20000, aggregates: int = 500,
                 console.print(f"interrupted: draining (up to {DRAIN_TIMEOUT:g} s); "
                               "Ctrl-C again stops now")
             finally:
-                _stop(bus, console)
+                drain_then_stop(bus, console, DRAIN_TIMEOUT)
             if not interrupted:
                 check = check_records(work_dir, envelopes, aggregates)
     finally:
@@ -422,35 +420,6 @@ def _print_failures(console: Console, check: Check, plain_done: int, keyless: in
         console.print(f"[red]order violation[/]: {violation}")
     if plain_done != keyless:
         console.print(f"[red]plain messages[/]: {plain_done} handled, {keyless} published")
-
-
-def _stop(bus: EventBus, console: Console) -> None:
-    """Drain and stop the bus; a Ctrl-C or SIGTERM during the drain stops it at once.
-
-    Only that one signal interrupts the drain: later ones are ignored until
-    the actor system is down, so no actor process outlives the demo.
-    """
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def stop_now(signum: int, frame: FrameType | None) -> NoReturn:
-        for each in previous:
-            signal.signal(each, signal.SIG_IGN)
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        for signum in previous:
-            signal.signal(signum, stop_now)
-        try:
-            bus.stop(timeout=DRAIN_TIMEOUT)
-        except KeyboardInterrupt:
-            console.print("stopping now: the actor system is shut down without waiting; "
-                          "what was not acked is redelivered by JetStream")
-            # The interrupt may have cut the shutdown itself short: finish it.
-            if any(process_alive(pid) for pid in bus.pids.values() if pid != os.getpid()):
-                bus.runtime.shutdown(bus.pids.values())
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _summary(console: Console, *, stats: dict[str, int], check: Check, envelopes: int,

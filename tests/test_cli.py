@@ -76,7 +76,7 @@ def test_a_second_signal_during_the_drain_stops_at_once_and_still_shuts_down():
 
     from rich.console import Console
 
-    from actorbus.demo import _stop
+    from actorbus.draining import drain_then_stop
 
     class SlowDrainBus:
         """A bus whose drain takes until it is interrupted; its 'actor' is a real child."""
@@ -100,7 +100,7 @@ def test_a_second_signal_during_the_drain_stops_at_once_and_still_shuts_down():
     output = StringIO()
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        _stop(bus, Console(file=output, width=200))
+        drain_then_stop(bus, Console(file=output, width=200), timeout=10.0)
     finally:
         if bus.actor.poll() is None:
             bus.actor.kill()
@@ -123,10 +123,11 @@ def test_the_demo_leaves_nothing_in_its_temp_folder(tmp_path):
     assert list(temp.iterdir()) == []
 
 
-def start_run(topology: str, url: str, out_path: Path) -> subprocess.Popen:
+def start_run(topology: str, url: str, out_path: Path, *options: str) -> subprocess.Popen:
     """``actorbus run tests.handlers:<topology>`` against ``url``, its output to ``out_path``."""
     with open(out_path, "w") as out:
-        return subprocess.Popen([ACTORBUS, "run", f"tests.handlers:{topology}", "--servers", url],
+        return subprocess.Popen([ACTORBUS, "run", f"tests.handlers:{topology}", "--servers", url,
+                                 *options],
                                 stdout=out, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).parent.parent)
 
@@ -176,6 +177,33 @@ def test_run_drains_once_whoever_gets_the_sigterm(tmp_path, nats_server, records
     assert info.num_ack_pending == 0
     assert info.ack_floor.stream_seq >= 200
     assert set(range(info.ack_floor.stream_seq)) <= handled
+
+
+def test_a_second_sigterm_cuts_the_drain_short_and_still_leaves_nothing_behind(
+        tmp_path, nats_server, records):
+    out_path, pid_file = tmp_path / "out.txt", tmp_path / "run.pids"
+    process = start_run("slow_topology", nats_server.url, out_path, "--pid-file", str(pid_file),
+                        "--drain-timeout", "60")
+    with ended_afterwards(process):
+        wait_for(pid_file.exists, timeout=60, what="the topology to start")
+        publish_many(nats_server.url, 3000)
+        wait_for(lambda: len(read_records(records)) >= 200, what="handling under way")
+        tree = process_tree(process)
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining" in out_path.read_text(), what="the drain to begin")
+        process.send_signal(signal.SIGTERM)   # long before the 60 s drain could end
+        code = process.wait(60)
+    text = out_path.read_text()
+    assert code == 1, text
+    assert "stopping now" in text and text.rstrip().endswith("stopped without finishing the drain")
+    assert "Traceback" not in text and "Aborted" not in text, text
+    assert not pid_file.exists()
+    wait_until_gone(tree, "every process of the topology to exit")
+    # Nothing acked that was not handled; the rest is JetStream's to redeliver.
+    handled = {int(r.data) for r in read_records(records) if r.kind == "ok"}
+    info = consumer_info(nats_server.url, "ORDERS", "orders")
+    assert set(range(info.ack_floor.stream_seq)) <= handled
+    assert len(handled) < 3000   # the drain was cut short indeed
 
 
 def test_run_refuses_what_is_not_a_topology():
