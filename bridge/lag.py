@@ -21,6 +21,9 @@ log = logging.getLogger("actorbus.bridge")
 
 #: Seconds between two readings of every durable's consumer info.
 LAG_INTERVAL = 5.0
+#: Seconds between two warnings that a durable's lag still cannot be read: one at every
+#: reading would fill the log while the server is away.
+WARN_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class LagWatch:
         self._interval = LAG_INTERVAL if interval is None else interval
         self._next_at = 0.0   # monotonic
         self._lags: dict[str, ConsumerLag] = {}
+        self._warned_at: dict[str, float] = {}   # durable → when its failure was last said
 
     def due(self, now: float) -> bool:
         """True when the next reading is due (``now``: monotonic)."""
@@ -57,11 +61,25 @@ class LagWatch:
             try:
                 lags[spec.durable] = await _read_one(js, spec)
             except Exception as exc:   # kept out of the way of the work: said, and tried again
-                log.warning("reading the lag of durable %s failed: %s: %s", spec.durable,
-                            type(exc).__name__, exc)
+                self._failed(spec.durable, exc, now)
                 if spec.durable in self._lags:
                     lags[spec.durable] = self._lags[spec.durable]
+                continue
+            if self._warned_at.pop(spec.durable, None) is not None:
+                log.info("reading the lag of durable %s works again", spec.durable)
         self._lags = lags
+
+    def _failed(self, durable: str, exc: Exception, now: float) -> None:
+        """Say that a reading failed: at once, then at most every :data:`WARN_INTERVAL`."""
+        warned_at = self._warned_at.get(durable)
+        level = logging.WARNING
+        if warned_at is not None and now - warned_at < WARN_INTERVAL:
+            level = logging.DEBUG
+        else:
+            self._warned_at[durable] = now
+        log.log(level, "reading the lag of durable %s failed: %s: %s%s", durable,
+                type(exc).__name__, exc, "" if warned_at is None else
+                f" (still; said again at most every {WARN_INTERVAL:g} s)")
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """The last reading, by durable, as plain numbers."""

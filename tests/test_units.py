@@ -278,3 +278,28 @@ def test_a_free_port_is_chosen_below_the_ephemeral_range_and_is_free():
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))   # free, as said
+
+
+class _UnreachableJetStream:
+    """A JetStream context whose every request fails, as while the server is away."""
+
+    async def consumer_info(self, stream, durable):
+        raise TimeoutError("nats: timeout")
+
+
+def test_a_lag_reading_that_keeps_failing_is_warned_of_once_a_minute_not_at_every_reading(caplog):
+    import asyncio
+    import logging
+
+    from actorbus.bridge.lag import LAG_INTERVAL, WARN_INTERVAL, LagWatch
+    from actorbus.bridge.layout import ConsumerSpec
+    watch = LagWatch()
+    spec = ConsumerSpec("ORDERS", "orders", ("orders.>",))
+    readings = int(WARN_INTERVAL / LAG_INTERVAL) + 1   # 13: a warning at 0 s and at 60 s
+    with caplog.at_level(logging.DEBUG, logger="actorbus.bridge"):
+        for n in range(readings):
+            asyncio.run(watch.read(_UnreachableJetStream(), [spec], n * LAG_INTERVAL))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "durable orders failed: TimeoutError" in warnings[0].getMessage()
+    assert "still" in warnings[1].getMessage()
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == readings - 2
