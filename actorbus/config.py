@@ -56,6 +56,7 @@ class SettlementPolicy(enum.StrEnum):
         """True when a failure is redelivered."""
         return self is SettlementPolicy.NACK_ON_ERROR
 
+
 class TraceMode(enum.StrEnum):
     """Which messages a subscription's handlers trace, with OpenTelemetry installed (the
     ``otel`` extra): a ``process`` span around the handler, and the Bridge's spans of it."""

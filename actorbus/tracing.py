@@ -13,13 +13,15 @@ A message's trace follows it through three processes:
   span (ack, nak with its delay, term or dead letter, until the server
   confirmed it), both children of the ``process`` span.
 
+Which messages get spans is each subscription's :class:`~actorbus.config.TraceMode`.
 The member tells the Bridge its ``process`` span only when that span is sampled
-(:attr:`ProcessSpan.trace`, carried by the outcome): the Bridge, which every
-message passes through, makes no span for a message that is not traced.
+(:meth:`ProcessSpan.end` returns its handle, which the outcome carries): the
+Bridge, which every message passes through, makes no span for a message that is
+not traced.
 
 Spans go to the global tracer provider. Actor processes are forked from the
-process that starts the bus and inherit its provider: set it up (or run under
-``opentelemetry-instrument``) before the bus starts.
+process that starts the bus and inherit its provider: set it up before the bus
+starts.
 """
 from __future__ import annotations
 
