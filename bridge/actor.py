@@ -41,8 +41,8 @@ from actorbus.bridge.mailbox import Mailbox, PinsChanged, Recovery, Released
 from actorbus.bridge.metadata import delivery_numbers
 from actorbus.bridge.nats_link import NatsLink
 from actorbus.bridge.recovery import RecoveredMsg
-from actorbus.bridge.settlement import (ACK, DEAD_LETTER, NAK, Order, dead_letter_headers,
-                                        decide)
+from actorbus.bridge.settlement import (ACK, DEAD_LETTER, NAK, Decision, Order,
+                                        dead_letter_headers, decide)
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.groups import without_partition
 from actorbus.tracing import BridgeSpans, SpanHandle, end_settle_span, flush_traces
@@ -440,19 +440,23 @@ class Bridge(BusActor):
             if outcome.kind == DEFERRED:
                 self._hold_again(book, entry, freed)
                 continue
-            settlement = self._decide(book, entry, outcome)
+            decision = self._decide(book, entry, outcome)
             key = entry.delivery.aggregate_id
-            redelivered = settlement.action == NAK or (entry.recovered and settlement.action != ACK)
-            orders = book.recovered_done(entry, settlement.action, settlement.delay) \
-                if entry.recovered else [settlement]
+            msg = entry.msg
+            if isinstance(msg, RecoveredMsg):   # settled through its redeliveries, if any came
+                redelivered = decision.action != ACK
+                orders = book.recovered_done(entry, decision.action, decision.delay)
+            else:
+                redelivered = decision.action == NAK
+                orders = [_order(msg, decision, entry, outcome.error)]
             if outcome.trace is not None:
-                self._traced(entry, outcome.trace, settlement, orders)
+                self._traced(entry, outcome.trace, decision, orders)
             actions += orders
             if key is None:
                 continue
             if redelivered:
                 # Due to come back: newer messages of its key wait for it (not for ever).
-                until = time.monotonic() + (settlement.delay or 0.0) + \
+                until = time.monotonic() + (decision.delay or 0.0) + \
                     2 * book.config.ack_wait + REDELIVERY_GRACE
                 book.order.wait(key, entry.delivery.stream_sequence, until)
             else:
@@ -461,14 +465,14 @@ class Bridge(BusActor):
             self._link.settle(actions)
         return freed
 
-    def _traced(self, entry: InFlight, handle: SpanHandle, settlement: Order,
+    def _traced(self, entry: InFlight, handle: SpanHandle, decision: Decision,
                 orders: list[Order]) -> None:
         """Add the Bridge's spans of a message handled in a sampled span to its trace: how long
         it waited here, and its settlement (ended once the server confirms it)."""
         sub, subject = entry.subscription, entry.msg.subject
         self._spans.waited(handle, entry.received_at, sub.subject, entry.held_for_order)
         span = self._spans.settling(handle, subject, sub.subject, sub.durable,
-                                    settlement.action, settlement.delay)
+                                    decision.action, decision.delay)
         if span is None:
             return
         if orders:   # a recovered message's settlement is its redeliveries'
@@ -528,7 +532,9 @@ class Bridge(BusActor):
         book.order.hold(key, delivery.stream_sequence, delivery)
         self._release(book, key, freed)   # free at once if nothing waits
 
-    def _decide(self, book: SubscriptionBook, entry: InFlight, outcome: Outcome) -> Order:
+    def _decide(self, book: SubscriptionBook, entry: InFlight, outcome: Outcome) -> Decision:
+        """How the message of a full outcome is settled (the delivery contract), counted and
+        logged here."""
         sub, delivery = book.config, entry.delivery
         if outcome.kind == INVALID:
             # It can never succeed: redelivering it would only loop.
@@ -536,8 +542,7 @@ class Bridge(BusActor):
                       entry.msg.subject, sub.stream, delivery.stream_sequence, outcome.error,
                       sub.dead_letter_subject)
             self._counts["invalid"] += 1
-            return _dead_letter(entry.msg, sub, delivery.stream_sequence, delivery.delivery_count,
-                                outcome.error)
+            return Decision(DEAD_LETTER)
         tally = book.tally
         tally.counts[_OUTCOME_COUNTERS[outcome.kind]] += 1
         if outcome.kind != UNDELIVERED:
@@ -550,10 +555,7 @@ class Bridge(BusActor):
         if decision.warning:
             log.warning("%s: subject=%s error=%s", decision.warning, entry.msg.subject,
                         outcome.error)
-        if decision.action == DEAD_LETTER:
-            return _dead_letter(entry.msg, sub, delivery.stream_sequence, delivery.delivery_count,
-                                outcome.error)
-        return Order(entry.msg, decision.action, decision.delay)
+        return decision
 
     def _held(self) -> int:
         return sum(book.held for book in self._books.values())
@@ -683,7 +685,11 @@ class Bridge(BusActor):
         flush_traces()   # the process may end without the interpreter's exit hooks
 
 
-def _dead_letter(msg: Delivered | RecoveredMsg, sub: SubscriptionConfig, stream_sequence: int, delivery_count: int,
-                 error: str | None) -> Order:
+def _order(msg: Delivered, decision: Decision, entry: InFlight, error: str | None) -> Order:
+    """What the link is told to do with a delivered message (a dead letter says ``error``)."""
+    if decision.action != DEAD_LETTER:
+        return Order(msg, decision.action, decision.delay)
+    sub, delivery = entry.subscription, entry.delivery
     return Order(msg, DEAD_LETTER, None, sub.dead_letter_subject,
-                 dead_letter_headers(msg, sub.stream, stream_sequence, delivery_count, error))
+                 dead_letter_headers(msg, sub.stream, delivery.stream_sequence,
+                                     delivery.delivery_count, error))

@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 
 from actorbus.actors.messages import FAILED, SUCCEEDED, UNDELIVERED, OutcomeKind
 from actorbus.bridge.inbox import Delivered
-from actorbus.bridge.recovery import RecoveredMsg
 from actorbus.config import SettlementPolicy
 
 
@@ -66,7 +65,7 @@ def decide(kind: OutcomeKind, policy: SettlementPolicy, *, nak_delay: float,
 class Order(NamedTuple):
     """One message to settle, as the Bridge hands it to its NATS link (one per message: a tuple)."""
 
-    msg: Delivered | RecoveredMsg   # what recovery read back has no ack subject of its own
+    msg: Delivered   # what recovery read back is settled through its redeliveries
     action: Action
     delay: float | None = None
     dead_letter_subject: str | None = None
@@ -76,7 +75,7 @@ class Order(NamedTuple):
     span: Any = None
 
 
-def dead_letter_headers(msg: Delivered | RecoveredMsg, stream: str, stream_sequence: int, delivery_count: int,
+def dead_letter_headers(msg: Delivered, stream: str, stream_sequence: int, delivery_count: int,
                         error: str | None) -> dict[str, str]:
     """The original message's headers plus where it came from and why it failed.
 

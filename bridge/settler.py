@@ -64,7 +64,7 @@ class Settler:
         spans: list[Any] = []   # of the traced ones (see actorbus.tracing)
         for order in actions:
             msg = order.msg
-            if not isinstance(msg, Delivered) or not msg.reply:
+            if not msg.reply:
                 done["settle_errors"] += 1
                 log.warning("could not %s message on %s: it has no ack subject", order.action,
                             msg.subject)
@@ -104,8 +104,7 @@ class Settler:
                 spans = []
                 log.warning("could not settle %d message(s): %s: %s", len(commands),
                             type(exc).__name__, exc)
-        durables = self._window.by_durable_of([order.msg for order in actions
-                                               if isinstance(order.msg, Delivered)])
+        durables = self._window.by_durable_of([order.msg for order in actions])
         self._unconfirmed.append((done, len(actions), durables, spans))
         if not self._confirming:
             self._confirming = True
