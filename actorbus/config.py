@@ -16,7 +16,7 @@ from actorbus.checks import check_count, check_name, check_positive, check_subje
 from actorbus.codecs import EnvelopeFormat
 from actorbus.envelope import DEFAULT_MAX_ENVELOPE_BYTES
 from actorbus.errors import ConfigurationError
-from actorbus.groups import MAX_PARTITIONS, ConsumerGroup, check_partitioned_subject
+from actorbus.groups import MAX_PARTITIONS, ConsumerGroup, GroupKind, check_partitioned_subject
 from actorbus.policies import RestartPolicy, SupervisionTree, as_tree, exponential_delay
 from actorbus.redaction import MASK, mask_url, show_servers, split_server_url, url_secrets
 
@@ -478,10 +478,11 @@ class BusConfig:
 
     def _check_bridges(self) -> None:
         check_count("bridges", self.bridges, minimum=1, maximum=MAX_BRIDGES)
-        if self.bridges > 1 and self.group is not None:
+        if self.bridges > 1 and self.group is not None and self.group.kind is GroupKind.STATIC:
             raise ConfigurationError(
-                f"bridges={self.bridges} with group {self.group.name!r}: a member of a consumer "
-                "group runs one Bridge (run more members to use more cores)")
+                f"bridges={self.bridges} with static group {self.group.name!r}: a static member "
+                "reads one durable consumer, which one Bridge reads (run more members, or an "
+                "elastic group, to use more cores)")
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret this configuration holds (in the auth and the URLs), to redact from text."""
@@ -511,7 +512,14 @@ def default_bridges(config: BusConfig) -> int:
     A Bridge is the one stage every message of its partitions passes through; one
     per four cores keeps it from capping the pool on a big machine and costs
     nothing on a small one (one Bridge up to seven cores)."""
-    if config.group is not None or config.partitions is None:
+    group = config.group
+    if group is not None:
+        if group.kind is GroupKind.STATIC:
+            return 1   # one durable per member
+        partitions: int | None = group.partitions
+    else:
+        partitions = config.partitions
+    if partitions is None:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(config.partitions, cores // CORES_PER_BRIDGE))
+    return max(1, min(partitions, cores // CORES_PER_BRIDGE))

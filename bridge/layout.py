@@ -7,7 +7,7 @@ spread over the bus's Bridges (:class:`BridgePartitions`): that is what
 lets several Bridges share a subscription while each key stays with one
 Bridge. A bus in a partitioned consumer group (:mod:`actorbus.groups`)
 reads its member's durable (:class:`StaticMembers`) or one durable per
-partition it owns now (:class:`ElasticPartitions`). The Bridge's pull path
+partition it owns now, spread over its Bridges (:class:`ElasticPartitions`). The Bridge's pull path
 only ever sees :class:`ConsumerSpec` values.
 """
 from __future__ import annotations
@@ -169,12 +169,23 @@ class StaticMembers(_Whole):
 
 
 class ElasticPartitions:
-    """An elastic group's layout: one durable per partition; a bus reads those it owns now."""
+    """An elastic group's layout: one durable per partition; a bus reads those it owns now,
+    and Bridge ``index`` of its ``bridges`` those with ``partition % bridges == index``.
+
+    Every Bridge of a member takes part in the membership under the member's
+    name (they heartbeat the same key and all come to the same share), so the
+    partitions a member owns are spread over its Bridges, and a partition stays
+    with the same Bridge as long as the member owns it.
+    """
 
     moving = True
 
-    def __init__(self, group: ConsumerGroup) -> None:
+    def __init__(self, group: ConsumerGroup, index: int = 0, bridges: int = 1) -> None:
+        if not 0 <= index < bridges:
+            raise ValueError(f"Bridge {index} of {bridges}")
         self.group = group
+        self.index = index
+        self.bridges = bridges
 
     def consumers(self, sub: SubscriptionConfig) -> tuple[ConsumerSpec, ...]:
         """Every partition's durable, in partition order (ensured; read as owned)."""
@@ -182,18 +193,26 @@ class ElasticPartitions:
 
     def partition_consumers(self, sub: SubscriptionConfig,
                             partitions: Sequence[int]) -> tuple[ConsumerSpec, ...]:
-        """The durables of the partitions this bus owns now."""
-        return tuple(self.partition(sub, p) for p in partitions)
+        """The durables of this Bridge's share of the partitions the bus owns now."""
+        return tuple(self.partition(sub, p) for p in self.share(partitions))
+
+    def share(self, partitions: Sequence[int]) -> tuple[int, ...]:
+        """This Bridge's share of ``partitions`` (those the bus owns)."""
+        return tuple(p for p in partitions if p % self.bridges == self.index)
 
     def shortfall(self, sub: SubscriptionConfig) -> str | None:
         """A member with no partition now may get some as others leave: nothing to say."""
         return None
 
     def group_counts(self, memberships: Sequence[Membership]) -> dict[str, int]:
-        """From the memberships of this bus's subscriptions."""
-        return {"partitions_owned": sum(len(m.owned or ()) for m in memberships),
-                "group_members": max((len(m.members) for m in memberships), default=0),
-                "rebalances": sum(m.rebalances for m in memberships)}
+        """From the memberships of this bus's subscriptions, as this Bridge's part of the bus's
+        counts (the bus adds its Bridges' up): its share of the partitions; the members and
+        rebalances from the first Bridge alone."""
+        first = self.index == 0
+        return {"partitions_owned": sum(len(self.share(m.owned or ())) for m in memberships),
+                "group_members": max((len(m.members) for m in memberships), default=0)
+                if first else 0,
+                "rebalances": sum(m.rebalances for m in memberships) if first else 0}
 
     def partition(self, sub: SubscriptionConfig, partition: int) -> ConsumerSpec:
         """The durable of one partition."""
@@ -209,4 +228,4 @@ def layout_for(config: BusConfig, index: int = 0) -> ConsumerLayout:
         return BridgePartitions(index, config.bridges)
     if group.kind is GroupKind.STATIC:
         return StaticMembers(group)
-    return ElasticPartitions(group)
+    return ElasticPartitions(group, index, config.bridges)

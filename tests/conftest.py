@@ -56,14 +56,16 @@ def make_bus(nats_server: NatsServer, records: Path, log_file: Path) -> Callable
 @pytest.fixture
 def group_hosts(nats_server: NatsServer, tmp_path: Path, records: Path):
     """Start members of a partitioned group, each a bus in a process of its own, with
-    ``start(member, members=None, group="billing", heartbeat=None)`` (``members``: a static
-    group's list; without it the group is elastic); every one is gone after the test, by pid."""
+    ``start(member, members=None, group="billing", heartbeat=None, bridges=1)`` (``members``: a
+    static group's list; without it the group is elastic); every one is gone after the test,
+    by pid."""
     started: list[GroupHost] = []
 
     def start(member: str, members: list[str] | None = None, group: str = "billing",
-              heartbeat: float | None = None) -> GroupHost:
+              heartbeat: float | None = None, bridges: int = 1) -> GroupHost:
         host = GroupHost(nats_server.url, tmp_path / f"{member}-{len(started)}.pids", group,
-                         GROUP_PARTITIONS, member, members, heartbeat=heartbeat)
+                         GROUP_PARTITIONS, member, members, heartbeat=heartbeat,
+                         bridges=bridges)
         started.append(host)
         host.wait_started()
         return host

@@ -180,15 +180,18 @@ class HostBus:
         return self.pids
 
     def kill(self) -> None:
-        """SIGKILL every process of the bus at once, and wait until they are gone."""
-        for pid in self.pids or [self.process.pid]:
+        """SIGKILL every process of the bus at once, and wait until they are gone: those it
+        started with and those in their process groups (an actor restarted since has a pid
+        of its own)."""
+        targets = with_their_groups(self.pids or [self.process.pid])
+        for pid in targets:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.process.kill()
         self.process.wait(10)
-        wait_for(lambda: not [pid for pid in self.pids if process_alive(pid)],
+        wait_for(lambda: not [pid for pid in targets if process_alive(pid)],
                  what="the host's processes gone")
 
 
@@ -201,7 +204,7 @@ class GroupHost(HostBus):
 
     def __init__(self, url: str, pids_file: Path, group: str, partitions: int, member: str,
                  members: list[str] | None = None, replicas: int = 1,
-                 heartbeat: float | None = None) -> None:
+                 heartbeat: float | None = None, bridges: int = 1) -> None:
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
@@ -212,8 +215,15 @@ class GroupHost(HostBus):
         args.append(str(replicas))
         if heartbeat is not None:
             args.append(str(heartbeat))
+        args += ["--bridges", str(bridges)]
         self.process = subprocess.Popen(args, cwd=root,
                                         env={**os.environ, "PYTHONPATH": str(root)})
+
+    def actor_pids(self) -> dict[str, int]:
+        """The pid of each of its bus's actors by name (``bridge``, ``bridge-1``, ...), as at
+        its start."""
+        import json
+        return json.loads(Path(f"{self.pids_file}.actors").read_text())
 
     def stats(self) -> dict:
         """Its bus's group stats as it last wrote them ({} before the first)."""
@@ -232,7 +242,8 @@ class GroupHost(HostBus):
 
     def ensure_gone(self) -> None:
         """Teardown: SIGKILL whatever of it still runs."""
-        if self.process.poll() is None or any(process_alive(pid) for pid in self.pids):
+        if self.process.poll() is None or \
+                any(process_alive(pid) for pid in with_their_groups(self.pids)):
             self.kill()
 
 

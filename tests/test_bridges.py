@@ -61,12 +61,41 @@ def test_the_default_is_one_bridge_per_four_cores_and_one_without_partitions(mon
     assert default_bridges(BusConfig(servers=URL, partitions=8)) == 1
 
 
+def test_an_elastic_member_spreads_the_partitions_it_owns_over_its_bridges():
+    group = ConsumerGroup("g", 12, "a")
+    sub = SubscriptionConfig("orders.*", "m:f", durable="orders", partitions=12)
+    owned = (0, 1, 2, 5, 6, 9)
+    layouts = [layout_for(BusConfig(servers=URL, group=group, bridges=2), i) for i in range(2)]
+    shares = [[spec.durable for spec in layout.partition_consumers(sub, owned)]
+              for layout in layouts]
+    assert shares == [[group.durable_for_partition(p) for p in (0, 2, 6)],
+                      [group.durable_for_partition(p) for p in (1, 5, 9)]]
+
+    class Seen:   # what a membership says
+        owned = (0, 1, 2, 5, 6, 9)
+        members = ("a", "b")
+        rebalances = 3
+    counts = [layout.group_counts([Seen()]) for layout in layouts]
+    # The bus adds its Bridges' counts up: the members and rebalances are the first's alone.
+    assert counts == [{"partitions_owned": 3, "group_members": 2, "rebalances": 3},
+                      {"partitions_owned": 3, "group_members": 0, "rebalances": 0}]
+
+
+def test_an_elastic_member_gets_the_default_bridges_of_its_cores_and_a_static_one_one(
+        monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert BusConfig(servers=URL, group=ConsumerGroup("g", 12, "a")).bridges == 4
+    assert BusConfig(servers=URL, group=ConsumerGroup("g", 2, "a")).bridges == 2
+    assert BusConfig(servers=URL, group=ConsumerGroup("g", 12, "a", members=("a",))).bridges == 1
+
+
 @pytest.mark.parametrize("options, message", [
     ({"bridges": 0}, "bridges must be an int from 1 to 64"),
     ({"bridges": True}, "bridges must be an int from 1 to 64"),
     ({"bridges": 65}, "bridges must be an int from 1 to 64, got 65"),
     ({"partitions": 0}, "partitions must be an int from 1 to 1024"),
-    ({"bridges": 2, "group": ConsumerGroup("g", 4, "a")}, "a member of a consumer group runs one Bridge"),
+    ({"bridges": 2, "group": ConsumerGroup("g", 4, "a", members=("a", "b"))},
+     "bridges=2 with static group 'g': a static member reads one durable consumer"),
     ({"partitions": 4, "group": ConsumerGroup("g", 4, "a")}, "partitions is the group's"),
 ])
 def test_bad_bridge_settings_are_refused_naming_what_is_wrong(options, message):

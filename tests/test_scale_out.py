@@ -7,6 +7,8 @@ handled what.
 """
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from actorbus import Envelope
+from actorbus.processes import process_alive
 from tests.support import GROUP_PARTITIONS, GroupHost, publish_spread, read_records, wait_for
 from tests.test_ordered_recovery import all_handled, order_report
 
@@ -115,8 +118,10 @@ def test_an_elastic_group_of_three_spreads_the_keys_each_to_one_member(hosts, ma
     assert all(load.values()), load
 
 
-def test_a_killed_elastic_member_s_partitions_move_to_the_others_in_order(hosts, make_bus, records):
-    members = [hosts(name) for name in ("a", "b", "c")]
+@pytest.mark.parametrize("bridges", [1, 2])
+def test_a_killed_elastic_member_s_partitions_move_to_the_others_in_order(hosts, make_bus, records,
+                                                                         bridges):
+    members = [hosts(name, bridges=bridges) for name in ("a", "b", "c")]
     wait_for(lambda: settled(members, 3), timeout=30, what="three members with their partitions")
     publishing = Publishing(make_bus(pool_size=0))
     wait_for(lambda: len(read_records(records)) >= TOTAL // 5, what="handling under way",
@@ -134,11 +139,37 @@ def test_a_killed_elastic_member_s_partitions_move_to_the_others_in_order(hosts,
     member_of = {pid: host.member for host in members for pid in host.pids}
     for record in read_records(records):
         per_member[member_of.get(record.pid)] += 1
-    print(f"elastic member {victim.member} SIGKILLed: {report}; keys moved to a survivor {moved}; "
+    print(f"elastic member {victim.member} ({bridges} Bridge(s) each) SIGKILLed: {report}; "
+          f"keys moved to a survivor {moved}; "
           f"rebalances {[h.stats()['rebalances'] for h in survivors]}; handled {dict(per_member)}")
     assert report["lost"] == 0 and report["violations"] == 0, report
     assert moved > 0
     assert all(h.stats()["rebalances"] >= 1 for h in survivors)
+
+
+def test_one_bridge_of_an_elastic_member_killed_mid_stream_keeps_its_partitions_in_order(
+        hosts, make_bus, records):
+    members = [hosts(name, bridges=2) for name in ("a", "b")]
+    wait_for(lambda: settled(members, 2), timeout=30, what="two members with their partitions")
+    owned = [h.stats()["partitions_owned"] for h in members]
+    rebalanced = [h.stats()["rebalances"] for h in members]   # the first member's as b joined
+    publishing = Publishing(make_bus(pool_size=0))
+    wait_for(lambda: len(read_records(records)) >= TOTAL // 5, what="handling under way",
+             interval=0.01)
+    victim = members[0].actor_pids()["bridge-1"]
+    os.kill(victim, signal.SIGKILL)
+
+    publishing.join()
+    wait_for(lambda: all_handled(records, TOTAL), timeout=120, what="every envelope handled")
+    report = order_report(records, TOTAL, KEYS)
+    stats = [h.stats() for h in members]
+    print(f"one Bridge of two of elastic member a SIGKILLed: {report}; partitions owned {owned}; "
+          f"rebalances {[s['rebalances'] for s in stats]}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+    # The member's other Bridge kept its key alive: no partition moved between the members.
+    assert [s["partitions_owned"] for s in stats] == owned
+    assert [s["rebalances"] for s in stats] == rebalanced
+    assert not process_alive(victim)
 
 
 def test_an_elastic_member_added_mid_stream_takes_partitions_over_in_order(hosts, make_bus, records):
