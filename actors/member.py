@@ -55,6 +55,8 @@ class PoolMember(BusActor):
 
     def receiveMsg_StartMember(self, message: StartMember, sender: Address) -> None:
         self._index = message.index
+        if message.snapshots is not None:
+            self._table.use_snapshots(message.snapshots)
         for subscription in message.subscriptions:
             self._table.register(subscription)
         self.send(sender, MemberReady(message.index, os.getpid()))

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.policies import RestartPolicy
+from actorbus.snapshots import SnapshotStores
 
 #: A Thespian actor address: opaque, only ever passed back to ``send``.
 Address = Any
@@ -233,6 +234,8 @@ class StartPool:
     #: Handlers the members run from the start (a restarted pool's, before the Bridge
     #: hears where its members are).
     subscriptions: tuple[SubscriptionConfig, ...] = ()
+    #: Where the members keep durable aggregates' snapshots (None: they do not).
+    snapshots: SnapshotStores | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +313,8 @@ class StartMember:
 
     index: int
     subscriptions: tuple[SubscriptionConfig, ...]
+    #: Where durable aggregates' snapshots are kept (None: nowhere; their state is in memory).
+    snapshots: SnapshotStores | None = None
 
 
 @dataclass(frozen=True, slots=True)

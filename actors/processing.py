@@ -12,8 +12,9 @@ import inspect
 import logging
 import time
 from typing import Any
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
+from actorbus.actors.durability import SnapshotKeeper
 from actorbus.actors.handlers import HandlerError, resolve_handler
 from actorbus.actors.instances import AggregateInstances
 from actorbus.actors.messages import (DEFERRED, FAILED, INVALID, SUCCEEDED, UNDELIVERED, Delivery,
@@ -23,16 +24,22 @@ from actorbus.aggregate import Aggregate
 from actorbus.config import SubscriptionConfig
 from actorbus.envelope import InvalidEnvelope, decode_envelope
 from actorbus.message import Message
+from actorbus.snapshots import SnapshotStores, StoredEvent
 
 log = logging.getLogger("actorbus.actors")
+
+#: Seconds a clean stop waits for the durable aggregates' last snapshots to be written.
+SNAPSHOT_FLUSH_TIMEOUT = 5.0
 
 
 class HandlerTable:
     """The handlers of one pool member, by subscription, and the loop for async ones."""
 
     def __init__(self, subscriptions: Iterable[SubscriptionConfig] = (),
-                 sleep: Callable[[float], Any] = time.sleep, watchdog: Watchdog | None = None):
+                 sleep: Callable[[float], Any] = time.sleep, watchdog: Watchdog | None = None,
+                 snapshots: SnapshotStores | None = None):
         self._watchdog = watchdog
+        self._snapshots = snapshots   # None: durable aggregates keep their state in memory only
         self._subscriptions: dict[str, SubscriptionConfig] = {}
         # (subscription, aggregate id) → stream sequence of its failed message due to come back.
         self._blocked: dict[tuple[str, str | None], int] = {}
@@ -41,6 +48,10 @@ class HandlerTable:
         self._sleep = sleep
         for subscription in subscriptions:
             self.register(subscription)
+
+    def use_snapshots(self, snapshots: SnapshotStores) -> None:
+        """Keep durable aggregates' snapshots in ``snapshots`` (before any handler is resolved)."""
+        self._snapshots = snapshots
 
     def register(self, subscription: SubscriptionConfig) -> None:
         """Add or replace the handler of ``subscription``."""
@@ -140,7 +151,13 @@ class HandlerTable:
                 message = dataclasses.replace(message, attempt=attempt)
 
     def close(self) -> None:
-        """Close the event loop used for async handlers, if one was made."""
+        """Write the durable aggregates' last snapshots, then close the event loop used for
+        async handlers, if one was made."""
+        for handler in self._handlers.values():
+            if isinstance(handler, AggregateInstances):
+                handler.flush(SNAPSHOT_FLUSH_TIMEOUT)
+        if self._snapshots is not None:
+            self._snapshots.close(SNAPSHOT_FLUSH_TIMEOUT)
         if self._loop is not None:
             self._loop.close()
             self._loop = None
@@ -150,9 +167,27 @@ class HandlerTable:
         if handler is None:
             handler = resolve_handler(spec.handler)
             if isinstance(handler, type) and issubclass(handler, Aggregate):
-                handler = AggregateInstances(handler)
+                handler = AggregateInstances(handler, keeper=self._keeper(spec, handler))
             self._handlers[spec.name] = handler
         return handler
+
+    def _keeper(self, spec: SubscriptionConfig, cls: type[Aggregate]) -> SnapshotKeeper | None:
+        """What makes ``cls`` durable on ``spec`` (None: it does not snapshot, or nothing here
+        can keep snapshots)."""
+        if cls.snapshot_every is None:
+            return None
+        if self._snapshots is None:
+            log.warning("subscription %s: %s has snapshot_every, but its handlers run where no "
+                        "snapshot store is (pool_size=0): its state is kept in memory only",
+                        spec.name, cls.__qualname__)
+            return None
+
+        def message_of(event: StoredEvent, aggregate_id: str) -> Message:
+            return self._message(spec, Delivery(0, spec.name, event.subject, event.data,
+                                                event.headers, aggregate_id, aggregate_id, None, 1,
+                                                event.sequence))
+
+        return SnapshotKeeper(cls, self._snapshots.store_for(spec), message_of, self._await)
 
     @staticmethod
     def _message(spec: SubscriptionConfig, delivery: Delivery) -> Message:
@@ -184,6 +219,9 @@ class HandlerTable:
     def _call(self, handler: Callable[..., Any], message: Message) -> None:
         result = handler(message)
         if inspect.isawaitable(result):  # an async def handler, or an async handle()
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(result)
+            self._await(result)
+
+    def _await(self, awaitable: Awaitable[Any]) -> Any:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(awaitable)

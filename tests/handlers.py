@@ -169,3 +169,29 @@ def fail_first_delivery_of_first(msg: Message) -> None:
 
 def noop(msg: Message) -> None:
     """Do nothing (for throughput checks)."""
+
+
+class Ledger(Aggregate):
+    """A durable aggregate: the running sum of its events' numbers and the numbers in the
+    order applied (so a number applied twice, or out of order, shows)."""
+
+    snapshot_every = 10
+    idle_timeout = None
+
+    def __init__(self, aggregate_id: str) -> None:
+        super().__init__(aggregate_id)
+        self.total = 0
+        self.numbers: list[int] = []
+
+    def handle(self, msg: Message) -> None:
+        number = int(msg.data)
+        self.total += number
+        self.numbers.append(number)
+
+
+class SlowLedger(Ledger):
+    """A :class:`Ledger` that takes 1 ms an event, so a run lasts long enough to be hit."""
+
+    def handle(self, msg: Message) -> None:
+        time.sleep(0.001)
+        super().handle(msg)

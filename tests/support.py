@@ -161,7 +161,8 @@ class HostBus:
     """A bus in a process of its own (``tests.bus_host``), to be killed whole like a crashed host."""
 
     def __init__(self, url: str, pids_file: Path, pin_timeout: float | None = None,
-                 handler: str = "record", bridges: int | None = None) -> None:
+                 handler: str = "record", bridges: int | None = None,
+                 subject: str | None = None) -> None:
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
@@ -170,6 +171,8 @@ class HostBus:
             args += ["--pin-timeout", str(pin_timeout)]
         if bridges is not None:
             args += ["--bridges", str(bridges)]
+        if subject is not None:
+            args += ["--subject", subject]
         self.process = subprocess.Popen(args, cwd=root,
                                         env={**os.environ, "PYTHONPATH": str(root)})
 

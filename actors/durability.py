@@ -1,0 +1,179 @@
+"""Durable aggregates in a pool member: restore from the snapshot and the stream, apply once, snapshot.
+
+An instance of an aggregate class with ``snapshot_every`` is made from its
+snapshot (if one is stored and usable), then the events of its id after the
+snapshot's sequence and before the message at hand are read back from the
+stream and applied: they may have been acked already (a snapshot is written
+every N events, not on every ack), so without them the state would miss
+them. From then on the member knows the sequence of the last event applied
+to the state, and a message at or below it (a redelivery after a crash, a
+re-send) is acknowledged as handled without calling ``handle`` again.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+from collections.abc import Awaitable, Callable
+
+from actorbus.aggregate import Aggregate
+from actorbus.envelope import InvalidEnvelope
+from actorbus.message import Message
+from actorbus.snapshots import (Snapshot, SnapshotError, SnapshotStore, StoredEvent, decode_snapshot,
+                                encode_snapshot)
+
+log = logging.getLogger("actorbus.actors")
+
+#: Turns an event read back from the stream into the message its handler gets
+#: (raises InvalidEnvelope for one that is no valid envelope).
+MessageOf = Callable[[StoredEvent, str], Message]
+#: Runs an awaitable to its end, for an ``async def handle`` during a restore.
+RunAwaitable = Callable[[Awaitable[Any]], Any]
+
+
+class _Progress:
+    """What the member knows of one live durable instance."""
+
+    __slots__ = ("applied", "unsaved")
+
+    def __init__(self, applied: int) -> None:
+        self.applied = applied   # stream sequence of the last event in the state
+        self.unsaved = 0         # events applied since the last snapshot
+
+
+class SnapshotKeeper:
+    """Restores, applies and snapshots the durable instances of one aggregate class in one member."""
+
+    def __init__(self, cls: type[Aggregate], store: SnapshotStore, message_of: MessageOf,
+                 run: RunAwaitable) -> None:
+        if cls.snapshot_every is None:
+            raise ValueError(f"{cls.__qualname__} has no snapshot_every: it is not durable")
+        self._cls = cls
+        self._every = cls.snapshot_every
+        self._store = store
+        self._message_of = message_of
+        self._run = run
+        self._progress: dict[str, _Progress] = {}
+
+    def restore(self, msg: Message) -> Aggregate:
+        """A new instance for ``msg``'s aggregate, with every event before ``msg`` applied once.
+
+        Raises when the store cannot be read: the message then fails and is
+        retried, as when its handler raises.
+        """
+        aggregate_id = msg.aggregate_id
+        assert aggregate_id is not None   # AggregateInstances refuses keyless messages
+        instance, applied = self._restored(aggregate_id)
+        progress = _Progress(applied)
+        for event in self._store.events(aggregate_id, applied, msg.stream_sequence, msg.subject):
+            self._replay(instance, aggregate_id, event, progress)
+        self._progress[aggregate_id] = progress
+        if progress.unsaved >= self._every:
+            self._save(aggregate_id, instance, progress)
+        return instance
+
+    def apply(self, instance: Aggregate, msg: Message) -> Any:
+        """``instance.handle(msg)`` unless ``msg`` is already in the state (then None: it
+        is acknowledged as handled); a snapshot follows every ``snapshot_every`` events."""
+        aggregate_id = instance.aggregate_id
+        progress = self._progress[aggregate_id]
+        if msg.stream_sequence <= progress.applied:
+            log.debug("aggregate %s: sequence %d is in its state already (through %d); not "
+                      "applied again", aggregate_id, msg.stream_sequence, progress.applied)
+            return None
+        result = instance.handle(msg)
+        if inspect.isawaitable(result):
+            return self._applied_after(result, instance, msg.stream_sequence)
+        self._applied(instance, msg.stream_sequence)
+        return result
+
+    async def _applied_after(self, result: Awaitable[Any], instance: Aggregate, sequence: int) -> Any:
+        value = await result
+        self._applied(instance, sequence)
+        return value
+
+    def _applied(self, instance: Aggregate, sequence: int) -> None:
+        progress = self._progress[instance.aggregate_id]
+        progress.applied = sequence
+        progress.unsaved += 1
+        if progress.unsaved >= self._every:
+            self._save(instance.aggregate_id, instance, progress)
+
+    def passivated(self, instance: Aggregate) -> None:
+        """``instance`` is dropped: snapshot what is not saved yet."""
+        progress = self._progress.pop(instance.aggregate_id, None)
+        if progress is not None and progress.unsaved:
+            self._save(instance.aggregate_id, instance, progress)
+
+    def flush(self, instances: list[Aggregate], timeout: float) -> None:
+        """On a clean stop: snapshot every instance with unsaved events, and wait up to
+        ``timeout`` seconds for the writes."""
+        for instance in instances:
+            progress = self._progress.get(instance.aggregate_id)
+            if progress is not None and progress.unsaved:
+                self._save(instance.aggregate_id, instance, progress)
+        self._store.flush(timeout)
+
+    def _restored(self, aggregate_id: str) -> tuple[Aggregate, int]:
+        """A new instance with its stored snapshot restored, and the sequence its state is at
+        (0: no snapshot, or one that could not be used: the aggregate is rebuilt from the
+        stream)."""
+        cls = self._cls
+        data = self._store.load(aggregate_id)
+        if data is None:
+            return cls(aggregate_id), 0
+        try:
+            snapshot = decode_snapshot(data)
+        except SnapshotError as exc:
+            log.warning("aggregate %s (%s): its snapshot in %s cannot be decoded (%s); rebuilt "
+                        "from the stream", aggregate_id, cls.__qualname__, self._store.where, exc)
+            return cls(aggregate_id), 0
+        state = snapshot.state
+        if snapshot.version != cls.snapshot_version:
+            state = cls.migrate(snapshot.state, snapshot.version)
+            if state is None:
+                log.warning("aggregate %s (%s): its snapshot in %s is of snapshot_version %d, the "
+                            "class is at %d and migrate() declined it; rebuilt from the stream",
+                            aggregate_id, cls.__qualname__, self._store.where, snapshot.version,
+                            cls.snapshot_version)
+                return cls(aggregate_id), 0
+        instance = cls(aggregate_id)
+        try:
+            instance.restore(state)
+        except Exception:
+            log.warning("aggregate %s (%s): restore() failed on its snapshot in %s; rebuilt from "
+                        "the stream", aggregate_id, cls.__qualname__, self._store.where, exc_info=True)
+            return cls(aggregate_id), 0
+        return instance, snapshot.sequence
+
+    def _replay(self, instance: Aggregate, aggregate_id: str, event: StoredEvent,
+                progress: _Progress) -> None:
+        """Apply one event read back from the stream; one its handler refuses is skipped
+        with a line naming it (it most likely failed when it first came, too)."""
+        try:
+            message = self._message_of(event, aggregate_id)
+        except InvalidEnvelope:
+            return   # dead-lettered when it came: never applied
+        try:
+            result = instance.handle(message)
+            if inspect.isawaitable(result):
+                self._run(result)
+        except Exception as exc:
+            log.error("aggregate %s: the event at sequence %d failed again while restoring "
+                      "(%s: %s); skipped", aggregate_id, event.sequence, type(exc).__name__, exc)
+            return
+        progress.applied = event.sequence
+        progress.unsaved += 1
+
+    def _save(self, aggregate_id: str, instance: Aggregate, progress: _Progress) -> None:
+        """Encode the snapshot here (it is the state now) and hand it to the store, which
+        writes it without holding up the next message."""
+        try:
+            data = encode_snapshot(Snapshot(instance.snapshot(), self._cls.snapshot_version,
+                                            progress.applied))
+        except Exception as exc:
+            log.error("aggregate %s (%s): no snapshot taken: %s", aggregate_id,
+                      self._cls.__qualname__, exc)
+            return
+        self._store.save(aggregate_id, data)
+        progress.unsaved = 0

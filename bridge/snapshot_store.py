@@ -1,0 +1,239 @@
+"""Durable aggregates' snapshots in JetStream KV, and their events read back from the stream.
+
+A pool member has no NATS connection of its own for messages (the Bridge
+owns that), so the member that runs a durable aggregate opens one here on
+its first use: a nats-py client on a small event-loop thread, made with the
+bus's connect options (servers, credentials, TLS) through
+:func:`~actorbus.bridge.connection.open_connection`. Members whose handlers
+keep no snapshots never connect.
+
+One bucket per subscription (:func:`~actorbus.snapshots.bucket_name`),
+replicated and stored as the subscription's stream, keeping one revision
+per key. Saves are written by one task on that loop, in order, while the
+member goes on with its next message; saves of an id not yet written are
+replaced by its newer one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+from collections.abc import Iterator
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from actorbus.bridge.connection import describe_error, open_connection
+from actorbus.bridge.extraction import subscription_key
+from actorbus.bridge.jetstream import subject_covers
+from actorbus.bridge.loop_thread import LoopThread
+from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.snapshots import StoredEvent, bucket_name, snapshot_key
+
+log = logging.getLogger("actorbus.snapshots")
+
+#: Seconds one request of a restore (a snapshot, an event) may take before the message fails.
+REQUEST_TIMEOUT = 10.0
+#: Snapshots of distinct ids written at once by the writer task.
+WRITE_BATCH = 64
+
+
+class KvSnapshotStores:
+    """The snapshot stores of one pool member: one connection, made on first use, and a store
+    per subscription. Pickled with only its configuration (it travels in ``StartMember``)."""
+
+    def __init__(self, config: BusConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._thread: LoopThread | None = None
+        self._client: Client | None = None
+        self._stores: dict[str, KvSnapshotStore] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self._config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["config"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"KvSnapshotStores({self._config.shown_servers()})"
+
+    def store_for(self, subscription: SubscriptionConfig) -> KvSnapshotStore:
+        """The store of ``subscription``'s snapshots; it connects on its first request."""
+        store = self._stores.get(subscription.name)
+        if store is None or store.subscription != subscription:
+            store = self._stores[subscription.name] = KvSnapshotStore(self, subscription)
+        return store
+
+    def jetstream(self) -> tuple[LoopThread, JetStreamContext]:
+        """The loop and the JetStream context of the member's connection, made now if need be."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = LoopThread("actorbus-snapshots")
+            if self._client is None:
+                try:
+                    self._client = self._thread.run(open_connection(
+                        self._config, name=f"{self._config.name}-snapshots", reconnect_forever=True,
+                        error_cb=self._on_error), self._config.connect_timeout + REQUEST_TIMEOUT)
+                except TimeoutError:
+                    raise ConnectionError(f"cannot connect to NATS at {self._config.shown_servers()} "
+                                          "for snapshots: timed out") from None
+            return self._thread, self._client.jetstream(timeout=REQUEST_TIMEOUT)
+
+    def secrets(self) -> tuple[str, ...]:
+        """The configuration's secrets, to mask in what is logged."""
+        return self._config.secrets()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("snapshot connection: %s", describe_error(exc, self._config.secrets()))
+
+    def close(self, timeout: float) -> None:
+        """Write what every store was given (up to ``timeout`` seconds), then disconnect."""
+        with self._lock:
+            thread, client = self._thread, self._client
+            self._thread = self._client = None
+        if thread is None:
+            return
+        for store in self._stores.values():
+            store.flush_on(thread, timeout)
+        if client is not None:
+            try:
+                thread.run(client.close(), timeout)
+            except Exception as exc:   # stopping: the server may be gone already
+                log.debug("closing the snapshot connection: %s", type(exc).__name__)
+        thread.stop()
+        self._stores.clear()
+
+
+class KvSnapshotStore:
+    """The snapshots of one subscription's aggregates, in its KV bucket."""
+
+    def __init__(self, stores: KvSnapshotStores, subscription: SubscriptionConfig) -> None:
+        self.subscription = subscription
+        self.bucket = bucket_name(subscription)
+        self._stores = stores
+        self._kv: KeyValue | None = None
+        # Touched on the loop's thread only.
+        self._pending: dict[str, bytes] = {}
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def where(self) -> str:
+        """The bucket, for a log line."""
+        return f"bucket {self.bucket}"
+
+    def load(self, aggregate_id: str) -> bytes | None:
+        """The stored snapshot of ``aggregate_id``, or None."""
+        thread, js = self._stores.jetstream()
+        return thread.run(self._load(js, snapshot_key(aggregate_id)), REQUEST_TIMEOUT)
+
+    def save(self, aggregate_id: str, data: bytes) -> None:
+        """Queue ``data`` for writing as ``aggregate_id``'s snapshot; returns at once."""
+        thread, js = self._stores.jetstream()
+        thread.call_soon(self._enqueue, js, snapshot_key(aggregate_id), data)
+
+    def events(self, aggregate_id: str, after: int, before: int,
+               subject: str) -> Iterator[StoredEvent]:
+        """The events of ``aggregate_id`` in (``after``, ``before``), in stream order.
+
+        With ``key_from_subject`` an aggregate's events are those on its message's
+        subject, read by that subject; otherwise every message of the subscription
+        in the range is read and those routed to the aggregate kept.
+        """
+        thread, js = self._stores.jetstream()
+        events = thread.run(self._events(js, aggregate_id, after, before, subject), None)
+        return iter(events)
+
+    def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the queued snapshots to be written."""
+        thread, _ = self._stores.jetstream()
+        self.flush_on(thread, timeout)
+
+    def flush_on(self, thread: LoopThread, timeout: float) -> None:
+        """:meth:`flush` on ``thread``'s loop (the stores' closing does it on its own)."""
+        try:
+            thread.run(self._drained(), timeout)
+        except TimeoutError:
+            log.warning("%s: %d snapshot(s) not written within %.0f s", self.where,
+                        len(self._pending), timeout)
+
+    # ------------------------------------------------------------ on the loop
+    async def _bucket(self, js: JetStreamContext) -> KeyValue:
+        if self._kv is None:
+            sub = self.subscription
+            try:
+                self._kv = await js.create_key_value(KeyValueConfig(
+                    bucket=self.bucket, history=1, replicas=sub.replicas,
+                    storage=StorageType(sub.storage_type),
+                    description=f"actorbus snapshots of {sub.durable}'s durable aggregates"))
+            except BadRequestError:
+                # It exists, made otherwise (by hand, or before a change of replicas): use it.
+                self._kv = await js.key_value(self.bucket)
+        return self._kv
+
+    async def _load(self, js: JetStreamContext, key: str) -> bytes | None:
+        kv = await self._bucket(js)
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return entry.value
+
+    def _enqueue(self, js: JetStreamContext, key: str, data: bytes) -> None:
+        self._pending.pop(key, None)   # an older save not yet written is replaced
+        self._pending[key] = data
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write(js))
+
+    async def _write(self, js: JetStreamContext) -> None:
+        try:
+            kv = await self._bucket(js)
+        except Exception as exc:
+            log.warning("%s: %d snapshot(s) not written: %s", self.where, len(self._pending),
+                        describe_error(exc, self._stores.secrets()))
+            self._pending.clear()
+            return
+        while self._pending:
+            # Distinct keys at once; one key's saves are written one after the other.
+            batch = [(key, self._pending.pop(key))
+                     for key in list(self._pending)[:WRITE_BATCH]]
+            results = await asyncio.gather(*(kv.put(key, data) for key, data in batch),
+                                           return_exceptions=True)
+            for (key, _), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning("%s: the snapshot of %s was not written (%s); a restore reads "
+                                "more of the stream", self.where, key,
+                                describe_error(result, self._stores.secrets()))
+
+    async def _drained(self) -> None:
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    async def _events(self, js: JetStreamContext, aggregate_id: str, after: int, before: int,
+                      subject: str) -> list[StoredEvent]:
+        sub = self.subscription
+        if sub.key_from_subject and subject.rsplit(".", 1)[-1] == aggregate_id:
+            wanted = subject
+        elif subject_covers(sub.subject, subject):
+            wanted = sub.subject
+        else:
+            wanted = f"*.{sub.subject}"   # a partitioned stream: its subjects start with the partition
+        found: list[StoredEvent] = []
+        cursor = after + 1
+        while cursor < before:
+            try:
+                raw = await js.get_msg(sub.stream, seq=cursor, subject=wanted, next=True)
+            except NotFoundError:
+                break
+            sequence = raw.seq or cursor
+            if sequence >= before:
+                break
+            cursor = sequence + 1
+            data, headers = raw.data or b"", raw.headers
+            if subscription_key(sub, raw.subject or wanted, data, headers) == aggregate_id:
+                found.append(StoredEvent(sequence, raw.subject or wanted, data, headers))
+        return found

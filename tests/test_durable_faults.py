@@ -1,0 +1,131 @@
+"""Durable aggregates under faults, on a real nats-server and the processes runtime: every
+aggregate's state (a running sum and the numbers of its events, in the order applied) ends
+equal to the fold of its events, each applied once and in order, whatever was killed.
+
+The suite runs them sized down; ``ACTORBUS_DURABLE_FULL=1`` runs 20,000 events over 500
+aggregates, as the acceptance run does.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import nats
+import pytest
+
+from actorbus.snapshots import Snapshot, aggregate_of_key, decode_snapshot
+from actorbus.supervision import Backoff, OneForOne
+from tests import handlers
+from tests.bus_host import PIN_TIMEOUT
+from tests.support import HostBus, consumer_info, publish_spread, wait_for
+
+pytestmark = pytest.mark.integration
+
+FULL = os.environ.get("ACTORBUS_DURABLE_FULL") == "1"
+TOTAL, KEYS = (20_000, 500) if FULL else (4_000, 100)
+SUBJECT = "ledger.*"
+STREAM = "LEDGER"
+
+
+def publish_events(bus, start: int, total: int) -> None:
+    """Events ``start`` up to ``total`` round-robin over ``agg-<k>`` on ``ledger.agg-<k>``, each
+    carrying its number within its aggregate."""
+    publish_spread(bus, total, KEYS, per_key_sequence=True, subject="ledger.{aggregate_id}",
+                   start=start)
+
+
+def settled(url: str, durable: str) -> bool:
+    info = consumer_info(url, STREAM, durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+def snapshots(url: str, durable: str) -> dict[str, Snapshot]:
+    """Every snapshot in the subscription's bucket, by aggregate id."""
+    async def read() -> dict[str, Snapshot]:
+        nc = await nats.connect(url)
+        try:
+            kv = await nc.jetstream().key_value(f"actorbus-snapshots-{durable}")
+            return {aggregate_of_key(key): decode_snapshot((await kv.get(key)).value)
+                    for key in await kv.keys()}
+        finally:
+            await nc.close()
+    return asyncio.run(read())
+
+
+def finish_and_check(bus, url: str, durable: str) -> None:
+    """One more event for every aggregate (each key is live again, restored if need be), a
+    clean stop (which snapshots every live aggregate), then each snapshot must be the fold
+    of all its events: numbers 0..n exactly once, in order, and their sum."""
+    publish_events(bus, TOTAL, TOTAL + KEYS)
+    wait_for(lambda: settled(url, durable), timeout=120, what="every event acked")
+    bus.stop()
+    found = snapshots(url, durable)
+    expected = list(range(TOTAL // KEYS + 1))
+    wrong = {key: s.state["numbers"] for key, s in found.items() if s.state["numbers"] != expected}
+    assert len(found) == KEYS and not wrong, f"{len(wrong)} wrong, e.g. {next(iter(wrong.items()), None)}"
+    assert all(s.state["total"] == sum(expected) for s in found.values())
+
+
+def test_members_sigkilled_every_300ms_leave_every_state_applied_once(make_bus, nats_server):
+    bus = make_bus(pool_size=4, window=256, supervision=OneForOne(
+        max_restarts=1000, within=60.0, backoff=Backoff(initial=0.01, maximum=0.1, jitter=0.0)))
+    bus.subscribe(SUBJECT, handlers.SlowLedger, durable="ledger", key_from_subject=True,
+                  ack_wait=5.0)
+    started = time.monotonic()
+    publish_events(bus, 0, TOTAL)
+    rng = random.Random(26)
+    kills = 0
+    deadline = time.monotonic() + 150
+    while not settled(nats_server.url, "ledger"):
+        assert time.monotonic() < deadline, f"not every event was acked: {bus.stats()}"
+        stats = bus.stats()
+        running = sorted(pid for name, pid in bus.pids.items()
+                         if name.startswith("member-") and stats["actors"].get(name) == "running")
+        if stats["acked"] < TOTAL * 0.9 and running:
+            try:
+                os.kill(rng.choice(running), signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass   # it died since the last look
+        time.sleep(0.3)
+    print(f"{TOTAL} events / {KEYS} aggregates, {kills} member SIGKILLs, "
+          f"{time.monotonic() - started:.1f} s, {bus.stats()['restarts']} restarts")
+    assert kills >= 3
+    finish_and_check(bus, nats_server.url, "ledger")
+
+
+def test_a_whole_bus_sigkilled_and_started_again_leaves_every_state_applied_once(
+        make_bus, nats_server, tmp_path):
+    publisher = make_bus(pool_size=1)   # publishes only
+    # Host 1 handles 15 events an aggregate, all acked, and is killed idle: each aggregate
+    # has 5 events applied after its last snapshot (every 10) that only its memory held.
+    first = HostBus(nats_server.url, tmp_path / "host1.pids", handler="SlowLedger", subject=SUBJECT)
+    try:
+        first.wait_started()
+        acked = 15 * KEYS
+        publish_events(publisher, 0, acked)
+        wait_for(lambda: settled(nats_server.url, "orders"), timeout=120, what="all acked")
+    finally:
+        first.kill()
+    # Host 2 is killed mid-stream: much handled (and snapshotted) that is not acked yet.
+    second = HostBus(nats_server.url, tmp_path / "host2.pids", handler="SlowLedger",
+                     subject=SUBJECT)
+    try:
+        second.wait_started()
+        publish_events(publisher, acked, TOTAL)
+        wait_for(lambda: consumer_info(nats_server.url, STREAM, "orders").ack_floor.stream_seq
+                 >= acked + (TOTAL - acked) // 3, timeout=120, what="a third more acked",
+                 interval=0.01)
+    finally:
+        second.kill()
+    info = consumer_info(nats_server.url, STREAM, "orders")
+    print(f"host 2 killed at ack floor {info.ack_floor.stream_seq}, delivered "
+          f"{info.delivered.stream_seq} of {TOTAL}")
+    assert info.ack_floor.stream_seq < TOTAL
+    bus = make_bus(pool_size=2)
+    bus.subscribe(SUBJECT, handlers.SlowLedger, durable="orders", key_from_subject=True,
+                  ack_wait=5.0, pin_timeout=PIN_TIMEOUT, pull_expires=PIN_TIMEOUT / 4)
+    finish_and_check(bus, nats_server.url, "orders")
