@@ -195,3 +195,9 @@ class SlowLedger(Ledger):
     def handle(self, msg: Message) -> None:
         time.sleep(0.001)
         super().handle(msg)
+
+
+#: What `actorbus replay tests.handlers:ledger_topology` rebuilds in the replay test.
+ledger_topology = Topology(subscriptions=(Subscription("ledger.*", Ledger, durable="ledger",
+                                                       options={"key_from_subject": True}),),
+                           bus={"pool_size": 2})
