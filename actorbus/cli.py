@@ -320,11 +320,16 @@ def run(ctx: click.Context, /, topology: str, servers: str | None, metrics_port:
 @click.option("--bridges", "bridge_counts", default="1,2,4", show_default=True, metavar="COUNTS",
               help="Comma-separated Bridge counts, one actorbus row each (the largest pool) "
                    "on a stream partitioned 8 ways; '' for none.")
+@click.option("--snapshots", "snapshot_rounds", type=click.IntRange(min=1), default=None,
+              metavar="ROUNDS", help="Instead: durable aggregates' cost, throughput with a snapshot "
+                                     "every 100 events against none, ROUNDS runs of each "
+                                     "interleaved (the first of --pools).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: str,
           json_path: str | None, rates: str, latency_seconds: float | None, latency_keys: int,
-          kinds: str, quick: bool, instances: str | None, bridge_counts: str, debug: bool) -> None:
+          kinds: str, quick: bool, instances: str | None, bridge_counts: str,
+          snapshot_rounds: int | None, debug: bool) -> None:
     """Throughput, latency, memory and per-key order: actorbus against a plain nats-py
     pull loop and a FastStream subscriber, on an embedded nats-server.
 
@@ -363,6 +368,10 @@ def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: st
     def work() -> int:
         # Both tables are wider than 80 columns: not wrapped when the output is not a terminal.
         console = Console() if sys.stdout.isatty() else Console(width=140)
+        if snapshot_rounds is not None:
+            from actorbus.benchmarks.snapshots import run_snapshots
+            return run_snapshots(messages=3000 if quick else messages, keys=keys, pool=sizes[0],
+                                 rounds=snapshot_rounds, json_path=json_path, console=console)
         if counts is not None:
             from actorbus.benchmarks.instances import run_instances
             return run_instances(counts, messages=3000 if quick else messages, keys=keys,

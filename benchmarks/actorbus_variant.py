@@ -49,8 +49,10 @@ def consume(params: dict[str, Any]) -> dict[str, Any]:
 
         with RssSampler(pids) as rss:
             started = time.perf_counter()
-            bus.subscribe(params["subject"], handle, envelope=True, durable=params["durable"],
-                          stream=params["stream"], storage="file")
+            # ``handler``: another handler by name (``actorbus bench --snapshots``'s aggregates).
+            bus.subscribe(params["subject"], params.get("handler") or handle, envelope=True,
+                          durable=params["durable"], stream=params["stream"], storage="file",
+                          **params.get("subscribe", {}))
             if params.get("ready_path"):
                 Path(params["ready_path"]).touch()
             deadline = time.monotonic() + params["timeout"]

@@ -100,13 +100,13 @@ class KvSnapshotStores:
             return
         for store in self._stores.values():
             store.flush_on(thread, timeout)
+            store.disconnected()
         if client is not None:
             try:
                 thread.run(client.close(), timeout)
             except Exception as exc:   # stopping: the server may be gone already
                 log.debug("closing the snapshot connection: %s", type(exc).__name__)
         thread.stop()
-        self._stores.clear()
 
 
 class KvSnapshotStore:
@@ -150,8 +150,16 @@ class KvSnapshotStore:
 
     def flush(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the queued snapshots to be written."""
+        if self._writer is None:
+            return   # nothing saved since the connection was made: no need to make one
         thread, _ = self._stores.jetstream()
         self.flush_on(thread, timeout)
+
+    def disconnected(self) -> None:
+        """The connection is closed: what was bound to it goes (a later request connects again)."""
+        self._kv = None
+        self._writer = None
+        self._pending.clear()
 
     def flush_on(self, thread: LoopThread, timeout: float) -> None:
         """:meth:`flush` on ``thread``'s loop (the stores' closing does it on its own)."""
