@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -30,7 +30,7 @@ from actorbus.bridge.snapshot_store import KvSnapshotStore, KvSnapshotStores
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.dlq import connection_config
 from actorbus.groups import is_partitionable
-from actorbus.snapshots import StoredEvent
+from actorbus.snapshots import EventRange, StoredEvent
 from actorbus.topology import Topology
 
 log = logging.getLogger("actorbus.replay")
@@ -172,19 +172,18 @@ class _FromNothing:
             """The bucket, for a log line."""
             return self._store.where
 
-        def load(self, aggregate_id: str) -> bytes | None:
-            """None: a replay starts every aggregate from nothing."""
-            return None
+        def load(self, aggregate_ids: Sequence[str]) -> dict[str, bytes | None]:
+            """None each: a replay starts every aggregate from nothing."""
+            return dict.fromkeys(aggregate_ids)
 
         def save(self, aggregate_id: str, data: bytes) -> None:
             """Write it to the bucket (in the background)."""
             self._saved.add(aggregate_id)
             self._store.save(aggregate_id, data)
 
-        def events(self, aggregate_id: str, after: int, before: int,
-                   subject: str) -> Iterator[StoredEvent]:
+        def events(self, ranges: Sequence[EventRange]) -> dict[str, list[StoredEvent]]:
             """Nothing: the replay hands every event over in stream order itself."""
-            return iter(())
+            return {}
 
         def flush(self, timeout: float) -> None:
             """Wait for the writes."""

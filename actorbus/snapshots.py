@@ -17,7 +17,7 @@ import base64
 import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 
 import msgpack
 
@@ -113,6 +113,16 @@ class StoredEvent(NamedTuple):
     headers: Mapping[str, str] | None
 
 
+class EventRange(NamedTuple):
+    """The events of ``aggregate_id`` with stream sequence in (``after``, ``before``), wanted
+    for a restore; ``subject`` is that of its message at ``before``."""
+
+    aggregate_id: str
+    after: int
+    before: int
+    subject: str
+
+
 class SnapshotStore(Protocol):
     """The snapshots of one subscription's aggregates, and its events read back from the stream."""
 
@@ -120,8 +130,9 @@ class SnapshotStore(Protocol):
     def where(self) -> str:
         """Where the snapshots are, for a log line: ``bucket actorbus-snapshots-orders``."""
 
-    def load(self, aggregate_id: str) -> bytes | None:
-        """The stored snapshot of ``aggregate_id`` (None: none); raise when the store cannot say."""
+    def load(self, aggregate_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """The stored snapshot of each of ``aggregate_ids`` (None: none), read at once; raise
+        when the store cannot say."""
 
     def save(self, aggregate_id: str, data: bytes) -> None:
         """Store ``data`` as ``aggregate_id``'s snapshot; may return before it is written, but
@@ -129,10 +140,8 @@ class SnapshotStore(Protocol):
         an earlier one not yet written). A failed write is logged, not raised: the
         previous snapshot stays, and a restore reads more of the stream."""
 
-    def events(self, aggregate_id: str, after: int, before: int,
-               subject: str) -> Iterator[StoredEvent]:
-        """The events of ``aggregate_id`` with stream sequence in (``after``, ``before``), in
-        stream order; ``subject`` is that of its message at ``before``."""
+    def events(self, ranges: Sequence[EventRange]) -> dict[str, list[StoredEvent]]:
+        """The events of each range, in stream order, by aggregate id, read at once."""
 
     def flush(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the saves made so far to be written."""
@@ -160,6 +169,7 @@ class MemorySnapshots:
     def __init__(self) -> None:
         self.saved: dict[str, bytes] = {}
         self.saves = 0
+        self.loads = 0
         self._stream: list[tuple[StoredEvent, str]] = []
 
     @property
@@ -173,21 +183,22 @@ class MemorySnapshots:
         self._stream.append((StoredEvent(sequence, subject, data, None), aggregate_id))
         return sequence
 
-    def load(self, aggregate_id: str) -> bytes | None:
-        """The saved snapshot of ``aggregate_id``, if any."""
-        return self.saved.get(aggregate_id)
+    def load(self, aggregate_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """The saved snapshot of each id, if any."""
+        self.loads += 1
+        return {aggregate_id: self.saved.get(aggregate_id) for aggregate_id in aggregate_ids}
 
     def save(self, aggregate_id: str, data: bytes) -> None:
         """Keep ``data`` as ``aggregate_id``'s snapshot, at once."""
         self.saved[aggregate_id] = data
         self.saves += 1
 
-    def events(self, aggregate_id: str, after: int, before: int,
-               subject: str) -> Iterator[StoredEvent]:
-        """The appended events of ``aggregate_id`` between ``after`` and ``before``."""
-        for event, owner in self._stream[after:max(after, before - 1)]:
-            if owner == aggregate_id:
-                yield event
+    def events(self, ranges: Sequence[EventRange]) -> dict[str, list[StoredEvent]]:
+        """The appended events of each range."""
+        return {wanted.aggregate_id: [event for event, owner in
+                                      self._stream[wanted.after:max(wanted.after, wanted.before - 1)]
+                                      if owner == wanted.aggregate_id]
+                for wanted in ranges}
 
     def flush(self, timeout: float) -> None:
         """Nothing to wait for: saves are kept at once."""

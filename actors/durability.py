@@ -14,13 +14,13 @@ from __future__ import annotations
 import inspect
 import logging
 from typing import Any
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from actorbus.aggregate import Aggregate
 from actorbus.envelope import InvalidEnvelope
 from actorbus.message import Message
-from actorbus.snapshots import (Snapshot, SnapshotError, SnapshotStore, StoredEvent, decode_snapshot,
-                                encode_snapshot)
+from actorbus.snapshots import (EventRange, Snapshot, SnapshotError, SnapshotStore, StoredEvent,
+                                decode_snapshot, encode_snapshot)
 
 log = logging.getLogger("actorbus.actors")
 
@@ -54,6 +54,24 @@ class SnapshotKeeper:
         self._message_of = message_of
         self._run = run
         self._progress: dict[str, _Progress] = {}
+        # Restored ahead by prepare(): id → (sequence of the message it is for, instance, progress).
+        self._prepared: dict[str, tuple[int, Aggregate, _Progress]] = {}
+
+    def prepare(self, firsts: Sequence[EventRange]) -> None:
+        """Restore at once the ids whose first message here is coming (``before``: its
+        sequence), so that a batch of them costs two round trips to the store, not two each.
+
+        What is not used by the message it was made for is dropped at the next call; a
+        failure here is left to :meth:`restore`, which tries again on its own.
+        """
+        self._prepared.clear()
+        wanted = [first for first in firsts if first.aggregate_id not in self._progress]
+        if len(wanted) < 2:
+            return   # one alone is restored as fast by restore()
+        try:
+            self._prepared = self._restore_all(wanted)
+        except Exception as exc:   # the store cannot be read now: each message finds out itself
+            log.debug("restoring %d aggregate(s) at once failed: %s", len(wanted), exc)
 
     def restore(self, msg: Message) -> Aggregate:
         """A new instance for ``msg``'s aggregate, with every event before ``msg`` applied once.
@@ -63,14 +81,34 @@ class SnapshotKeeper:
         """
         aggregate_id = msg.aggregate_id
         assert aggregate_id is not None   # AggregateInstances refuses keyless messages
-        instance, applied = self._restored(aggregate_id)
-        progress = _Progress(applied)
-        for event in self._store.events(aggregate_id, applied, msg.stream_sequence, msg.subject):
-            self._replay(instance, aggregate_id, event, progress)
+        prepared = self._prepared.pop(aggregate_id, None)
+        if prepared is None or prepared[0] != msg.stream_sequence:
+            first = EventRange(aggregate_id, 0, msg.stream_sequence, msg.subject)
+            prepared = self._restore_all([first])[aggregate_id]
+        _, instance, progress = prepared
         self._progress[aggregate_id] = progress
         if progress.unsaved >= self._every:
             self._save(aggregate_id, instance, progress)
         return instance
+
+    def _restore_all(self, firsts: Sequence[EventRange]) -> dict[str, tuple[int, Aggregate, _Progress]]:
+        """Each id of ``firsts`` restored from its snapshot, then its events up to its first
+        message here applied from the stream: one read of the snapshots, one of the events."""
+        stored = self._store.load([first.aggregate_id for first in firsts])
+        restored: dict[str, tuple[Aggregate, int]] = {}
+        for first in firsts:
+            restored[first.aggregate_id] = self._restored(first.aggregate_id,
+                                                          stored.get(first.aggregate_id))
+        events = self._store.events([first._replace(after=restored[first.aggregate_id][1])
+                                     for first in firsts])
+        done = {}
+        for first in firsts:
+            instance, applied = restored[first.aggregate_id]
+            progress = _Progress(applied)
+            for event in events.get(first.aggregate_id, ()):
+                self._replay(instance, first.aggregate_id, event, progress)
+            done[first.aggregate_id] = (first.before, instance, progress)
+        return done
 
     def apply(self, instance: Aggregate, msg: Message) -> Any:
         """``instance.handle(msg)`` unless ``msg`` is already in the state (then None: it
@@ -114,12 +152,11 @@ class SnapshotKeeper:
                 self._save(instance.aggregate_id, instance, progress)
         self._store.flush(timeout)
 
-    def _restored(self, aggregate_id: str) -> tuple[Aggregate, int]:
-        """A new instance with its stored snapshot restored, and the sequence its state is at
-        (0: no snapshot, or one that could not be used: the aggregate is rebuilt from the
-        stream)."""
+    def _restored(self, aggregate_id: str, data: bytes | None) -> tuple[Aggregate, int]:
+        """A new instance with its stored snapshot ``data`` restored, and the sequence its state
+        is at (0: no snapshot, or one that could not be used: the aggregate is rebuilt from
+        the stream)."""
         cls = self._cls
-        data = self._store.load(aggregate_id)
         if data is None:
             return cls(aggregate_id), 0
         try:

@@ -5,13 +5,14 @@ import logging
 import time
 from collections import OrderedDict
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from actorbus.actors.durability import SnapshotKeeper
 from actorbus.actors.handlers import HandlerError
 
 from actorbus.aggregate import Aggregate
 from actorbus.message import Message
+from actorbus.snapshots import EventRange
 
 log = logging.getLogger("actorbus.actors")
 
@@ -66,6 +67,12 @@ class AggregateInstances:
                 break  # ordered by last use: the rest are fresher
             del self._live[aggregate_id]
             self._passivate(aggregate_id, (instance, last_used))
+
+    def prepare(self, firsts: Sequence[EventRange]) -> None:
+        """Durable classes: restore at once the aggregates of ``firsts`` that are not live
+        (each range's ``before`` is the sequence of a message coming for it)."""
+        if self._keeper is not None:
+            self._keeper.prepare([first for first in firsts if first.aggregate_id not in self._live])
 
     def flush(self, timeout: float) -> None:
         """On a clean stop: snapshot the durable instances' unsaved events and wait up to

@@ -96,6 +96,7 @@ class PoolMember(BusActor):
             feed.last_token = fresh[-1].token
         # Handlers run on a thread of their own, in runs of about REPORT_INTERVAL; what a
         # run finished is reported from here (only the actor's thread may send).
+        self._runner.call(self._table.prepare, fresh)
         position = 0
         while True:
             done, position = self._runner.call(self._run, fresh, position)

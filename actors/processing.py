@@ -12,7 +12,7 @@ import inspect
 import logging
 import time
 from typing import Any
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from actorbus.actors.durability import SnapshotKeeper
 from actorbus.actors.handlers import HandlerError, resolve_handler
@@ -24,7 +24,7 @@ from actorbus.aggregate import Aggregate
 from actorbus.config import SubscriptionConfig
 from actorbus.envelope import InvalidEnvelope, decode_envelope
 from actorbus.message import Message
-from actorbus.snapshots import SnapshotStores, StoredEvent
+from actorbus.snapshots import EventRange, SnapshotStores, StoredEvent
 
 log = logging.getLogger("actorbus.actors")
 
@@ -66,9 +66,28 @@ class HandlerTable:
         """
         self._handler(self._subscriptions[name])
 
-    def process(self, deliveries: Iterable[Delivery]) -> tuple[Outcome, ...]:
+    def process(self, deliveries: Sequence[Delivery]) -> tuple[Outcome, ...]:
         """Handle ``deliveries`` strictly in order (see :meth:`handle`); one outcome each."""
+        self.prepare(deliveries)
         return tuple(self.handle(delivery) for delivery in deliveries)
+
+    def prepare(self, deliveries: Sequence[Delivery]) -> None:
+        """Restore at once the durable aggregates whose first message here is among
+        ``deliveries`` (about to be handled); never raises."""
+        firsts: dict[str, dict[str, EventRange]] = {}
+        for delivery in deliveries:
+            if delivery.aggregate_id is not None:
+                firsts.setdefault(delivery.subscription, {}).setdefault(
+                    delivery.aggregate_id, EventRange(delivery.aggregate_id, 0,
+                                                      delivery.stream_sequence, delivery.subject))
+        for name, wanted in firsts.items():
+            spec = self._subscriptions.get(name)
+            try:
+                instances = None if spec is None else self._handler(spec)
+            except HandlerError:
+                continue   # each of its deliveries fails, saying why
+            if isinstance(instances, AggregateInstances):
+                instances.prepare(list(wanted.values()))
 
     def handle(self, delivery: Delivery) -> Outcome:
         """Handle one delivery in its aggregate's order; never raises.

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 from typing import Any
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -32,7 +32,7 @@ from actorbus.bridge.extraction import subscription_key
 from actorbus.bridge.jetstream import subject_covers
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.config import BusConfig, SubscriptionConfig
-from actorbus.snapshots import StoredEvent, bucket_name, snapshot_key
+from actorbus.snapshots import EventRange, StoredEvent, bucket_name, snapshot_key
 
 log = logging.getLogger("actorbus.snapshots")
 
@@ -126,27 +126,26 @@ class KvSnapshotStore:
         """The bucket, for a log line."""
         return f"bucket {self.bucket}"
 
-    def load(self, aggregate_id: str) -> bytes | None:
-        """The stored snapshot of ``aggregate_id``, or None."""
+    def load(self, aggregate_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """The stored snapshot of each id (None: none), read concurrently."""
         thread, js = self._stores.jetstream()
-        return thread.run(self._load(js, snapshot_key(aggregate_id)), REQUEST_TIMEOUT)
+        return thread.run(self._load_all(js, aggregate_ids), REQUEST_TIMEOUT)
 
     def save(self, aggregate_id: str, data: bytes) -> None:
         """Queue ``data`` for writing as ``aggregate_id``'s snapshot; returns at once."""
         thread, js = self._stores.jetstream()
         thread.call_soon(self._enqueue, js, snapshot_key(aggregate_id), data)
 
-    def events(self, aggregate_id: str, after: int, before: int,
-               subject: str) -> Iterator[StoredEvent]:
-        """The events of ``aggregate_id`` in (``after``, ``before``), in stream order.
+    def events(self, ranges: Sequence[EventRange]) -> dict[str, list[StoredEvent]]:
+        """The events of each range, in stream order, by aggregate id.
 
         With ``key_from_subject`` an aggregate's events are those on its message's
-        subject, read by that subject; otherwise every message of the subscription
-        in the range is read and those routed to the aggregate kept.
+        subject, read by that subject, the aggregates concurrently; otherwise every
+        message of the subscription from the earliest range's start to the latest's
+        end is read once, and each kept for the aggregate it is routed to.
         """
         thread, js = self._stores.jetstream()
-        events = thread.run(self._events(js, aggregate_id, after, before, subject), None)
-        return iter(events)
+        return thread.run(self._events_all(js, ranges), None)
 
     def flush(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the queued snapshots to be written."""
@@ -183,8 +182,15 @@ class KvSnapshotStore:
                 self._kv = await js.key_value(self.bucket)
         return self._kv
 
-    async def _load(self, js: JetStreamContext, key: str) -> bytes | None:
+    async def _load_all(self, js: JetStreamContext,
+                        aggregate_ids: Sequence[str]) -> dict[str, bytes | None]:
         kv = await self._bucket(js)
+        found = await asyncio.gather(*(self._load(kv, snapshot_key(aggregate_id))
+                                       for aggregate_id in aggregate_ids))
+        return dict(zip(aggregate_ids, found, strict=True))
+
+    @staticmethod
+    async def _load(kv: KeyValue, key: str) -> bytes | None:
         try:
             entry = await kv.get(key)
         except KeyNotFoundError:
@@ -221,16 +227,34 @@ class KvSnapshotStore:
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
 
-    async def _events(self, js: JetStreamContext, aggregate_id: str, after: int, before: int,
-                      subject: str) -> list[StoredEvent]:
+    async def _events_all(self, js: JetStreamContext,
+                          ranges: Sequence[EventRange]) -> dict[str, list[StoredEvent]]:
         sub = self.subscription
-        if sub.key_from_subject and subject.rsplit(".", 1)[-1] == aggregate_id:
-            wanted = subject
-        elif subject_covers(sub.subject, subject):
-            wanted = sub.subject
-        else:
-            wanted = f"*.{sub.subject}"   # a partitioned stream: its subjects start with the partition
-        found: list[StoredEvent] = []
+        by_subject = [r for r in ranges
+                      if sub.key_from_subject and r.subject.rsplit(".", 1)[-1] == r.aggregate_id]
+        read = await asyncio.gather(*(self._read(js, r.subject, r.after, r.before, {r.aggregate_id})
+                                      for r in by_subject))
+        found = {r.aggregate_id: [event for _, event in events]
+                 for r, events in zip(by_subject, read, strict=True)}
+        scanned = [r for r in ranges if r.aggregate_id not in found]
+        if scanned:
+            subject = scanned[0].subject
+            # A partitioned stream's subjects start with the partition.
+            wanted = sub.subject if subject_covers(sub.subject, subject) else f"*.{sub.subject}"
+            events = await self._read(js, wanted, min(r.after for r in scanned),
+                                      max(r.before for r in scanned),
+                                      {r.aggregate_id for r in scanned})
+            for r in scanned:
+                found[r.aggregate_id] = [event for key, event in events
+                                         if key == r.aggregate_id and r.after < event.sequence < r.before]
+        return found
+
+    async def _read(self, js: JetStreamContext, wanted: str, after: int, before: int,
+                    aggregate_ids: set[str]) -> list[tuple[str, StoredEvent]]:
+        """The messages on ``wanted`` in (``after``, ``before``) routed to one of
+        ``aggregate_ids``, with that id; one request each."""
+        sub = self.subscription
+        found: list[tuple[str, StoredEvent]] = []
         cursor = after + 1
         while cursor < before:
             try:
@@ -241,7 +265,8 @@ class KvSnapshotStore:
             if sequence >= before:
                 break
             cursor = sequence + 1
-            data, headers = raw.data or b"", raw.headers
-            if subscription_key(sub, raw.subject or wanted, data, headers) == aggregate_id:
-                found.append(StoredEvent(sequence, raw.subject or wanted, data, headers))
+            data, headers, subject = raw.data or b"", raw.headers, raw.subject or wanted
+            key = subscription_key(sub, subject, data, headers)
+            if key in aggregate_ids:
+                found.append((key, StoredEvent(sequence, subject, data, headers)))
         return found

@@ -252,3 +252,20 @@ def test_kv_keys_are_the_id_or_its_marked_base64(aggregate_id, plain):
     assert aggregate_of_key(key) == aggregate_id
     tokens = key.split(".")
     assert all(tokens) and all(c.isalnum() or c in "-/_=" for t in tokens for c in t)
+
+
+def test_the_aggregates_first_seen_in_a_batch_are_restored_with_one_read_of_the_store():
+    store = MemorySnapshots()
+    stream = Stream(store)
+    for _ in range(12):
+        for key in "abc":
+            stream.publish(key)
+    table(store).process(stream.deliveries)
+    later = [stream.publish(key) for key in "abcabc"]
+    second = table(store)
+    loads = store.loads
+    second.process(later)
+    assert store.loads == loads + 1
+    second.close()
+    assert {key: state_of(store, key).state["numbers"] for key in "abc"} == \
+        {key: list(range(14)) for key in "abc"}
