@@ -29,7 +29,7 @@ from actorbus.bridge.extraction import subscription_key
 from actorbus.bridge.snapshot_store import KvSnapshotStore, KvSnapshotStores
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.dlq import connection_config
-from actorbus.groups import is_partitionable
+from actorbus.groups import is_partitionable, without_partition
 from actorbus.snapshots import EventRange, StoredEvent
 from actorbus.topology import Topology
 
@@ -115,7 +115,9 @@ def _replay(stores: KvSnapshotStores, subscription: SubscriptionConfig, table: H
             for msg in thread.run(reader.fetch(min(FETCH_BATCH, total - events),
                                                timeout=FETCH_TIMEOUT), FETCH_TIMEOUT * 2):
                 sequence = msg.metadata.sequence.stream
-                event = StoredEvent(sequence, msg.subject, msg.data, msg.headers)
+                # As it was published, as handlers see it (deliveries carry it so).
+                subject = without_partition(msg.subject) if partitioned else msg.subject
+                event = StoredEvent(sequence, subject, msg.data, msg.headers)
                 events += 1
                 through = max(through, sequence)
                 if sequence <= last and not _applied(table, subscription, event):

@@ -143,6 +143,11 @@ class SnapshotKeeper:
         if progress is not None and progress.unsaved:
             self._save(instance.aggregate_id, instance, progress)
 
+    def forget(self) -> None:
+        """Know no instance any more (they were dropped unsaved)."""
+        self._progress.clear()
+        self._prepared.clear()
+
     def flush(self, instances: list[Aggregate], timeout: float) -> None:
         """On a clean stop: snapshot every instance with unsaved events, and wait up to
         ``timeout`` seconds for the writes."""

@@ -74,6 +74,13 @@ class AggregateInstances:
         if self._keeper is not None:
             self._keeper.prepare([first for first in firsts if first.aggregate_id not in self._live])
 
+    def forget(self) -> None:
+        """Durable classes: drop every instance as it is, with no snapshot and no
+        ``passivate()``; each is restored from the store on its next message."""
+        if self._keeper is not None:
+            self._keeper.forget()
+            self._live.clear()
+
     def flush(self, timeout: float) -> None:
         """On a clean stop: snapshot the durable instances' unsaved events and wait up to
         ``timeout`` seconds for the writes (nothing without snapshots)."""

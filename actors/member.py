@@ -27,10 +27,11 @@ REPORT_INTERVAL = 0.05
 class _Feed:
     """What a member knows of one Bridge's dispatches."""
 
-    __slots__ = ("epoch", "last_token", "dispatches")
+    __slots__ = ("epoch", "last_token", "dispatches", "ownership")
 
     def __init__(self) -> None:
         self.epoch = 0   # the incarnation of the Bridge whose dispatches are numbered here
+        self.ownership = 0   # what the Bridge reads changed hands this many times
         # Tokens reach a member in increasing order (a Bridge routes in fetch order), so
         # anything at or below the last one is a copy.
         self.last_token = 0
@@ -96,6 +97,10 @@ class PoolMember(BusActor):
             feed.last_token = fresh[-1].token
         # Handlers run on a thread of their own, in runs of about REPORT_INTERVAL; what a
         # run finished is reported from here (only the actor's thread may send).
+        if message.ownership != feed.ownership:
+            # Handled elsewhere meanwhile, maybe: restored from the store on their next message.
+            feed.ownership = message.ownership
+            self._runner.call(self._table.forget_durable)
         self._runner.call(self._table.prepare, fresh)
         position = 0
         while True:

@@ -169,6 +169,13 @@ class HandlerTable:
                 attempt += 1
                 message = dataclasses.replace(message, attempt=attempt)
 
+    def forget_durable(self) -> None:
+        """Drop every durable aggregate's live instance, unsaved: what it reads changed hands,
+        so their events may have been handled elsewhere; each is restored on its next message."""
+        for handler in self._handlers.values():
+            if isinstance(handler, AggregateInstances):
+                handler.forget()
+
     def close(self) -> None:
         """Write the durable aggregates' last snapshots, then close the event loop used for
         async handlers, if one was made."""

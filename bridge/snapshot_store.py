@@ -29,9 +29,9 @@ from nats.js.kv import KeyValue
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.extraction import subscription_key
-from actorbus.bridge.jetstream import subject_covers
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.config import BusConfig, SubscriptionConfig
+from actorbus.groups import partition_filter, partition_of, without_partition
 from actorbus.snapshots import EventRange, StoredEvent, bucket_name, snapshot_key
 
 log = logging.getLogger("actorbus.snapshots")
@@ -232,15 +232,15 @@ class KvSnapshotStore:
         sub = self.subscription
         by_subject = [r for r in ranges
                       if sub.key_from_subject and r.subject.rsplit(".", 1)[-1] == r.aggregate_id]
-        read = await asyncio.gather(*(self._read(js, r.subject, r.after, r.before, {r.aggregate_id})
+        read = await asyncio.gather(*(self._read(js, self._stored(r.subject, r.aggregate_id), r.after,
+                                                 r.before, {r.aggregate_id})
                                       for r in by_subject))
         found = {r.aggregate_id: [event for _, event in events]
                  for r, events in zip(by_subject, read, strict=True)}
         scanned = [r for r in ranges if r.aggregate_id not in found]
         if scanned:
-            subject = scanned[0].subject
-            # A partitioned stream's subjects start with the partition.
-            wanted = sub.subject if subject_covers(sub.subject, subject) else f"*.{sub.subject}"
+            # A partitioned stream stores each subject behind its partition.
+            wanted = sub.subject if sub.partitions is None else f"*.{sub.subject}"
             events = await self._read(js, wanted, min(r.after for r in scanned),
                                       max(r.before for r in scanned),
                                       {r.aggregate_id for r in scanned})
@@ -248,6 +248,13 @@ class KvSnapshotStore:
                 found[r.aggregate_id] = [event for key, event in events
                                          if key == r.aggregate_id and r.after < event.sequence < r.before]
         return found
+
+    def _stored(self, subject: str, aggregate_id: str) -> str:
+        """The subject a message published on ``subject`` is stored under: on a partitioned
+        stream, behind its aggregate's partition (deliveries carry it as published)."""
+        partitions = self.subscription.partitions
+        return subject if partitions is None else \
+            partition_filter(subject, partition_of(aggregate_id, partitions))
 
     async def _read(self, js: JetStreamContext, wanted: str, after: int, before: int,
                     aggregate_ids: set[str]) -> list[tuple[str, StoredEvent]]:
@@ -266,6 +273,8 @@ class KvSnapshotStore:
                 break
             cursor = sequence + 1
             data, headers, subject = raw.data or b"", raw.headers, raw.subject or wanted
+            if sub.partitions is not None:
+                subject = without_partition(subject)   # as it was published, as handlers see it
             key = subscription_key(sub, subject, data, headers)
             if key in aggregate_ids:
                 found.append((key, StoredEvent(sequence, subject, data, headers)))

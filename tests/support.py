@@ -204,7 +204,7 @@ class GroupHost(HostBus):
 
     def __init__(self, url: str, pids_file: Path, group: str, partitions: int, member: str,
                  members: list[str] | None = None, replicas: int = 1,
-                 heartbeat: float | None = None) -> None:
+                 heartbeat: float | None = None, handler: str | None = None) -> None:
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
@@ -213,8 +213,11 @@ class GroupHost(HostBus):
                 str(partitions), member]
         args.append(",".join(members) if members else "-")
         args.append(str(replicas))
-        if heartbeat is not None:
-            args.append(str(heartbeat))
+        if heartbeat is not None or handler is not None:
+            from tests.group_host import HEARTBEAT
+            args.append(str(HEARTBEAT if heartbeat is None else heartbeat))
+        if handler is not None:
+            args.append(handler)
         self.process = subprocess.Popen(args, cwd=root,
                                         env={**os.environ, "PYTHONPATH": str(root)})
 

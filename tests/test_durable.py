@@ -269,3 +269,28 @@ def test_the_aggregates_first_seen_in_a_batch_are_restored_with_one_read_of_the_
     second.close()
     assert {key: state_of(store, key).state["numbers"] for key in "abc"} == \
         {key: list(range(14)) for key in "abc"}
+
+
+def test_after_ownership_changed_hands_the_next_message_restores_from_the_store():
+    store = MemorySnapshots()
+    stream = Stream(store)
+    for _ in range(12):
+        stream.publish("a")
+    here = table(store)
+    here.process(stream.deliveries)          # live here, at event 11
+    elsewhere = table(store)                 # the partition moved: another bus goes on
+    elsewhere.process([stream.publish("a") for _ in range(4)])
+    elsewhere.close()
+    here.forget_durable()                    # it moved back: a dispatch said so
+    here.process([stream.publish("a")])
+    here.close()
+    assert state_of(store, "a").state["numbers"] == list(range(17))
+
+
+def test_a_dispatch_carries_its_ownership_count_through_pickling():
+    import pickle
+
+    from actorbus.actors.messages import Dispatch
+
+    dispatch = Dispatch((Stream(MemorySnapshots()).publish("a"),), 4, epoch=2, bridge=1, ownership=3)
+    assert pickle.loads(pickle.dumps(dispatch)) == dispatch

@@ -20,7 +20,7 @@ from actorbus.snapshots import Snapshot, aggregate_of_key, decode_snapshot
 from actorbus.supervision import Backoff, OneForOne
 from tests import handlers
 from tests.bus_host import PIN_TIMEOUT
-from tests.support import HostBus, consumer_info, publish_spread, wait_for
+from tests.support import GROUP_PARTITIONS, GroupHost, HostBus, consumer_info, publish_spread, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +129,67 @@ def test_a_whole_bus_sigkilled_and_started_again_leaves_every_state_applied_once
     bus.subscribe(SUBJECT, handlers.SlowLedger, durable="orders", key_from_subject=True,
                   ack_wait=5.0, pin_timeout=PIN_TIMEOUT, pull_expires=PIN_TIMEOUT / 4)
     finish_and_check(bus, nats_server.url, "orders")
+
+
+def group_settled(url: str) -> bool:
+    return all(settled_on(url, "ORDERS", f"ledgers-p{p}") for p in range(GROUP_PARTITIONS))
+
+
+def settled_on(url: str, stream: str, durable: str) -> bool:
+    info = consumer_info(url, stream, durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+def test_partitions_moving_between_group_members_mid_stream_leave_every_state_applied_once(
+        make_bus, nats_server, tmp_path):
+    url = nats_server.url
+    hosts: list[GroupHost] = []
+
+    def start(member: str) -> GroupHost:
+        host = GroupHost(url, tmp_path / f"{member}.pids", "ledgers", GROUP_PARTITIONS, member,
+                         handler="SlowLedger")
+        hosts.append(host)
+        host.wait_started()
+        return host
+
+    try:
+        first = start("a")
+        wait_for(lambda: first.stats().get("partitions_owned") == GROUP_PARTITIONS,
+                 what="a owning every partition")
+        publisher = make_bus(pool_size=0)   # publishes only
+        half = TOTAL // 2
+
+        def publish(start: int, end: int) -> None:
+            publish_spread(publisher, end, KEYS, per_key_sequence=True,
+                           subject="orders.{aggregate_id}", start=start)
+
+        publish(0, half)
+        wait_for(lambda: first.stats().get("processed", 0) >= half // 2, timeout=60,
+                 what="a quarter handled by a", interval=0.02)
+        # Half of the partitions move to b, mid-stream; b restores their aggregates, which
+        # a holds live.
+        second = start("b")
+        wait_for(lambda: second.stats().get("partitions_owned") == GROUP_PARTITIONS // 2 and
+                 first.stats().get("partitions_owned") == GROUP_PARTITIONS // 2, timeout=30,
+                 what="the partitions shared")
+        publish(half, TOTAL)
+        wait_for(lambda: second.stats().get("processed", 0) >= half // 5, timeout=60,
+                 what="b handling its share", interval=0.02)
+        # b leaves: its partitions move back to a, which held instances of them all along.
+        second.terminate()
+        wait_for(lambda: first.stats().get("partitions_owned") == GROUP_PARTITIONS, timeout=30,
+                 what="a owning every partition again")
+        wait_for(lambda: group_settled(url), timeout=120, what="every event acked")
+        publish(TOTAL, TOTAL + KEYS)
+        wait_for(lambda: group_settled(url), timeout=60, what="the last events acked")
+        print(f"{TOTAL} events / {KEYS} aggregates over a group: a handled "
+              f"{first.stats().get('processed')}, b {second.stats().get('processed')}, "
+              f"a's rebalances {first.stats().get('rebalances')}")
+        first.terminate()   # a clean stop: every live aggregate snapshotted
+    finally:
+        for host in hosts:
+            host.ensure_gone()
+    found = snapshots(url, "orders")
+    expected = list(range(TOTAL // KEYS + 1))
+    wrong = {key: s.state["numbers"] for key, s in found.items() if s.state["numbers"] != expected}
+    assert len(found) == KEYS and not wrong, f"{len(wrong)} wrong, e.g. {next(iter(wrong.items()), None)}"
