@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 from collections.abc import Sequence
 
@@ -40,6 +41,8 @@ log = logging.getLogger("actorbus.snapshots")
 REQUEST_TIMEOUT = 10.0
 #: Snapshots of distinct ids written at once by the writer task.
 WRITE_BATCH = 64
+#: Seconds between two warnings of the same kind (NATS down, writes failing): at most one.
+WARNING_INTERVAL = 60.0
 
 
 class KvSnapshotStores:
@@ -52,6 +55,7 @@ class KvSnapshotStores:
         self._thread: LoopThread | None = None
         self._client: Client | None = None
         self._stores: dict[str, KvSnapshotStore] = {}
+        self._quiet_until = 0.0   # no connection warning before then
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self._config}
@@ -89,7 +93,11 @@ class KvSnapshotStores:
         return self._config.secrets()
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("snapshot connection: %s", describe_error(exc, self._config.secrets()))
+        now = time.monotonic()
+        if now >= self._quiet_until:   # a server down gives one a reconnect attempt
+            self._quiet_until = now + WARNING_INTERVAL
+            log.warning("snapshot connection: %s (warned at most once a minute)",
+                        describe_error(exc, self._config.secrets()))
 
     def close(self, timeout: float) -> None:
         """Write what every store was given (up to ``timeout`` seconds), then disconnect."""
@@ -120,6 +128,8 @@ class KvSnapshotStore:
         # Touched on the loop's thread only.
         self._pending: dict[str, bytes] = {}
         self._writer: asyncio.Task[None] | None = None
+        self._unwritten = 0          # failed writes not warned of yet
+        self._quiet_until = 0.0      # no write warning before then
 
     @property
     def where(self) -> str:
@@ -207,8 +217,8 @@ class KvSnapshotStore:
         try:
             kv = await self._bucket(js)
         except Exception as exc:
-            log.warning("%s: %d snapshot(s) not written: %s", self.where, len(self._pending),
-                        describe_error(exc, self._stores.secrets()))
+            if self._pending:
+                self._write_failed(next(iter(self._pending)), exc, len(self._pending))
             self._pending.clear()
             return
         while self._pending:
@@ -217,11 +227,22 @@ class KvSnapshotStore:
                      for key in list(self._pending)[:WRITE_BATCH]]
             results = await asyncio.gather(*(kv.put(key, data) for key, data in batch),
                                            return_exceptions=True)
-            for (key, _), result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.warning("%s: the snapshot of %s was not written (%s); a restore reads "
-                                "more of the stream", self.where, key,
-                                describe_error(result, self._stores.secrets()))
+            failed = [(key, result) for (key, _), result in zip(batch, results, strict=True)
+                      if isinstance(result, BaseException)]
+            if failed:
+                self._write_failed(failed[0][0], failed[0][1], len(failed))
+
+    def _write_failed(self, key: str, error: BaseException, count: int) -> None:
+        """Warn of failed writes at most once a minute, with how many failed since the last."""
+        self._unwritten += count
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return
+        self._quiet_until = now + WARNING_INTERVAL
+        log.warning("%s: %d snapshot(s) not written, the last of %s (%s); the previous ones stay, "
+                    "and a restore reads more of the stream (warned at most once a minute)",
+                    self.where, self._unwritten, key, describe_error(error, self._stores.secrets()))
+        self._unwritten = 0
 
     async def _drained(self) -> None:
         while self._writer is not None and not self._writer.done():
