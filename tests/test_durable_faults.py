@@ -223,3 +223,34 @@ def test_aggregates_keyed_by_header_are_restored_by_scanning_the_stream(make_bus
     found = snapshots(nats_server.url, "journal")
     assert {key: s.state["numbers"] for key, s in found.items()} == \
         {f"agg-{k}": list(range(acked + 1)) for k in range(keys)}
+
+
+def test_snapshots_on_a_secured_server_show_no_secret(make_bus, tmp_path, log_file):
+    # The members' own connection is made with the bus's settings: a password in the URL
+    # works, and shows nowhere (logs through a server restart, reprs, command lines).
+    from actorbus.bridge.snapshot_store import KvSnapshotStores
+    from actorbus.server import NatsServer
+    from tests.test_nats_auth import SECRET, command_line
+
+    (tmp_path / "server.conf").write_text(f'authorization {{ user: alice, password: "{SECRET}" }}\n')
+    server = NatsServer(store_dir=tmp_path / "secured", config=tmp_path / "server.conf").start()
+    try:
+        url = f"nats://alice:{SECRET}@127.0.0.1:{server.port}"
+        bus = make_bus(servers=url, pool_size=1)
+        bus.subscribe(SUBJECT, handlers.Ledger, durable="secured", key_from_subject=True)
+        publish_spread(bus, 30, 2, per_key_sequence=True, subject="ledger.{aggregate_id}")
+        wait_for(lambda: bus.stats()["acked"] >= 30, what="all acked")
+        server.kill()   # the snapshot connection reconnects, and says so
+        server.start()
+        publish_spread(bus, 32, 2, per_key_sequence=True, subject="ledger.{aggregate_id}", start=30)
+        wait_for(lambda: bus.stats()["acked"] >= 32, what="all acked again")
+        shown = [log_file.read_text(), repr(KvSnapshotStores(bus.config))]
+        shown += [command_line(pid) for pid in bus.runtime.pids()]
+        bus.stop()
+        found = snapshots(url, "secured")
+        assert {key: s.state["numbers"] for key, s in found.items()} == \
+            {"agg-0": list(range(16)), "agg-1": list(range(16))}
+        assert "alice:***@" in shown[1]
+        assert not [text for text in shown if SECRET in text]
+    finally:
+        server.close()
