@@ -201,3 +201,8 @@ class SlowLedger(Ledger):
 ledger_topology = Topology(subscriptions=(Subscription("ledger.*", Ledger, durable="ledger",
                                                        options={"key_from_subject": True}),),
                            bus={"pool_size": 2})
+
+#: The same on a stream partitioned 4 ways (its stored subjects start with the partition).
+ledger_partitioned_topology = Topology(
+    subscriptions=(Subscription("ledgerp.*", Ledger, durable="ledgerp"),),
+    bus={"pool_size": 2, "partitions": 4})

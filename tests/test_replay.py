@@ -74,3 +74,29 @@ def test_replay_names_a_subscription_it_cannot_find(nats_server):
     assert result.returncode == 2
     assert "no subscription 'nope'; the topology has ['ledger']" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_replay_reads_a_partitioned_stream(make_bus, nats_server):
+    bus = make_bus(pool_size=2, partitions=4)
+    bus.subscribe("ledgerp.*", handlers.Ledger, durable="ledgerp")
+    publish_spread(bus, KEYS * PER_KEY, KEYS, per_key_sequence=True,
+                   subject="ledgerp.{aggregate_id}")
+    wait_for(lambda: bus.stats()["acked"] >= KEYS * PER_KEY, what="all acked")
+    bus.stop()
+    assert asyncio.run(_delete_bucket(nats_server.url, "actorbus-snapshots-ledgerp"))   # all lost
+    result = subprocess.run([ACTORBUS, "replay", "tests.handlers:ledger_partitioned_topology",
+                             "--servers", nats_server.url], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert f"rebuilt {KEYS} snapshot(s) of ledgerp from {KEYS * PER_KEY} event(s)" in result.stdout
+    found = snapshots(nats_server.url, "ledgerp")
+    assert {key: s.state["numbers"] for key, s in found.items()} == \
+        {f"agg-{k}": list(range(PER_KEY)) for k in range(KEYS)}
+
+
+async def _delete_bucket(url: str, bucket: str) -> bool:
+    nc = await nats.connect(url)
+    try:
+        return bool(await nc.jetstream().delete_key_value(bucket))
+    finally:
+        await nc.close()
