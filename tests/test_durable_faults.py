@@ -254,3 +254,48 @@ def test_snapshots_on_a_secured_server_show_no_secret(make_bus, tmp_path, log_fi
         assert not [text for text in shown if SECRET in text]
     finally:
         server.close()
+
+
+def snapshot_privilege(durable: str) -> list[str]:
+    """What docs/durable.md lists: the publish permissions of a subscription's snapshots."""
+    bucket = f"actorbus-snapshots-{durable}"
+    return [f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.CREATE.KV_{bucket}",
+            f"$JS.API.STREAM.MSG.GET.KV_{bucket}", f"$KV.{bucket}.>"]
+
+
+def test_durable_aggregates_need_only_the_listed_permissions(make_bus, tmp_path, log_file):
+    from actorbus.server import NatsServer
+    from tests.test_nats_auth import SECRET, _quoted, least_privilege
+
+    publish, subscribe = least_privilege("LEDGER", "limited", "ledger.*")
+    publish += snapshot_privilege("limited")
+    (tmp_path / "server.conf").write_text(f"""
+authorization {{
+  users = [
+    {{ user: alice, password: "{SECRET}" }}
+    {{ user: limited, password: "limited-pw",
+       permissions: {{ publish: {{ allow: [{_quoted(publish)}] }},
+                       subscribe: {{ allow: [{_quoted(subscribe)}] }} }} }}
+  ]
+}}
+""")
+    server = NatsServer(store_dir=tmp_path / "limited", config=tmp_path / "server.conf").start()
+    try:
+        bus = make_bus(servers=server.url, user="limited", password="limited-pw", pool_size=1)
+        bus.subscribe(SUBJECT, handlers.Ledger, durable="limited", key_from_subject=True)
+        publish_spread(bus, 30, 2, per_key_sequence=True, subject="ledger.{aggregate_id}")
+        wait_for(lambda: bus.stats()["acked"] >= 30, what="all acked")
+        bus.stats()
+        victim = bus.pids["member-0"]
+        os.kill(victim, signal.SIGKILL)   # its restart restores: snapshots and the stream read
+        wait_for(lambda: bus.stats()["actors"].get("member-0") == "running" and
+                 bus.pids["member-0"] != victim, what="member-0 restarted")
+        publish_spread(bus, 32, 2, per_key_sequence=True, subject="ledger.{aggregate_id}", start=30)
+        wait_for(lambda: bus.stats()["acked"] >= 32, what="all acked again")
+        bus.stop()
+        found = snapshots(f"nats://alice:{SECRET}@127.0.0.1:{server.port}", "limited")
+        assert {key: s.state["numbers"] for key, s in found.items()} == \
+            {"agg-0": list(range(16)), "agg-1": list(range(16))}
+        assert "violation" not in log_file.read_text().lower()
+    finally:
+        server.close()
