@@ -24,12 +24,13 @@ from collections.abc import Sequence
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType
 from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from actorbus.bridge.connection import describe_error, open_connection
 from actorbus.bridge.extraction import subscription_key
+from actorbus.bridge.jetstream import subject_covers
 from actorbus.bridge.loop_thread import LoopThread
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.groups import partition_filter, partition_of, without_partition
@@ -39,6 +40,8 @@ log = logging.getLogger("actorbus.snapshots")
 
 #: Seconds one request of a restore (a snapshot, an event) may take before the message fails.
 REQUEST_TIMEOUT = 10.0
+#: Stream messages a scan for aggregates without subject keys reads at once.
+SCAN_BATCH = 64
 #: Snapshots of distinct ids written at once by the writer task.
 WRITE_BATCH = 64
 #: Seconds between two warnings of the same kind (NATS down, writes failing): at most one.
@@ -262,7 +265,7 @@ class KvSnapshotStore:
         if scanned:
             # A partitioned stream stores each subject behind its partition.
             wanted = sub.subject if sub.partitions is None else f"*.{sub.subject}"
-            events = await self._read(js, wanted, min(r.after for r in scanned),
+            events = await self._scan(js, wanted, min(r.after for r in scanned),
                                       max(r.before for r in scanned),
                                       {r.aggregate_id for r in scanned})
             for r in scanned:
@@ -293,10 +296,41 @@ class KvSnapshotStore:
             if sequence >= before:
                 break
             cursor = sequence + 1
-            data, headers, subject = raw.data or b"", raw.headers, raw.subject or wanted
-            if sub.partitions is not None:
-                subject = without_partition(subject)   # as it was published, as handlers see it
-            key = subscription_key(sub, subject, data, headers)
+            key, event = self._event_of(raw, sequence)
             if key in aggregate_ids:
-                found.append((key, StoredEvent(sequence, subject, data, headers)))
+                found.append((key, event))
         return found
+
+    async def _scan(self, js: JetStreamContext, wanted: str, after: int, before: int,
+                    aggregate_ids: set[str]) -> list[tuple[str, StoredEvent]]:
+        """The messages on ``wanted`` in (``after``, ``before``) routed to one of
+        ``aggregate_ids``: every sequence of the range read, :data:`SCAN_BATCH` at once
+        (one after the other, a request each, would take a round trip per message)."""
+        sub = self.subscription
+        first = (await js.stream_info(sub.stream)).state.first_seq
+        found: list[tuple[str, StoredEvent]] = []
+        for start in range(max(after + 1, first), before, SCAN_BATCH):
+            sequences = range(start, min(start + SCAN_BATCH, before))
+            for sequence, raw in zip(sequences, await asyncio.gather(
+                    *(self._message_at(js, sequence) for sequence in sequences)), strict=True):
+                if raw is None or not subject_covers(wanted, raw.subject or ""):
+                    continue   # deleted, or another subscription's
+                key, event = self._event_of(raw, sequence)
+                if key in aggregate_ids:
+                    found.append((key, event))
+        return found
+
+    async def _message_at(self, js: JetStreamContext, sequence: int) -> RawStreamMsg | None:
+        try:
+            return await js.get_msg(self.subscription.stream, seq=sequence)
+        except NotFoundError:
+            return None
+
+    def _event_of(self, raw: RawStreamMsg, sequence: int) -> tuple[str | None, StoredEvent]:
+        """The aggregate a stored message is routed to, and the message as its handler sees it."""
+        sub = self.subscription
+        data, headers, subject = raw.data or b"", raw.headers, raw.subject or ""
+        if sub.partitions is not None:
+            subject = without_partition(subject)   # as it was published, as handlers see it
+        return subscription_key(sub, subject, data, headers), StoredEvent(sequence, subject, data,
+                                                                          headers)
