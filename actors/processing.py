@@ -40,6 +40,7 @@ class HandlerTable:
                  snapshots: SnapshotStores | None = None):
         self._watchdog = watchdog
         self._snapshots = snapshots   # None: durable aggregates keep their state in memory only
+        self._durable = False         # a resolved handler keeps snapshots
         self._subscriptions: dict[str, SubscriptionConfig] = {}
         # (subscription, aggregate id) → stream sequence of its failed message due to come back.
         self._blocked: dict[tuple[str, str | None], int] = {}
@@ -73,7 +74,10 @@ class HandlerTable:
 
     def prepare(self, deliveries: Sequence[Delivery]) -> None:
         """Restore at once the durable aggregates whose first message here is among
-        ``deliveries`` (about to be handled); never raises."""
+        ``deliveries`` (about to be handled); never raises. Nothing to do (and nothing
+        done, on the hot path) until a resolved handler keeps snapshots."""
+        if not self._durable:
+            return
         firsts: dict[str, dict[str, EventRange]] = {}
         for delivery in deliveries:
             if delivery.aggregate_id is not None:
@@ -213,6 +217,7 @@ class HandlerTable:
                                                 event.headers, aggregate_id, aggregate_id, None, 1,
                                                 event.sequence))
 
+        self._durable = True
         return SnapshotKeeper(cls, self._snapshots.store_for(spec), message_of, self._await)
 
     @staticmethod

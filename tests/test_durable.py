@@ -43,7 +43,10 @@ class Stream:
 
 
 def table(store: MemorySnapshots, handler: str = "tests.handlers:Ledger") -> HandlerTable:
-    return HandlerTable([subscription(handler)], sleep=lambda _: None, snapshots=store)
+    """A member's table: its handler resolved when registered, as a pool member does."""
+    made = HandlerTable([subscription(handler)], sleep=lambda _: None, snapshots=store)
+    made.resolve("ledger")
+    return made
 
 
 def state_of(store: MemorySnapshots, aggregate_id: str) -> Snapshot:
