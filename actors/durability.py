@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from typing import Any
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -23,6 +24,9 @@ from actorbus.snapshots import (EventRange, Snapshot, SnapshotError, SnapshotSto
                                 decode_snapshot, encode_snapshot)
 
 log = logging.getLogger("actorbus.actors")
+
+#: Seconds between two warnings of aggregates rebuilt from the stream (each is named).
+REBUILD_WARNING_INTERVAL = 60.0
 
 #: Turns an event read back from the stream into the message its handler gets
 #: (raises InvalidEnvelope for one that is no valid envelope).
@@ -56,6 +60,8 @@ class SnapshotKeeper:
         self._progress: dict[str, _Progress] = {}
         # Restored ahead by prepare(): id → (sequence of the message it is for, instance, progress).
         self._prepared: dict[str, tuple[int, Aggregate, _Progress]] = {}
+        self._quiet_until = 0.0        # no rebuild warning before then
+        self._rebuilds_unwarned = 0
 
     def prepare(self, firsts: Sequence[EventRange]) -> None:
         """Restore at once the ids whose first message here is coming (``before``: its
@@ -167,26 +173,43 @@ class SnapshotKeeper:
         try:
             snapshot = decode_snapshot(data)
         except SnapshotError as exc:
-            log.warning("aggregate %s (%s): its snapshot in %s cannot be decoded (%s); rebuilt "
-                        "from the stream", aggregate_id, cls.__qualname__, self._store.where, exc)
-            return cls(aggregate_id), 0
+            return self._rebuilt(aggregate_id, f"its snapshot cannot be decoded ({exc})")
         state = snapshot.state
         if snapshot.version != cls.snapshot_version:
-            state = cls.migrate(snapshot.state, snapshot.version)
+            try:
+                state = cls.migrate(snapshot.state, snapshot.version)
+            except Exception as exc:
+                return self._rebuilt(aggregate_id, f"migrate() raised on its snapshot of "
+                                     f"snapshot_version {snapshot.version} ({type(exc).__name__}: {exc})")
             if state is None:
-                log.warning("aggregate %s (%s): its snapshot in %s is of snapshot_version %d, the "
-                            "class is at %d and migrate() declined it; rebuilt from the stream",
-                            aggregate_id, cls.__qualname__, self._store.where, snapshot.version,
-                            cls.snapshot_version)
-                return cls(aggregate_id), 0
+                return self._rebuilt(aggregate_id, f"its snapshot is of snapshot_version "
+                                     f"{snapshot.version}, the class is at {cls.snapshot_version} "
+                                     "and migrate() declined it")
         instance = cls(aggregate_id)
         try:
             instance.restore(state)
-        except Exception:
-            log.warning("aggregate %s (%s): restore() failed on its snapshot in %s; rebuilt from "
-                        "the stream", aggregate_id, cls.__qualname__, self._store.where, exc_info=True)
-            return cls(aggregate_id), 0
+        except Exception as exc:
+            return self._rebuilt(aggregate_id, f"restore() raised on its snapshot "
+                                 f"({type(exc).__name__}: {exc})")
         return instance, snapshot.sequence
+
+    def _rebuilt(self, aggregate_id: str, why: str) -> tuple[Aggregate, int]:
+        """A new instance for an aggregate whose snapshot cannot be used, to be rebuilt from the
+        stream; says so, naming it: a warning at most once a minute (after a new
+        ``snapshot_version`` every aggregate says it), the others in between at INFO."""
+        now = time.monotonic()
+        if now >= self._quiet_until:
+            self._quiet_until = now + REBUILD_WARNING_INTERVAL
+            more = f" ({self._rebuilds_unwarned} more since the last warning, at INFO)" \
+                if self._rebuilds_unwarned else ""
+            self._rebuilds_unwarned = 0
+            level = logging.WARNING
+        else:
+            self._rebuilds_unwarned += 1
+            more, level = "", logging.INFO
+        log.log(level, "aggregate %s (%s): %s in %s; rebuilt from the stream%s", aggregate_id,
+                self._cls.__qualname__, why, self._store.where, more)
+        return self._cls(aggregate_id), 0
 
     def _replay(self, instance: Aggregate, aggregate_id: str, event: StoredEvent,
                 progress: _Progress) -> None:

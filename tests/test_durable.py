@@ -297,3 +297,32 @@ def test_a_dispatch_carries_its_ownership_count_through_pickling():
 
     dispatch = Dispatch((Stream(MemorySnapshots()).publish("a"),), 4, epoch=2, bridge=1, ownership=3)
     assert pickle.loads(pickle.dumps(dispatch)) == dispatch
+
+
+class LedgerV4(Ledger):
+    """Version 4's migrate() raises on what it gets."""
+
+    snapshot_version = 4
+
+    @classmethod
+    def migrate(cls, state: object, version: int) -> object | None:
+        raise KeyError("history")
+
+
+def test_a_migrate_that_raises_rebuilds_and_later_rebuilds_are_named_at_info(caplog):
+    store = MemorySnapshots()
+    stream = Stream(store)
+    for _ in range(10):
+        stream.publish("a")
+        stream.publish("b")
+    table(store).process(stream.deliveries)
+    newer = table(store, "tests.test_durable:LedgerV4")
+    with caplog.at_level(logging.INFO, "actorbus.actors"):
+        newer.process([stream.publish("a"), stream.publish("b")])
+    newer.close()
+    assert {key: state_of(store, key).state["numbers"] for key in "ab"} == \
+        {key: list(range(11)) for key in "ab"}
+    rebuilt = [(r.levelno, r.message) for r in caplog.records if "rebuilt from the stream" in r.message]
+    assert [level for level, _ in rebuilt] == [logging.WARNING, logging.INFO]
+    assert "aggregate a " in rebuilt[0][1] and "migrate() raised" in rebuilt[0][1]
+    assert "aggregate b " in rebuilt[1][1]
