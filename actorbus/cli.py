@@ -324,11 +324,16 @@ def run(ctx: click.Context, /, topology: str, servers: str | None, metrics_port:
 @click.option("--bridges", "bridge_counts", default="1,2,4", show_default=True, metavar="COUNTS",
               help="Comma-separated Bridge counts, one actorbus row each (the largest pool) "
                    "on a stream partitioned 8 ways; '' for none.")
+@click.option("--snapshots", "snapshot_rounds", type=click.IntRange(min=1), default=None,
+              metavar="ROUNDS", help="Instead: durable aggregates' cost, throughput with a snapshot "
+                                     "every 100 events against none, ROUNDS runs of each "
+                                     "interleaved (the first of --pools).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: str,
           json_path: str | None, rates: str, latency_seconds: float | None, latency_keys: int,
-          kinds: str, quick: bool, instances: str | None, bridge_counts: str, debug: bool) -> None:
+          kinds: str, quick: bool, instances: str | None, bridge_counts: str,
+          snapshot_rounds: int | None, debug: bool) -> None:
     """Throughput, latency, memory and per-key order: actorbus against a plain nats-py
     pull loop and a FastStream subscriber, on an embedded nats-server.
 
@@ -367,6 +372,10 @@ def bench(ctx: click.Context, messages: int, keys: int, cpu_us: float, pools: st
     def work() -> int:
         # Both tables are wider than 80 columns: not wrapped when the output is not a terminal.
         console = Console() if sys.stdout.isatty() else Console(width=140)
+        if snapshot_rounds is not None:
+            from actorbus.benchmarks.snapshots import run_snapshots
+            return run_snapshots(messages=3000 if quick else messages, keys=keys, pool=sizes[0],
+                                 rounds=snapshot_rounds, json_path=json_path, console=console)
         if counts is not None:
             from actorbus.benchmarks.instances import run_instances
             return run_instances(counts, messages=3000 if quick else messages, keys=keys,
@@ -674,6 +683,52 @@ def dlq_purge(ctx: click.Context, /, dry_run: bool, yes: bool, debug: bool, **va
         return 0
 
     _dlq_run(ctx, debug, work)
+
+
+@main.command()
+@click.argument("topology")
+@click.option("--subscription", "name", default=None, metavar="DURABLE",
+              help="The subscription to replay (by its durable); needed when more than one "
+                   "has durable aggregates.")
+@nats_options
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def replay(ctx: click.Context, /, topology: str, name: str | None, servers: str | None,
+           debug: bool, **nats: str | None) -> None:
+    """Rebuild the snapshots of a subscription's durable aggregates from its stream: every
+    event through the topology's Aggregate class, each aggregate from nothing (after a
+    new snapshot_version, or a bug fixed in handle).
+
+    It reads through an ephemeral consumer that acks nothing: a bus running on the
+    subscription goes on undisturbed. Exit code 1 when an event failed (skipped, logged).
+
+    Example: actorbus replay myapp:topology --subscription accounts
+    """
+    hide_argv_secrets(ctx, {"servers": servers, **nats})
+
+    def work() -> int:
+        from rich.progress import Progress
+
+        from actorbus import replay as replaying
+        from actorbus.topology import load_topology
+
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # like python -m: modules beside you import
+        loaded = load_topology(topology)
+        try:
+            subscription = replaying.replay_subscription(replaying.subscriptions_of(loaded), name)
+            replaying.durable_class(subscription)
+        except replaying.ReplayError as exc:
+            raise BadInput(str(exc)) from None
+        config = replaying.connection_of(loaded, servers, **nats_settings(ctx, nats))
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"replaying {subscription.name}", total=None)
+            report = replaying.rebuild_snapshots(
+                config, subscription, lambda done, total: bar.update(task, completed=done, total=total))
+        click.echo(replaying.describe(report, subscription))
+        return 1 if report.failed else 0
+
+    _run(work, debug or bool(ctx.obj and ctx.obj.get("debug")))
 
 
 if __name__ == "__main__":  # pragma: no cover

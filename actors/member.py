@@ -1,6 +1,7 @@
 """A pool member: runs the user's handlers for its keys, strictly in arrival order."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -28,10 +29,11 @@ REPORT_INTERVAL = 0.05
 class _Feed:
     """What a member knows of one Bridge's dispatches."""
 
-    __slots__ = ("epoch", "last_token", "dispatches")
+    __slots__ = ("epoch", "last_token", "dispatches", "ownership")
 
     def __init__(self) -> None:
         self.epoch = 0   # the incarnation of the Bridge whose dispatches are numbered here
+        self.ownership = 0   # what the Bridge reads changed hands this many times
         # Tokens reach a member in increasing order (a Bridge routes in fetch order), so
         # anything at or below the last one is a copy.
         self.last_token = 0
@@ -56,8 +58,15 @@ class PoolMember(BusActor):
 
     def receiveMsg_StartMember(self, message: StartMember, sender: Address) -> None:
         self._index = message.index
+        if message.snapshots is not None:
+            self._table.use_snapshots(message.snapshots)
         for subscription in message.subscriptions:
             self._table.register(subscription)
+            # Now, not on the first dispatch: that one's durable aggregates are restored at
+            # once only if the table knows them durable (see HandlerTable.prepare). One that
+            # does not import fails each of its deliveries, saying why.
+            with contextlib.suppress(HandlerError):
+                self._table.resolve(subscription.name)
         self.send(sender, MemberReady(message.index, os.getpid()))
 
     def receiveMsg_RegisterHandler(self, message: RegisterHandler, sender: Address) -> None:
@@ -95,20 +104,30 @@ class PoolMember(BusActor):
             feed.last_token = fresh[-1].token
         # Handlers run on a thread of their own, in runs of about REPORT_INTERVAL; what a
         # run finished is reported from here (only the actor's thread may send).
+        # What the Bridge reads changed hands: its durable aggregates may have been handled
+        # elsewhere meanwhile, and are restored from the store on their next message.
+        moved = message.ownership != feed.ownership
+        feed.ownership = message.ownership
         position = 0
         while True:
-            done, position = self._runner.call(self._run, fresh, position)
+            done, position = self._runner.call(self._run, fresh, position, moved)
             if position >= len(fresh):
                 break
             self.send(sender, Completion.of(done, self._index, final=False))
         # Answered even when empty: the Bridge counts the dispatch outstanding until it is.
         self.send(sender, Completion.of(done, self._index))
 
-    def _run(self, deliveries: list[Delivery], start: int) -> tuple[list[Outcome], int]:
+    def _run(self, deliveries: list[Delivery], start: int,
+             moved: bool = False) -> tuple[list[Outcome], int]:
         """Handle ``deliveries`` from ``start`` in order, for about REPORT_INTERVAL at most
-        (at least one); return the outcomes and where to go on."""
+        (at least one); return the outcomes and where to go on. ``moved``: what the Bridge
+        reads changed hands before this dispatch."""
         done = []
         table = self._table
+        if start == 0:   # a dispatch begins: its durable aggregates first seen are restored at once
+            if moved:
+                table.forget_durable()
+            table.prepare(deliveries)
         started = time.monotonic()
         position = start
         while position < len(deliveries):

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.policies import RestartPolicy
 from actorbus.tracing import SpanHandle
+from actorbus.snapshots import SnapshotStores
 
 #: A Thespian actor address: opaque, only ever passed back to ``send``.
 Address = Any
@@ -64,13 +65,17 @@ class Dispatch:
     incarnation: a restarted Bridge numbers from 1 again, and a member
     starts afresh when the epoch goes up. ``bridge`` is the index of the
     Bridge that sent it: a bus may run several, and a member keeps each one's
-    numbering apart.
+    numbering apart. ``ownership`` counts the times what that Bridge reads changed
+    hands (a pin lost, a group's partitions rebalanced): a member that sees it change
+    drops its durable aggregates' instances, whose events may have been handled
+    elsewhere meanwhile, and restores them on their next message.
     """
 
     deliveries: tuple[Delivery, ...]
     sequence: int
     epoch: int = 0
     bridge: int = 0
+    ownership: int = 0
 
     def __repr__(self) -> str:
         return f"Dispatch(#{self.sequence}, {len(self.deliveries)} deliveries)"
@@ -79,7 +84,7 @@ class Dispatch:
         # Deliveries travel as plain tuples: a NamedTuple pickles through a Python call per
         # object, which the Bridge (every message passes through it) paid on each one.
         rows = tuple(map(tuple, self.deliveries))
-        return (_dispatch_of_rows, (rows, self.sequence, self.epoch, self.bridge))
+        return (_dispatch_of_rows, (rows, self.sequence, self.epoch, self.bridge, self.ownership))
 
     def undelivered(self, reason: str) -> Completion:
         """A completion that fails every delivery of this dispatch as never handled."""
@@ -87,8 +92,8 @@ class Dispatch:
 
 
 def _dispatch_of_rows(rows: tuple[tuple[Any, ...], ...], sequence: int, epoch: int,
-                      bridge: int) -> Dispatch:
-    return Dispatch(tuple(map(Delivery._make, rows)), sequence, epoch, bridge)
+                      bridge: int, ownership: int = 0) -> Dispatch:
+    return Dispatch(tuple(map(Delivery._make, rows)), sequence, epoch, bridge, ownership)
 
 
 class OutcomeKind(enum.StrEnum):
@@ -237,6 +242,8 @@ class StartPool:
     #: Handlers the members run from the start (a restarted pool's, before the Bridge
     #: hears where its members are).
     subscriptions: tuple[SubscriptionConfig, ...] = ()
+    #: Where the members keep durable aggregates' snapshots (None: they do not).
+    snapshots: SnapshotStores | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +321,8 @@ class StartMember:
 
     index: int
     subscriptions: tuple[SubscriptionConfig, ...]
+    #: Where durable aggregates' snapshots are kept (None: nowhere; their state is in memory).
+    snapshots: SnapshotStores | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,8 @@ class PoolTable:
         #: The Bridge's incarnation and index, carried by every dispatch (see :class:`Dispatch`).
         self.epoch = epoch
         self.bridge = bridge
+        #: Times what the Bridge reads changed hands, carried by every dispatch.
+        self.ownership = 0
         self._max_resends = max_resends
 
     def __len__(self) -> int:
@@ -186,7 +188,8 @@ class PoolTable:
                 del member.waiting[:size]
                 member.outstanding += 1
                 member.sent += 1
-                yield member.address, Dispatch(tuple(batch), member.sent, epoch, bridge)
+                yield member.address, Dispatch(tuple(batch), member.sent, epoch, bridge,
+                                               self.ownership)
 
     def completed(self, completion: Completion, sender: Address) -> None:
         """A member reports outcomes: they are no longer assigned; a final part ends a dispatch."""

@@ -12,8 +12,9 @@ import inspect
 import logging
 import time
 from typing import Any
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+from actorbus.actors.durability import SnapshotKeeper
 from actorbus.actors.handlers import HandlerError, resolve_handler
 from actorbus.actors.instances import AggregateInstances
 from actorbus.actors.messages import (DEFERRED, FAILED, INVALID, SUCCEEDED, UNDELIVERED, Delivery,
@@ -23,9 +24,13 @@ from actorbus.aggregate import Aggregate
 from actorbus.config import SubscriptionConfig
 from actorbus.envelope import InvalidEnvelope, decode_envelope
 from actorbus.message import Message
+from actorbus.snapshots import EventRange, SnapshotStores, StoredEvent
 from actorbus.tracing import ProcessSpan, ProcessSpans, process_spans
 
 log = logging.getLogger("actorbus.actors")
+
+#: Seconds a clean stop waits for the durable aggregates' last snapshots to be written.
+SNAPSHOT_FLUSH_TIMEOUT = 5.0
 
 
 class HandlerTable:
@@ -33,9 +38,11 @@ class HandlerTable:
 
     def __init__(self, subscriptions: Iterable[SubscriptionConfig] = (),
                  sleep: Callable[[float], Any] = time.sleep, watchdog: Watchdog | None = None,
-                 spans: ProcessSpans | None = None):
+                 snapshots: SnapshotStores | None = None, spans: ProcessSpans | None = None):
         self._watchdog = watchdog
         self._spans = spans if spans is not None else process_spans()
+        self._snapshots = snapshots   # None: durable aggregates keep their state in memory only
+        self._durable = False         # a resolved handler keeps snapshots
         self._subscriptions: dict[str, SubscriptionConfig] = {}
         # (subscription, aggregate id) → stream sequence of its failed message due to come back.
         self._blocked: dict[tuple[str, str | None], int] = {}
@@ -44,6 +51,10 @@ class HandlerTable:
         self._sleep = sleep
         for subscription in subscriptions:
             self.register(subscription)
+
+    def use_snapshots(self, snapshots: SnapshotStores) -> None:
+        """Keep durable aggregates' snapshots in ``snapshots`` (before any handler is resolved)."""
+        self._snapshots = snapshots
 
     def register(self, subscription: SubscriptionConfig) -> None:
         """Add or replace the handler of ``subscription``."""
@@ -58,9 +69,31 @@ class HandlerTable:
         """
         self._handler(self._subscriptions[name])
 
-    def process(self, deliveries: Iterable[Delivery]) -> tuple[Outcome, ...]:
+    def process(self, deliveries: Sequence[Delivery]) -> tuple[Outcome, ...]:
         """Handle ``deliveries`` strictly in order (see :meth:`handle`); one outcome each."""
+        self.prepare(deliveries)
         return tuple(self.handle(delivery) for delivery in deliveries)
+
+    def prepare(self, deliveries: Sequence[Delivery]) -> None:
+        """Restore at once the durable aggregates whose first message here is among
+        ``deliveries`` (about to be handled); never raises. Nothing to do (and nothing
+        done, on the hot path) until a resolved handler keeps snapshots."""
+        if not self._durable:
+            return
+        firsts: dict[str, dict[str, EventRange]] = {}
+        for delivery in deliveries:
+            if delivery.aggregate_id is not None:
+                firsts.setdefault(delivery.subscription, {}).setdefault(
+                    delivery.aggregate_id, EventRange(delivery.aggregate_id, 0,
+                                                      delivery.stream_sequence, delivery.subject))
+        for name, wanted in firsts.items():
+            spec = self._subscriptions.get(name)
+            try:
+                instances = None if spec is None else self._handler(spec)
+            except HandlerError:
+                continue   # each of its deliveries fails, saying why
+            if isinstance(instances, AggregateInstances):
+                instances.prepare(list(wanted.values()))
 
     def handle(self, delivery: Delivery) -> Outcome:
         """Handle one delivery in its aggregate's order; never raises.
@@ -162,8 +195,21 @@ class HandlerTable:
                 attempt += 1
                 message = dataclasses.replace(message, attempt=attempt)
 
+    def forget_durable(self) -> None:
+        """Drop every durable aggregate's live instance, unsaved: what it reads changed hands,
+        so their events may have been handled elsewhere; each is restored on its next message."""
+        for handler in self._handlers.values():
+            if isinstance(handler, AggregateInstances):
+                handler.forget()
+
     def close(self) -> None:
-        """Close the event loop used for async handlers, if one was made."""
+        """Write the durable aggregates' last snapshots, then close the event loop used for
+        async handlers, if one was made."""
+        for handler in self._handlers.values():
+            if isinstance(handler, AggregateInstances):
+                handler.flush(SNAPSHOT_FLUSH_TIMEOUT)
+        if self._snapshots is not None:
+            self._snapshots.close(SNAPSHOT_FLUSH_TIMEOUT)
         if self._loop is not None:
             self._loop.close()
             self._loop = None
@@ -173,9 +219,28 @@ class HandlerTable:
         if handler is None:
             handler = resolve_handler(spec.handler)
             if isinstance(handler, type) and issubclass(handler, Aggregate):
-                handler = AggregateInstances(handler)
+                handler = AggregateInstances(handler, keeper=self._keeper(spec, handler))
             self._handlers[spec.name] = handler
         return handler
+
+    def _keeper(self, spec: SubscriptionConfig, cls: type[Aggregate]) -> SnapshotKeeper | None:
+        """What makes ``cls`` durable on ``spec`` (None: it does not snapshot, or nothing here
+        can keep snapshots)."""
+        if cls.snapshot_every is None:
+            return None
+        if self._snapshots is None:
+            log.warning("subscription %s: %s has snapshot_every, but its handlers run where no "
+                        "snapshot store is (pool_size=0): its state is kept in memory only",
+                        spec.name, cls.__qualname__)
+            return None
+
+        def message_of(event: StoredEvent, aggregate_id: str) -> Message:
+            return self._message(spec, Delivery(0, spec.name, event.subject, event.data,
+                                                event.headers, aggregate_id, aggregate_id, None, 1,
+                                                event.sequence))
+
+        self._durable = True
+        return SnapshotKeeper(cls, self._snapshots.store_for(spec), message_of, self._await)
 
     @staticmethod
     def _message(spec: SubscriptionConfig, delivery: Delivery) -> Message:
@@ -207,9 +272,12 @@ class HandlerTable:
     def _call(self, handler: Callable[..., Any], message: Message) -> None:
         result = handler(message)
         if inspect.isawaitable(result):  # an async def handler, or an async handle()
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(result)
+            self._await(result)
+
+    def _await(self, awaitable: Awaitable[Any]) -> Any:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(awaitable)
 
 
 def _attributes_of(delivery: Delivery) -> dict[str, Any]:

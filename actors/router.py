@@ -26,6 +26,7 @@ from actorbus.actors.messages import (Address, BridgeChanged, HandlerRegistered,
                                       index_of_address)
 from actorbus.config import SubscriptionConfig
 from actorbus.policies import RestartBudget
+from actorbus.snapshots import SnapshotStores
 
 log = logging.getLogger("actorbus.actors")
 
@@ -72,6 +73,7 @@ class Router(BusActor):
         self._bridges: list[Address | None] = []   # each Bridge dispatches to every member
         self._members: list[_Member] = []
         self._subscriptions: list[SubscriptionConfig] = []
+        self._snapshots: SnapshotStores | None = None
         self._budget = RestartBudget()
         self._phase = RouterPhase.RUNNING
         self._announced = False   # the Bridge has been told where the members are
@@ -83,10 +85,11 @@ class Router(BusActor):
         self._bridges = list(message.bridges)
         self._budget = RestartBudget(message.policy)
         self._subscriptions = list(message.subscriptions)
+        self._snapshots = message.snapshots
         for index in range(message.size):
             member = _Member(self.createActor(PoolMember))
             self._members.append(member)
-            self.send(member.address, StartMember(index, tuple(self._subscriptions)))
+            self.send(member.address, StartMember(index, tuple(self._subscriptions), self._snapshots))
 
     def receiveMsg_MemberReady(self, message: MemberReady, sender: Address) -> None:
         member = self._members[message.index]
@@ -203,7 +206,7 @@ class Router(BusActor):
                 or member.address is not None:
             return
         member.address = self.createActor(PoolMember)
-        self.send(member.address, StartMember(index, tuple(self._subscriptions)))
+        self.send(member.address, StartMember(index, tuple(self._subscriptions), self._snapshots))
 
     def _bury(self, member: _Member) -> None:
         member.address = None

@@ -61,9 +61,11 @@ def consume(params: dict[str, Any]) -> dict[str, Any]:
 
         with RssSampler(pids) as rss:
             started = time.perf_counter()
-            bus.subscribe(params["subject"], handle, envelope=True, durable=params["durable"],
-                          stream=params["stream"], storage="file",
-                          **({"tracing": tracing} if tracing else {}))
+            options = {**params.get("subscribe", {}), **({"tracing": tracing} if tracing else {})}
+            # ``handler``: another handler by name (``actorbus bench --snapshots``'s aggregates).
+            bus.subscribe(params["subject"], params.get("handler") or handle, envelope=True,
+                          durable=params["durable"], stream=params["stream"], storage="file",
+                          **options)
             if params.get("ready_path"):
                 Path(params["ready_path"]).touch()
             deadline = time.monotonic() + params["timeout"]

@@ -326,6 +326,8 @@ class Bridge(BusActor):
         # receiver's ack, and each send costs far more than a delivery. An idle member
         # gets what waits for it at once; a busy one gets what gathers meanwhile as one
         # larger dispatch (when and how large: the pool table).
+        if self._link is not None:
+            self._pool.ownership = self._link.ownership_changes()
         for address, dispatch in self._pool.dispatches():
             self.send(address, dispatch)
 

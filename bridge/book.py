@@ -14,7 +14,7 @@ from typing import Any
 
 from actorbus.actors.messages import Delivery
 from actorbus.bridge.inbox import Delivered
-from actorbus.bridge.extraction import envelope_key, extract_aggregate_id, invalid_id_header
+from actorbus.bridge.extraction import invalid_id_header, subscription_key
 from actorbus.bridge.inflight import InFlight
 from actorbus.bridge.ordering import KeyOrder
 from actorbus.bridge.settlement import ACK, NAK, Action, Order
@@ -63,13 +63,7 @@ class SubscriptionBook:
 
     def routing_key(self, subject: str, data: bytes, headers: Any) -> str | None:
         """The aggregate id a message of this subscription is routed by, or None (keyless)."""
-        sub = self.config
-        if sub.envelope:
-            # Not decoded here: the member validates it (an invalid one comes back INVALID).
-            return envelope_key(data, headers, subject, partitioned=sub.partitions is not None,
-                                key_from_subject=sub.key_from_subject)
-        return extract_aggregate_id(data, headers, None, subject,
-                                    key_from_subject=sub.key_from_subject)
+        return subscription_key(self.config, subject, data, headers)
 
     def redelivered_after_recovery(self, msg: Delivered, sequence: int) -> Order | None:
         """A redelivery of a message recovery read back: settled by that handling, not handled

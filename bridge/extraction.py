@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import msgpack
 
 from actorbus.codecs import CODECS, JSON, MsgpackCodec
+from actorbus.config import SubscriptionConfig
 from actorbus.envelope import Envelope, InvalidEnvelope, decode_envelope
 from actorbus.ids import AGGREGATE_ID_HEADERS, is_valid_id
 
@@ -65,6 +66,17 @@ def extract_aggregate_id(
     if key_from_subject and subject:
         return subject_key(subject)
     return None
+
+
+def subscription_key(sub: SubscriptionConfig, subject: str, data: bytes,
+                     headers: Mapping[str, str] | None) -> str | None:
+    """The aggregate id a message of ``sub`` is routed by, or None (keyless): an envelope's
+    as :func:`envelope_key` reads it, a plain message's as :func:`extract_aggregate_id`."""
+    if sub.envelope:
+        # Not decoded here: the member validates it (an invalid one comes back INVALID).
+        return envelope_key(data, headers, subject, partitioned=sub.partitions is not None,
+                            key_from_subject=sub.key_from_subject)
+    return extract_aggregate_id(data, headers, None, subject, key_from_subject=sub.key_from_subject)
 
 
 def subject_key(subject: str) -> str | None:

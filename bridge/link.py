@@ -60,6 +60,10 @@ class BridgeLink(Protocol):
     def counts(self) -> dict[str, int]:
         """The link's own counters (acked, naked, pins, ...)."""
 
+    def ownership_changes(self) -> int:
+        """Times what this link reads changed hands: pins lost, a group's partitions
+        rebalanced (cheap: asked before each round of dispatches)."""
+
     def stop_fetching(self) -> None:
         """Ask for nothing more; what is delivered may still be settled."""
 

@@ -159,6 +159,11 @@ class NatsLink:
         counts["nats_disconnected"] = int(self._nc is None or not self._nc.is_connected)
         return counts
 
+    def ownership_changes(self) -> int:
+        """Times what this link reads changed hands: pins lost, partitions rebalanced."""
+        return sum(c.unpins for c in self._consumers.values()) + \
+            sum(m.rebalances for m in self._memberships.values())
+
     def lag(self) -> dict[str, dict[str, float]]:
         """The last lag reading of each durable this link reads (see :mod:`bridge.lag`)."""
         return self._lag.snapshot()

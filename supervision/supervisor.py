@@ -32,6 +32,7 @@ from actorbus.actors.messages import (MEMBER_PREFIX, ActorState, Address, Bridge
                                       bridge_name, index_of_address, member_name)
 from actorbus.actors.router import Router
 from actorbus.bridge.actor import Bridge
+from actorbus.bridge.snapshot_store import KvSnapshotStores
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.policies import RestartBudget
 from actorbus.processes import sigkill
@@ -122,7 +123,8 @@ class Supervisor(BusActor):
             self._router = self.createActor(Router)
             self._states["router"] = ActorState.STARTING
             self.send(self._router, StartPool(config.pool_size, self._addresses(),
-                                              policy=config.supervision.pool))
+                                              policy=config.supervision.pool,
+                                              snapshots=KvSnapshotStores(config)))
         else:
             self._start_bridges()
 
@@ -395,7 +397,8 @@ class Supervisor(BusActor):
             self._router = self.createActor(Router)
             self.send(self._router, StartPool(config.pool_size, self._addresses(),
                                               policy=config.supervision.pool,
-                                              subscriptions=tuple(self._subscribed)))
+                                              subscriptions=tuple(self._subscribed),
+                                              snapshots=KvSnapshotStores(config)))
             return
         slot = self._bridges[target]
         slot.incarnation += 1

@@ -1,8 +1,9 @@
 """A bus of a partitioned consumer group in a process of its own, for the scale-out tests:
-``python -m tests.group_host URLS PIDS_FILE GROUP PARTITIONS MEMBER [MEMBERS [REPLICAS HEARTBEAT]]
-[--bridges K]``.
+``python -m tests.group_host URLS PIDS_FILE GROUP PARTITIONS MEMBER [MEMBERS [REPLICAS HEARTBEAT
+[HANDLER]]] [--bridges K]``.
 
-It subscribes ``orders.*`` (stream ``ORDERS``) with the recording handler as member
+It subscribes ``orders.*`` (stream ``ORDERS``) with the recording handler (or HANDLER of
+``tests.handlers``) as member
 MEMBER of GROUP (static when MEMBERS, comma-separated, is given; elastic when it is
 empty or "-"), with REPLICAS copies of the stream (default 1) and HEARTBEAT seconds,
 writes the pid of every process of the bus to PIDS_FILE (and its actors' by name to
@@ -32,14 +33,14 @@ STATS = ("partitions_owned", "group_members", "rebalances", "pinned", "standby",
 
 def main(url: str, pids_file: str, group: str, partitions: str, member: str,
          members: str | None = None, replicas: str = "1", heartbeat: str = str(HEARTBEAT),
-         bridges: int = 1) -> None:
+         handler: str = "record", bridges: int = 1) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     bus = EventBus(servers=url, pool_size=2, window=2048, group=group, partitions=int(partitions),
                    member=member, members=members.split(",") if members not in (None, "", "-") else None,
                    heartbeat=float(heartbeat), bridges=bridges)
     try:
-        bus.subscribe("orders.*", handlers.record, durable="orders", stream="ORDERS",
+        bus.subscribe("orders.*", getattr(handlers, handler), durable="orders", stream="ORDERS",
                       ack_wait=5.0, pin_timeout=PIN_TIMEOUT, pull_expires=PIN_TIMEOUT / 4,
                       replicas=int(replicas))
         pids = {os.getpid(), *bus.pids.values(), *bus.runtime.pids()}

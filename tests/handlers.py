@@ -181,3 +181,40 @@ def traced(msg: Message) -> None:
             raise RuntimeError("deliberate failure on the first attempt")
         if msg.data == b"nak" and msg.delivery_count == 1:
             raise RuntimeError("deliberate failure on the first delivery")
+
+
+class Ledger(Aggregate):
+    """A durable aggregate: the running sum of its events' numbers and the numbers in the
+    order applied (so a number applied twice, or out of order, shows)."""
+
+    snapshot_every = 10
+    idle_timeout = None
+
+    def __init__(self, aggregate_id: str) -> None:
+        super().__init__(aggregate_id)
+        self.total = 0
+        self.numbers: list[int] = []
+
+    def handle(self, msg: Message) -> None:
+        number = int(msg.data)
+        self.total += number
+        self.numbers.append(number)
+
+
+class SlowLedger(Ledger):
+    """A :class:`Ledger` that takes 1 ms an event, so a run lasts long enough to be hit."""
+
+    def handle(self, msg: Message) -> None:
+        time.sleep(0.001)
+        super().handle(msg)
+
+
+#: What `actorbus replay tests.handlers:ledger_topology` rebuilds in the replay test.
+ledger_topology = Topology(subscriptions=(Subscription("ledger.*", Ledger, durable="ledger",
+                                                       options={"key_from_subject": True}),),
+                           bus={"pool_size": 2})
+
+#: The same on a stream partitioned 4 ways (its stored subjects start with the partition).
+ledger_partitioned_topology = Topology(
+    subscriptions=(Subscription("ledgerp.*", Ledger, durable="ledgerp"),),
+    bus={"pool_size": 2, "partitions": 4})

@@ -161,7 +161,8 @@ class HostBus:
     """A bus in a process of its own (``tests.bus_host``), to be killed whole like a crashed host."""
 
     def __init__(self, url: str, pids_file: Path, pin_timeout: float | None = None,
-                 handler: str = "record", bridges: int | None = None) -> None:
+                 handler: str = "record", bridges: int | None = None,
+                 subject: str | None = None) -> None:
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
@@ -170,6 +171,8 @@ class HostBus:
             args += ["--pin-timeout", str(pin_timeout)]
         if bridges is not None:
             args += ["--bridges", str(bridges)]
+        if subject is not None:
+            args += ["--subject", subject]
         self.process = subprocess.Popen(args, cwd=root,
                                         env={**os.environ, "PYTHONPATH": str(root)})
 
@@ -204,7 +207,8 @@ class GroupHost(HostBus):
 
     def __init__(self, url: str, pids_file: Path, group: str, partitions: int, member: str,
                  members: list[str] | None = None, replicas: int = 1,
-                 heartbeat: float | None = None, bridges: int = 1) -> None:
+                 heartbeat: float | None = None, handler: str | None = None,
+                 bridges: int = 1) -> None:
         root = Path(__file__).resolve().parent.parent
         self.pids_file = pids_file
         self.pids: list[int] = []
@@ -213,8 +217,11 @@ class GroupHost(HostBus):
                 str(partitions), member]
         args.append(",".join(members) if members else "-")
         args.append(str(replicas))
-        if heartbeat is not None:
-            args.append(str(heartbeat))
+        if heartbeat is not None or handler is not None:
+            from tests.group_host import HEARTBEAT
+            args.append(str(HEARTBEAT if heartbeat is None else heartbeat))
+        if handler is not None:
+            args.append(handler)
         args += ["--bridges", str(bridges)]
         self.process = subprocess.Popen(args, cwd=root,
                                         env={**os.environ, "PYTHONPATH": str(root)})

@@ -70,6 +70,9 @@ class FakeLink:
     def counts(self) -> dict[str, int]:
         return {}
 
+    def ownership_changes(self) -> int:
+        return 0
+
     def set_held(self, held: int) -> None:
         self.held = held
 

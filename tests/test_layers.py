@@ -16,7 +16,7 @@ LEAF = {"actorbus.config", "actorbus.codecs", "actorbus.envelope", "actorbus.ids
         "actorbus.message", "actorbus.aggregate", "actorbus.policies", "actorbus.ports",
         "actorbus.errors", "actorbus.groups", "actorbus.checks", "actorbus.hashing",
         "actorbus.processes", "actorbus.actor_signals",
-        "actorbus.redaction", "actorbus.tracing"}
+        "actorbus.redaction", "actorbus.tracing", "actorbus.snapshots"}
 #: Higher imports lower, never the other way: facade → supervision → bridge → actors → leaf.
 RANK = {"leaf": 0, "actorbus.actors": 1, "actorbus.bridge": 2, "actorbus.supervision": 3,
         "actorbus": 4}
