@@ -22,15 +22,18 @@ from actorbus.actors.base import BusActor
 from actorbus.actors.member import PoolMember
 from actorbus.actors.messages import (Address, BridgeChanged, HandlerRegistered, MemberDied, MemberReady,
                                       MemberRestarted, PoolFailed, PoolMembers, PoolReady,
-                                      RegisterHandler, RestartDue, StartMember, StartPool,
+                                      LivenessCheck, RegisterHandler, RestartDue, StartMember, StartPool,
                                       index_of_address)
 from actorbus.config import SubscriptionConfig
 from actorbus.policies import RestartBudget
+from actorbus.processes import process_alive
 from actorbus.snapshots import SnapshotStores
 
 log = logging.getLogger("actorbus.actors")
 
-
+#: Seconds between two looks at whether each member's process still runs (see
+#: :class:`LivenessCheck`): how long a death Thespian did not report goes unnoticed.
+LIVENESS_INTERVAL = 1.0
 
 class RouterPhase(enum.Enum):
     """Where the Router is in its life."""
@@ -90,6 +93,7 @@ class Router(BusActor):
             member = _Member(self.createActor(PoolMember))
             self._members.append(member)
             self.send(member.address, StartMember(index, tuple(self._subscriptions), self._snapshots))
+        self.wakeupAfter(LIVENESS_INTERVAL, payload=LivenessCheck())
 
     def receiveMsg_MemberReady(self, message: MemberReady, sender: Address) -> None:
         member = self._members[message.index]
@@ -168,9 +172,27 @@ class Router(BusActor):
         index = self._member_index(message.childAddress)
         if index is None:
             return
-        member = self._members[index]
         log.warning("pool member %d (pid %s) exited; the Bridge re-sends what it held once it "
-                    "is back", index, member.pid)
+                    "is back", index, self._members[index].pid)
+        self._member_exited(index)
+        self._check_liveness()   # another may have died with it, unannounced
+
+    def _check_liveness(self) -> None:
+        """Treat a member whose process is gone as exited, though no word of it came."""
+        for index, member in enumerate(self._members):
+            if self._phase is not RouterPhase.RUNNING:
+                return
+            pid = member.pid
+            if member.address is None or pid is None or pid == os.getpid() or process_alive(pid):
+                continue
+            log.warning("pool member %d (pid %d) is gone without word of its exit; restarting it "
+                        "as any exited member", index, pid)
+            self._member_exited(index)
+
+    def _member_exited(self, index: int) -> None:
+        """Member ``index`` is dead: say so, and restart it (and the others, under
+        all-for-one) when the budget allows."""
+        member = self._members[index]
         self._bury(member)
         self._announce()
         self.send(self._supervisor, MemberDied(index))
@@ -198,6 +220,11 @@ class Router(BusActor):
                 self.wakeupAfter(decision.delay, payload=RestartDue(i))
 
     def receiveMsg_WakeupMessage(self, message: WakeupMessage, sender: Address) -> None:
+        if isinstance(message.payload, LivenessCheck):
+            self._check_liveness()
+            if self._phase is RouterPhase.RUNNING:
+                self.wakeupAfter(LIVENESS_INTERVAL, payload=LivenessCheck())
+            return
         if not isinstance(message.payload, RestartDue):
             return
         index = message.payload.target
