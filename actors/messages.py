@@ -483,9 +483,9 @@ class DrainDeadline:
 
 @dataclass(frozen=True, slots=True)
 class LivenessCheck:
-    """Router → itself: look whether each member's process still runs. Thespian tells a
-    parent of each child's exit, but with two children killed at once it was seen to tell
-    of one only: the other would never be restarted."""
+    """Router or Supervisor → itself: look whether each child's process still runs.
+    Thespian tells a parent of each child's exit, but with two children killed at once it
+    was seen to tell of one only: the other would never be restarted."""
 
 
 @dataclass(frozen=True, slots=True)

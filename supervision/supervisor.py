@@ -24,18 +24,19 @@ from thespian.actors import ActorExitRequest, ChildActorExited, WakeupMessage
 
 from actorbus.actors.base import BusActor
 from actorbus.actors.messages import (MEMBER_PREFIX, ActorState, Address, BridgeChanged,
+                                      LivenessCheck,
                                       BridgeReady, BusStarted, BusStopped, Halt,
                                       HandlerRegistered, MemberDied, MemberRestarted, PinsHeld,
                                       PoolFailed, PoolReady, RegisterHandler, RequestFailed,
                                       RestartDue, RouterChanged, StartBridge, StartBus, StartPool,
                                       Stats, StatsRequest, StopBus, Subscribe, Subscribed,
                                       bridge_name, index_of_address, member_name)
-from actorbus.actors.router import Router
+from actorbus.actors.router import LIVENESS_INTERVAL, Router
 from actorbus.bridge.actor import Bridge
 from actorbus.bridge.snapshot_store import KvSnapshotStores
 from actorbus.config import BusConfig, SubscriptionConfig
 from actorbus.policies import RestartBudget
-from actorbus.processes import sigkill
+from actorbus.processes import process_alive, sigkill
 
 log = logging.getLogger("actorbus.supervision")
 
@@ -119,6 +120,7 @@ class Supervisor(BusActor):
             self._bridges.append(_BridgeSlot(index, self.createActor(Bridge)))
             self._states[bridge_name(index)] = ActorState.STARTING
         self._unready = set(range(config.bridges))
+        self.wakeupAfter(LIVENESS_INTERVAL, payload=LivenessCheck())
         if config.pool_size > 0:
             self._router = self.createActor(Router)
             self._states["router"] = ActorState.STARTING
@@ -334,10 +336,36 @@ class Supervisor(BusActor):
             return
         if self._router is not None and message.childAddress == self._router:
             self._router_exited()
+        else:
+            slot = self._slot_of(message.childAddress)
+            if slot is None:
+                return  # a late or repeated notice about an actor already replaced
+            self._bridge_exited(slot)
+        self._check_liveness()   # another may have died with it, unannounced
+
+    def _check_liveness(self) -> None:
+        """Treat a running child whose process is gone as exited, though no word of it came
+        (see :class:`LivenessCheck`)."""
+        if self._phase is not SupervisorPhase.RUNNING:
             return
-        slot = self._slot_of(message.childAddress)
-        if slot is None:
-            return  # a late or repeated notice about an actor already replaced
+        if self._router is not None and self._gone("router"):
+            log.warning("the Router (pid %s) is gone without word of its exit",
+                        self._pids.get("router"))
+            self._router_exited()
+        for slot in self._bridges:
+            if self._phase is SupervisorPhase.RUNNING and slot.address is not None and \
+                    self._gone(bridge_name(slot.index)):
+                log.warning("%s (pid %s) is gone without word of its exit",
+                            _shown(slot.index).capitalize(), self._pids.get(bridge_name(slot.index)))
+                self._bridge_exited(slot)
+
+    def _gone(self, name: str) -> bool:
+        """The actor ``name`` runs (as last reported) in a process that is no more."""
+        pid = self._pids.get(name)
+        return self._states.get(name) is ActorState.RUNNING and pid is not None and \
+            pid != os.getpid() and not process_alive(pid)
+
+    def _bridge_exited(self, slot: _BridgeSlot) -> None:
         name = bridge_name(slot.index)
         self._states[name] = ActorState.RESTARTING
         # Its counters die with it: keep what it last reported.
@@ -387,6 +415,11 @@ class Supervisor(BusActor):
                 self.send(slot.address, RouterChanged(self._router))
 
     def receiveMsg_WakeupMessage(self, message: WakeupMessage, sender: Address) -> None:
+        if isinstance(message.payload, LivenessCheck):
+            self._check_liveness()
+            if self._phase is SupervisorPhase.RUNNING:
+                self.wakeupAfter(LIVENESS_INTERVAL, payload=LivenessCheck())
+            return
         if not isinstance(message.payload, RestartDue) or self._phase is not SupervisorPhase.RUNNING:
             return
         config = self._config

@@ -133,6 +133,30 @@ def test_a_member_numbers_each_bridge_s_dispatches_on_their_own(records):
 
 
 # ---------------------------------------------------------------- end to end
+def test_both_bridges_and_the_router_killed_at_the_same_moment_are_all_restarted_in_order(
+        make_bus, records):
+    # Thespian may report only one of several children killed at once: the Supervisor also
+    # looks at its children's processes.
+    total, keys = 6000, 60
+    bus = make_bus(pool_size=2, partitions=4, bridges=2, window=1024,
+                   supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
+    bus.subscribe("orders.*", handlers.slow_record, durable="orders", ack_wait=5.0)
+    publish_spread(bus, total, keys, per_key_sequence=True, subject="orders.{aggregate_id}")
+    wait_for(lambda: bus.stats()["processed"] >= 1000, what="processing under way", interval=0.01)
+    victims = [bus.pids[name] for name in ("bridge", "bridge-1", "router")]
+
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+
+    wait_for(lambda: all_handled(records, total), timeout=120, what="every envelope handled")
+    report, stats = order_report(records, total, keys), bus.stats()
+    print(f"both Bridges and the Router SIGKILLed at once: {report}, restarts {stats['restarts']}")
+    assert report["lost"] == 0 and report["violations"] == 0, report
+    assert stats["restarts_bridge"] == 2
+    assert set(stats["actors"].values()) == {"running"}
+    assert not set(victims) & set(bus.pids.values())
+
+
 @pytest.mark.integration
 def test_two_bridges_share_a_partitioned_stream_and_keep_per_key_order(make_bus, records,
                                                                          nats_server):
