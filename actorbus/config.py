@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 from collections.abc import Mapping
+from typing import TypeVar
 
 from actorbus.checks import check_count, check_name, check_positive, check_subject
 from actorbus.codecs import EnvelopeFormat
@@ -71,13 +72,7 @@ class TraceMode(enum.StrEnum):
     OFF = "off"
 
 
-def _trace_mode_of(tracing: TraceMode | str) -> TraceMode:
-    try:
-        return TraceMode(tracing)
-    except ValueError:
-        raise ConfigurationError(f"tracing must be one of {[str(m) for m in TraceMode]}, "
-                                 f"got {tracing!r}") from None
-
+_Choice = TypeVar("_Choice", bound=enum.StrEnum)
 
 #: Seconds without a pull request from a pinned bus before a standby is pinned, by default.
 DEFAULT_PIN_TIMEOUT = 10.0
@@ -92,19 +87,17 @@ def _settlement_of(settlement: SettlementPolicy | str | None, envelope: bool) ->
     messages not)."""
     if settlement is None:
         return SettlementPolicy.NACK_ON_ERROR if envelope else SettlementPolicy.ACK
-    try:
-        return SettlementPolicy(settlement)
-    except ValueError:
-        raise ConfigurationError(f"settlement must be one of "
-                                 f"{[str(p) for p in SettlementPolicy]}, got {settlement!r}") from None
+    return _choice("settlement", SettlementPolicy, settlement)
 
 
-def _format_of(envelope_format: EnvelopeFormat | str) -> EnvelopeFormat:
+def _choice(name: str, vocabulary: type[_Choice], value: str) -> _Choice:
+    """``value`` as a member of ``vocabulary`` (a member, or its string), or a
+    :class:`ConfigurationError` naming the option and its choices."""
     try:
-        return EnvelopeFormat(envelope_format)
+        return vocabulary(value)
     except ValueError:
-        raise ConfigurationError(f"envelope_format must be one of "
-                                 f"{[str(f) for f in EnvelopeFormat]}, got {envelope_format!r}") from None
+        raise ConfigurationError(f"{name} must be one of {[str(m) for m in vocabulary]}, "
+                                 f"got {value!r}") from None
 
 
 @dataclass(frozen=True, init=False)
@@ -188,7 +181,7 @@ class SubscriptionConfig:
             pin_timeout = max(DEFAULT_PIN_TIMEOUT, 2 * pull_expires)
         values: dict[str, object] = {
             "subject": subject, "handler": handler, "envelope": envelope,
-            "settlement": resolved_settlement, "envelope_format": _format_of(envelope_format),
+            "settlement": resolved_settlement, "envelope_format": _choice("envelope_format", EnvelopeFormat, envelope_format),
             "durable": stream.lower() if durable is None else durable, "stream": stream,
             "storage": storage, "replicas": replicas, "ack_wait": ack_wait,
             "max_deliver": max_deliver, "max_ack_pending": max_ack_pending,
@@ -203,7 +196,7 @@ class SubscriptionConfig:
                                     else dead_letter_subject),
             "dead_letter_stream": f"{stream}_DLQ" if dead_letter_stream is None else dead_letter_stream,
             "processing_timeout": processing_timeout, "partitions": partitions,
-            "tracing": _trace_mode_of(tracing),
+            "tracing": _choice("tracing", TraceMode, tracing),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)   # frozen: only while it is being built

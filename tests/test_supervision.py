@@ -34,6 +34,20 @@ def wait_for_restart(bus, name: str, old_pid: int, timeout: float = 30.0) -> int
                     timeout, f"{name} to be restarted", interval=0.01)
 
 
+def assert_every_one_handled_in_order(records, total: int) -> int:
+    """Every one of ``total`` envelopes was handled, each key's first handlings in stream
+    order; returns the duplicate handlings."""
+    handled = defaultdict(list)
+    for r in read_records(records):
+        handled[r.aggregate_id].append(int(r.data))
+    seen = {(a, seq) for a, seqs in handled.items() for seq in seqs}
+    assert len(seen) == total, "an envelope was never handled"
+    for aggregate, seqs in handled.items():
+        firsts = list(dict.fromkeys(seqs))   # first successful handling of each, in time order
+        assert firsts == sorted(firsts), f"{aggregate} handled out of order"
+    return sum(len(seqs) for seqs in handled.values()) - total
+
+
 def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records):
     total, aggregates = 10_000, 200
     # A small window keeps each member's batches short (2 ms a message), so that
@@ -65,15 +79,7 @@ def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records)
         pytest.fail(f"not every envelope was acked: {bus.stats()}")
 
     stats = bus.stats()
-    handled = defaultdict(list)
-    for r in read_records(records):
-        handled[r.aggregate_id].append(int(r.data))
-    seen = {(a, seq) for a, seqs in handled.items() for seq in seqs}
-    assert len(seen) == total, "an envelope was never handled"
-    for aggregate, seqs in handled.items():
-        firsts = list(dict.fromkeys(seqs))   # first successful handling of each, in time order
-        assert firsts == sorted(firsts), f"{aggregate} handled out of order"
-    duplicates = sum(len(seqs) for seqs in handled.values()) - total
+    duplicates = assert_every_one_handled_in_order(records, total)
     print(f"{total} envelopes, {kills} kills, {stats['restarts']} restarts, "
           f"{duplicates} duplicate handlings")
     assert kills >= 5 and stats["restarts"] >= kills and stats["restarts_pool"] == stats["restarts"]
@@ -99,13 +105,7 @@ def test_members_killed_at_the_same_moment_are_all_restarted_in_order(make_bus, 
                  what="every actor running again")
     wait_for(lambda: bus.stats()["acked"] >= total, timeout=120, what="every envelope acked")
 
-    handled = defaultdict(list)
-    for r in read_records(records):
-        handled[r.aggregate_id].append(int(r.data))
-    assert len({(a, seq) for a, seqs in handled.items() for seq in seqs}) == total
-    for aggregate, seqs in handled.items():
-        firsts = list(dict.fromkeys(seqs))
-        assert firsts == sorted(firsts), f"{aggregate} handled out of order"
+    assert_every_one_handled_in_order(records, total)
     stats = bus.stats()
     assert stats["restarts_pool"] == 8 and all(
         process_alive(pid) for pid in member_pids(bus).values())
