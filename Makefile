@@ -50,8 +50,10 @@ lint: $(VENV)/.installed-test
 	for package in actors bridge supervision benchmarks; do ln -s $(CURDIR)/$$package $(TYPECHECK)/actorbus/$$package; done
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p actorbus
 
+# The throughput and latency table, then what durable aggregates' snapshots cost.
 bench: $(VENV)/.installed-bench
 	$(BIN)/actorbus bench
+	$(BIN)/actorbus bench --snapshots 3
 
 # Not part of `make test`: ten minutes by default. Options go in SOAK, e.g.
 # make soak SOAK="--messages 10000000 --keys 10000"; the report also goes to SOAK_JSON.
