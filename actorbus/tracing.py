@@ -134,43 +134,19 @@ class ProcessSpans(Protocol):
     """Makes the ``process`` span of each message a member handles."""
 
     def start(self, subscription: SubscriptionConfig, subject: str,
-              headers: Mapping[str, str] | None, trace_id: str | None) -> ProcessSpan:
+              headers: Mapping[str, str] | None, trace_id: str | None) -> ProcessSpan | None:
         """The span of one message of ``subscription``, its parent from ``headers`` or else
-        ``trace_id`` (an envelope's); one that does nothing where the subscription's
+        ``trace_id`` (an envelope's); None where the subscription's
         :class:`~actorbus.config.TraceMode` traces no such message."""
 
 
-class _NoSpan:
-    """The span where tracing is off: does nothing."""
-
-    def __enter__(self) -> _NoSpan:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-    recording = False
-
-    def describe(self, attributes: Mapping[str, Any]) -> None:
-        return None
-
-    def retried(self, attempt: int, error: BaseException) -> None:
-        return None
-
-    def end(self, kind: str, error: str | None, attempts: int) -> SpanHandle | None:
-        return None
-
-
-_NO_SPAN = _NoSpan()
-
-
 class NoProcessSpans:
-    """:class:`ProcessSpans` without OpenTelemetry: no span, no cost beyond a call."""
+    """:class:`ProcessSpans` without OpenTelemetry: no span."""
 
     def start(self, subscription: SubscriptionConfig, subject: str,
-              headers: Mapping[str, str] | None, trace_id: str | None) -> ProcessSpan:
-        """The span that does nothing."""
-        return _NO_SPAN
+              headers: Mapping[str, str] | None, trace_id: str | None) -> ProcessSpan | None:
+        """None: nothing is traced."""
+        return None
 
 
 class _UnsampledSpan:
@@ -245,17 +221,17 @@ class OtelProcessSpans:
         self._tracer = trace.get_tracer(SCOPE, _VERSION, tracer_provider=provider)
 
     def start(self, subscription: SubscriptionConfig, subject: str,
-              headers: Mapping[str, str] | None, trace_id: str | None) -> ProcessSpan:
-        """A ``process <subject filter>`` span of kind ``CONSUMER``."""
+              headers: Mapping[str, str] | None, trace_id: str | None) -> ProcessSpan | None:
+        """A ``process <subject filter>`` span of kind ``CONSUMER``, or None."""
         mode = subscription.tracing
         if mode is TraceMode.OFF:
-            return _NO_SPAN
+            return None
         if headers and _TRACEPARENT in headers:
             parent = propagate.extract(headers)
         else:
             parent = parent_of_trace_id(trace_id)
             if parent is None and mode is TraceMode.CONTINUE:
-                return _NO_SPAN   # nothing to continue: a message nobody traces costs nothing
+                return None   # nothing to continue: a message nobody traces costs nothing
         started = time.time_ns()
         span = self._tracer.start_span(
             f"process {subscription.subject}", context=parent, kind=SpanKind.CONSUMER,

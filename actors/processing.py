@@ -152,6 +152,9 @@ class HandlerTable:
             invalid = str(exc)
         span = self._spans.start(spec, delivery.subject, delivery.headers,
                                  message.envelope.trace_id if message and message.envelope else None)
+        if span is None:   # not traced
+            return self._run(spec, delivery, message, None) if message is not None else \
+                Outcome(delivery.token, INVALID, invalid, 0)
         if span.recording:
             span.describe(_attributes_of(delivery))
         with span:
@@ -163,7 +166,7 @@ class HandlerTable:
         return outcome if handle is None else outcome._replace(trace=handle)
 
     def _run(self, spec: SubscriptionConfig, delivery: Delivery, message: Message,
-             span: ProcessSpan) -> Outcome:
+             span: ProcessSpan | None) -> Outcome:
         """The handler on ``message``, tried again (in place, after a delay) while it raises,
         up to the subscription's retries."""
         try:
@@ -190,7 +193,8 @@ class HandlerTable:
                 delay = spec.retry_delay_for(attempt)
                 log.debug("handler failed on %s (attempt %d), retrying in %.3fs: %r",
                           delivery.subject, attempt, delay, exc)
-                span.retried(attempt, exc)
+                if span is not None:
+                    span.retried(attempt, exc)
                 self._sleep(delay)
                 attempt += 1
                 message = dataclasses.replace(message, attempt=attempt)
