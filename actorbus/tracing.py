@@ -53,6 +53,8 @@ SCOPE = "actorbus"
 SpanHandle = tuple[str, int]
 
 _TRACEPARENT = "traceparent"
+# Module constants: an enum member looked up on its class costs more than a global.
+_ALWAYS, _OFF = TraceMode.ALWAYS, TraceMode.OFF
 try:
     _VERSION: str | None = importlib.metadata.version("actorbus")
 except importlib.metadata.PackageNotFoundError:
@@ -224,14 +226,14 @@ class OtelProcessSpans:
               headers: Mapping[str, str] | None, trace_id: str | None) -> ProcessSpan | None:
         """A ``process <subject filter>`` span of kind ``CONSUMER``, or None."""
         mode = subscription.tracing
-        if mode is TraceMode.OFF:
-            return None
         if headers and _TRACEPARENT in headers:
             parent = propagate.extract(headers)
-        else:
+        elif trace_id:
             parent = parent_of_trace_id(trace_id)
-            if parent is None and mode is TraceMode.CONTINUE:
-                return None   # nothing to continue: a message nobody traces costs nothing
+        else:
+            parent = None
+        if (parent is None and mode is not _ALWAYS) or mode is _OFF:
+            return None   # nothing to continue: a message nobody traces costs a lookup or two
         started = time.time_ns()
         span = self._tracer.start_span(
             f"process {subscription.subject}", context=parent, kind=SpanKind.CONSUMER,
