@@ -38,6 +38,10 @@ try:
     from opentelemetry import propagate, trace
     from opentelemetry.trace import (NonRecordingSpan, Span, SpanContext, SpanKind, Status,
                                      StatusCode, TraceFlags)
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    #: The W3C ``traceparent`` codec: how a span's handle travels from member to Bridge.
+    _W3C = TraceContextTextMapPropagator()
     #: Whether the OpenTelemetry API is installed (the ``otel`` extra).
     AVAILABLE = True
 except ImportError:   # the otel extra is not installed: every part below is a no-op
@@ -210,9 +214,9 @@ class _SampledSpan(_UnsampledSpan):
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end()
-        context = span.get_span_context()
-        traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
-        return traceparent, self._started
+        carrier: dict[str, str] = {}
+        _W3C.inject(carrier, context=trace.set_span_in_context(span))   # the header's own writer
+        return carrier[_TRACEPARENT], self._started
 
 
 class OtelProcessSpans:
@@ -303,7 +307,7 @@ def _messaging(operation: str, subject: str, subject_filter: str, durable: str,
 
 
 def _context_of(traceparent: str) -> Any:
-    return propagate.extract({_TRACEPARENT: traceparent})
+    return _W3C.extract({_TRACEPARENT: traceparent})
 
 
 def _epoch_ns(monotonic: float) -> int:
