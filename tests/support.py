@@ -63,6 +63,13 @@ def bus_factory(log_file: Path, **defaults: Any) -> Iterator[Callable[..., Any]]
                     assert not process_alive(pid), f"{name} (pid {pid}) outlived its bus"
 
 
+def running_member_pids(bus, stats: dict) -> list[int]:
+    """The pids of the pool members ``stats`` (just read, which refreshed ``bus.pids``) says
+    are running."""
+    return sorted(pid for name, pid in bus.pids.items()
+                  if name.startswith("member-") and stats["actors"].get(name) == "running")
+
+
 def wait_for_stats(bus, key: str, at_least: int, timeout: float = 60.0) -> dict:
     """Poll ``bus.stats()`` until ``stats[key] >= at_least``; return those stats."""
     return wait_for(lambda: (lambda s: s if s[key] >= at_least else None)(bus.stats()),

@@ -133,16 +133,25 @@ def test_a_member_numbers_each_bridge_s_dispatches_on_their_own(records):
 
 
 # ---------------------------------------------------------------- end to end
+def busy_bus_of_two_bridges(make_bus, total: int, keys: int, processed: int):
+    """A bus of two Bridges over four partitions, ``total`` envelopes over ``keys`` keys
+    published, once it has processed ``processed``: a slow handler (2 ms) keeps it busy
+    for whatever is killed next."""
+    bus = make_bus(pool_size=2, partitions=4, bridges=2, window=1024,
+                   supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
+    bus.subscribe("orders.*", handlers.slow_record, durable="orders", ack_wait=5.0)
+    publish_spread(bus, total, keys, per_key_sequence=True, subject="orders.{aggregate_id}")
+    wait_for(lambda: bus.stats()["processed"] >= processed, what="processing under way",
+             interval=0.01)
+    return bus
+
+
 def test_both_bridges_and_the_router_killed_at_the_same_moment_are_all_restarted_in_order(
         make_bus, records):
     # Thespian may report only one of several children killed at once: the Supervisor also
     # looks at its children's processes.
     total, keys = 6000, 60
-    bus = make_bus(pool_size=2, partitions=4, bridges=2, window=1024,
-                   supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
-    bus.subscribe("orders.*", handlers.slow_record, durable="orders", ack_wait=5.0)
-    publish_spread(bus, total, keys, per_key_sequence=True, subject="orders.{aggregate_id}")
-    wait_for(lambda: bus.stats()["processed"] >= 1000, what="processing under way", interval=0.01)
+    bus = busy_bus_of_two_bridges(make_bus, total, keys, processed=1000)
     victims = [bus.pids[name] for name in ("bridge", "bridge-1", "router")]
 
     for pid in victims:
@@ -196,12 +205,7 @@ def test_a_subscription_whose_key_is_not_in_its_subject_is_read_by_one_bridge(ma
 @pytest.mark.integration
 def test_one_bridge_of_two_killed_mid_stream_recovers_its_partitions_in_order(make_bus, records):
     total, keys = 8000, 80
-    bus = make_bus(pool_size=2, partitions=4, bridges=2, window=1024,
-                   supervision=OneForOne(backoff=Backoff(initial=0.05, maximum=0.5)))
-    # A slow handler (2 ms): the bus is still busy when the Bridge is killed.
-    bus.subscribe("orders.*", handlers.slow_record, durable="orders", ack_wait=5.0)
-    publish_spread(bus, total, keys, per_key_sequence=True, subject="orders.{aggregate_id}")
-    wait_for(lambda: bus.stats()["processed"] >= 1500, what="processing under way", interval=0.01)
+    bus = busy_bus_of_two_bridges(make_bus, total, keys, processed=1500)
     survivor = bus.pids["bridge"]
 
     os.kill(bus.pids["bridge-1"], signal.SIGKILL)

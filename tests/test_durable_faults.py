@@ -20,7 +20,8 @@ from actorbus.snapshots import Snapshot, aggregate_of_key, decode_snapshot
 from actorbus.supervision import Backoff, OneForOne
 from tests import handlers
 from tests.bus_host import PIN_TIMEOUT
-from tests.support import GROUP_PARTITIONS, GroupHost, HostBus, consumer_info, publish_spread, wait_for
+from tests.support import (GROUP_PARTITIONS, GroupHost, HostBus, consumer_info, publish_spread,
+                           running_member_pids, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -82,8 +83,7 @@ def test_members_sigkilled_every_300ms_leave_every_state_applied_once(make_bus, 
     while not settled(nats_server.url, "ledger"):
         assert time.monotonic() < deadline, f"not every event was acked: {bus.stats()}"
         stats = bus.stats()
-        running = sorted(pid for name, pid in bus.pids.items()
-                         if name.startswith("member-") and stats["actors"].get(name) == "running")
+        running = running_member_pids(bus, stats)
         if stats["acked"] < TOTAL * 0.9 and running:
             try:
                 os.kill(rng.choice(running), signal.SIGKILL)

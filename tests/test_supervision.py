@@ -19,7 +19,7 @@ from actorbus.supervision import AllForOne, Backoff, OneForOne
 from actorbus.policies import RestartBudget
 from tests import handlers
 from tests.support import (consumer_info, create_stream, delete_stream, publish_spread, read_records,
-                           wait_for)
+                           running_member_pids, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +66,7 @@ def test_killed_members_are_restarted_and_no_envelope_is_lost(make_bus, records)
         stats = bus.stats()
         if stats["acked"] >= total:
             break
-        running = sorted(pid for name, pid in bus.pids.items()
-                         if name.startswith("member-") and stats["actors"].get(name) == "running")
+        running = running_member_pids(bus, stats)
         if stats["processed"] < total * 0.9 and running:   # keep killing until nearly done
             try:
                 os.kill(rng.choice(running), signal.SIGKILL)
