@@ -53,6 +53,15 @@ def state_of(store: MemorySnapshots, aggregate_id: str) -> Snapshot:
     return decode_snapshot(store.saved[aggregate_id])
 
 
+
+def published(aggregate_id: str, events: int) -> tuple[MemorySnapshots, Stream]:
+    """An empty snapshot store and a stream with ``events`` events of ``aggregate_id``."""
+    store = MemorySnapshots()
+    stream = Stream(store)
+    for _ in range(events):
+        stream.publish(aggregate_id)
+    return store, stream
+
 def test_a_snapshot_is_written_every_snapshot_every_events_with_the_last_sequence():
     store = MemorySnapshots()
     stream = Stream(store)
@@ -69,10 +78,7 @@ def test_a_snapshot_is_written_every_snapshot_every_events_with_the_last_sequenc
 
 
 def test_a_new_member_restores_and_applies_each_event_once():
-    store = MemorySnapshots()
-    stream = Stream(store)
-    for _ in range(25):
-        stream.publish("a")
+    store, stream = published("a", 25)
     first = table(store)
     first.process(stream.deliveries)   # snapshot at a's 20th event; then the member "dies"
 
@@ -89,10 +95,7 @@ def test_a_new_member_restores_and_applies_each_event_once():
 
 
 def test_events_acked_after_the_snapshot_are_read_back_from_the_stream():
-    store = MemorySnapshots()
-    stream = Stream(store)
-    for _ in range(15):
-        stream.publish("a")
+    store, stream = published("a", 15)
     table(store).process(stream.deliveries)   # snapshot at 10; 11-15 acked but only in memory
     later = [stream.publish("a") for _ in range(3)]
     second = table(store)
@@ -102,10 +105,7 @@ def test_events_acked_after_the_snapshot_are_read_back_from_the_stream():
 
 
 def test_passivation_snapshots_what_is_unsaved():
-    store = MemorySnapshots()
-    stream = Stream(store)
-    for _ in range(3):
-        stream.publish("a")
+    store, stream = published("a", 3)
     stream.publish("b")   # only one instance is kept: a is passivated
     table(store, "tests.test_durable:OneAtATime").process(stream.deliveries)
     assert decode_snapshot(store.saved["a"]).state["numbers"] == [0, 1, 2]
@@ -141,10 +141,7 @@ class LedgerV3(Ledger):
 
 
 def _versioned(handler: str) -> tuple[MemorySnapshots, Stream, HandlerTable]:
-    store = MemorySnapshots()
-    stream = Stream(store)
-    for _ in range(12):
-        stream.publish("a")
+    store, stream = published("a", 12)
     table(store).process(stream.deliveries)   # version 1's snapshot at 10
     return store, stream, table(store, handler)
 
@@ -191,10 +188,7 @@ class AsyncLedger(Ledger):
 
 
 def test_an_async_handle_is_applied_once_and_snapshotted():
-    store = MemorySnapshots()
-    stream = Stream(store)
-    for _ in range(12):
-        stream.publish("a")
+    store, stream = published("a", 12)
     table(store, "tests.test_durable:AsyncLedger").process(stream.deliveries)
     second = table(store, "tests.test_durable:AsyncLedger")
     second.process([stream.deliveries[11], stream.publish("a")])   # a redelivery, a new one
@@ -213,10 +207,7 @@ class Flaky(Ledger):
 
 
 def test_a_retried_event_is_applied_once():
-    store = MemorySnapshots()
-    stream = Stream(store)
-    for _ in range(6):
-        stream.publish("a")
+    store, stream = published("a", 6)
     spec = SubscriptionConfig(SUBJECT, "tests.test_durable:Flaky", envelope=False,
                               durable="ledger", retries=2)
     flaky = HandlerTable([spec], sleep=lambda _: None, snapshots=store)
@@ -275,10 +266,7 @@ def test_the_aggregates_first_seen_in_a_batch_are_restored_with_one_read_of_the_
 
 
 def test_after_ownership_changed_hands_the_next_message_restores_from_the_store():
-    store = MemorySnapshots()
-    stream = Stream(store)
-    for _ in range(12):
-        stream.publish("a")
+    store, stream = published("a", 12)
     here = table(store)
     here.process(stream.deliveries)          # live here, at event 11
     elsewhere = table(store)                 # the partition moved: another bus goes on
